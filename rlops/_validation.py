@@ -1,0 +1,83 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises TypeError (wrong kind of object or dtype) or ValueError (wrong shape,
+range or option) with the argument's name and what was expected, so a bad call fails at
+the boundary instead of as a wrong number or an illegal memory access inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compiling() -> bool:
+    # Data-dependent checks (reading tensor values back to the host) would break a
+    # torch.compile graph; the kernels mask out-of-range ids instead of crashing.
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_logits(x: object, name: str = "logits") -> int:
+    """Checks a (..., V) floating tensor and returns V."""
+    x = check_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def check_tokens(tokens: object, logits: torch.Tensor, name: str = "tokens") -> torch.Tensor:
+    """Checks integer ids of shape logits.shape[:-1], on logits' device, inside [0, V)."""
+    tokens = check_tensor(name, tokens)
+    if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {tokens.dtype}")
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{name} must have the shape of logits without its last dimension, "
+            f"{tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}"
+        )
+    check_same_device(name, tokens, logits)
+    vocab = logits.shape[-1]
+    if tokens.numel() and not _compiling():
+        lo, hi = (int(v) for v in torch.aminmax(tokens))
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}), found id {bad}")
+    return tokens
+
+
+def check_same_device(name: str, x: torch.Tensor, like: torch.Tensor, like_name: str = "logits") -> None:
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+
+
+def check_shape(name: str, x: torch.Tensor, shapes: Sequence[tuple[int, ...]], described: str) -> None:
+    if tuple(x.shape) not in [tuple(s) for s in shapes]:
+        raise ValueError(f"{name} must have shape {described}, got {tuple(x.shape)}")
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """Checks a finite real number > 0 (temperature and the like) and returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value  # type: ignore[return-value]

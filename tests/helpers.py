@@ -1,0 +1,56 @@
+"""Shared test helpers: the device the kernels run on and the tolerances of SPEC.md section 6."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# On a GPU machine the kernels run compiled on CUDA; elsewhere in Triton's interpreter on CPU.
+DEVICE = torch.device(
+    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+)
+
+FP32_TOL = 1e-5
+
+
+def float32_tol(expected: torch.Tensor) -> float:
+    """SPEC's 1e-5 plus 4 float32 ulps of the largest expected magnitude.
+
+    The SPEC bound assumes ordinary logit scales; a float32 output of magnitude above ~128
+    cannot itself be closer than 1e-5 to the float64 value, so extreme-scale tests add the
+    output's own rounding.
+    """
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return FP32_TOL + 4 * 2.0**-23 * scale
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference, computed in float64; NaN/inf anywhere counts as infinite."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if actual.numel() == 0:
+        return 0.0
+    diff = (actual.double() - expected.double()).abs()
+    if not torch.isfinite(diff).all():
+        return float("inf")
+    return diff.max().item()
+
+
+def assert_values_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = FP32_TOL,
+                        what: str = "value") -> None:
+    err = max_err(actual, expected)
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, eager: torch.Tensor | None = None,
+                      what: str = "grad") -> None:
+    """SPEC section 6: float32 grads within 1e-5 * max|grad|; half-precision grads within twice
+    the error of eager PyTorch on the same input (`eager`), plus 1e-6."""
+    err = max_err(actual, expected)
+    if actual.dtype in (torch.float32, torch.float64):
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        tol = FP32_TOL * max(scale, 1e-30)
+    else:
+        assert eager is not None, "half-precision gradients are judged against eager PyTorch's error"
+        tol = 2 * max_err(eager, expected) + 1e-6
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
