@@ -51,7 +51,10 @@ def _run(fn: Callable, base: torch.Tensor, tokens: torch.Tensor, temperature: fl
     sum(w_logp * logp) + sum(w_ent * entropy) with respect to the leaf `base`."""
     leaf = (base if cast is None else base.to(cast)).detach().clone().requires_grad_(True)
     logp, ent = fn(view(leaf), tokens, temperature)
-    loss = sum((w.to(o.dtype) * o).sum() for w, o in ((w_logp, logp), (w_ent, ent)) if w is not None)
+    # The loss is formed in float32 (float64 for the oracle) whatever the outputs' dtype, so that
+    # rounding the weights does not inflate eager's error, the yardstick of half precision.
+    acc = torch.promote_types(logp.dtype, torch.float32)
+    loss = sum((w.to(acc) * o.to(acc)).sum() for w, o in ((w_logp, logp), (w_ent, ent)) if w is not None)
     loss.backward()
     return logp.detach(), None if ent is None else ent.detach(), leaf.grad
 

@@ -1,0 +1,1 @@
+"""rlops benchmarks: `python -m bench --help` (see bench/README.md)."""

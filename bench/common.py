@@ -1,0 +1,227 @@
+"""Benchmark machinery shared by every op: environment record, timing, memory, result files.
+
+Timing is the median of `triton.testing.do_bench` (CUDA events, L2 flushed between runs).
+Bandwidth is an explicit byte count (each op states its minimum traffic) over the median
+time, also given as a fraction of a measured device-to-device copy. Memory is the peak of
+`torch.cuda.max_memory_allocated` during one forward+backward; "extra" is that peak minus
+the inputs and the gradient the op must return. On a CPU (`--quick` smoke runs) times come
+from a wall clock and carry no claim.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Skip(Exception):
+    """A provider that cannot run here (not installed, unsupported shape); the reason is printed."""
+
+
+@dataclass
+class Record:
+    op: str
+    provider: str
+    shape: dict[str, int]
+    dtype: str
+    ms: dict[str, float | None] = field(default_factory=dict)
+    bytes: int = 0
+    gbps: float | None = None
+    frac_copy_bw: float | None = None
+    peak_mem_bytes: int | None = None
+    extra_mem_bytes: int | None = None
+    error: str | None = None
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment() -> dict[str, object]:
+    import triton
+
+    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "device": device_name(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds per call."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 31) -> float:
+    """Device-to-device copy rate counting bytes read plus bytes written."""
+    if not torch.cuda.is_available():
+        nbytes = 1 << 24
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if torch.cuda.is_available() else "cpu")
+    src.random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 matrix-product rate on random data (zeros run faster and would flatter it)."""
+    if not torch.cuda.is_available():
+        n = 256
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+def peak_memory(fn: Callable[[], object]) -> int | None:
+    """Peak bytes allocated while fn runs (its result is dropped afterwards)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    del result
+    return int(torch.cuda.max_memory_allocated())
+
+
+def results_paths(out_dir: Path, env: dict[str, object]) -> tuple[Path, Path, Path]:
+    stamp = str(env["date"]).replace(":", "").replace("-", "")[:15]
+    stem = f"{stamp}-{str(env['commit']).replace('+', '-')}"
+    return out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
+
+
+def write_results(run: dict[str, object], out_dir: Path) -> list[Path]:
+    """Writes the run's JSON, then the markdown table and plot generated from that JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = results_paths(out_dir, run)
+    json_path.write_text(json.dumps(run, indent=1) + "\n")
+    md_path.write_text(markdown_table(run))
+    written = [json_path, md_path]
+    if plot(run, png_path):
+        written.append(png_path)
+    return written
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}g}"
+
+
+def markdown_table(run: dict[str, object]) -> str:
+    records = run["records"]
+    lines = [
+        f"Device: {run['device']} | commit {run['commit']} | {run['date']} | torch {run['torch']} | "
+        f"triton {run['triton']} | copy bandwidth {run['copy_bandwidth_gbps']:.0f} GB/s | "
+        f"bf16 matmul {run['matmul_tflops']:.0f} TFLOP/s",
+        "",
+        "| op | shape | dtype | provider | fwd ms | bwd ms | fwd+bwd ms | GB/s | % copy BW | extra mem GB | "
+        "speed-up vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    eager = {}
+    for r in records:
+        if r["provider"].startswith("eager") and r["ms"].get("fwd_bwd"):
+            key = (r["op"], json.dumps(r["shape"]), r["dtype"])
+            eager[key] = min(eager.get(key, float("inf")), r["ms"]["fwd_bwd"])
+    for r in records:
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        ms = r["ms"]
+        if r.get("error"):
+            lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['provider']} | {r['error']} "
+                         "| | | | | | |")
+            continue
+        base = eager.get((r["op"], json.dumps(r["shape"]), r["dtype"]))
+        speedup = f"{base / ms['fwd_bwd']:.2f}x" if base and ms.get("fwd_bwd") else "-"
+        frac = None if r["frac_copy_bw"] is None else 100 * r["frac_copy_bw"]
+        extra = None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 1e9
+        lines.append(
+            f"| {r['op']} | {shape} | {r['dtype']} | {r['provider']} | {_fmt(ms.get('fwd'))} | "
+            f"{_fmt(ms.get('bwd'))} | {_fmt(ms.get('fwd_bwd'))} | {_fmt(r['gbps'], 4)} | {_fmt(frac)} | "
+            f"{_fmt(extra)} | {speedup} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _case(r: dict[str, object]) -> str:
+    return f"{r['op']}\n" + " ".join(f"{k}={v}" for k, v in r["shape"].items())
+
+
+def plot(run: dict[str, object], path: Path) -> bool:
+    """Forward+backward time and extra memory per case and provider; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return False
+    records = [r for r in run["records"] if not r.get("error")]
+    if not records:
+        return False
+    cases = list(dict.fromkeys(_case(r) for r in records))
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    panels = [
+        ("forward+backward (ms)", lambda r: r["ms"].get("fwd_bwd")),
+        ("extra peak memory (GB)", lambda r: None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 1e9),
+    ]
+    panels = [(label, value) for label, value in panels if any(value(r) for r in records)]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(max(8.0, 1.5 * len(cases) * len(providers) / 3), 4 * len(panels)))
+    axes = axes[:, 0]
+    width = 0.8 / len(providers)
+    for ax, (label, value) in zip(axes, panels, strict=True):
+        for k, provider in enumerate(providers):
+            points = [(cases.index(_case(r)), value(r)) for r in records
+                      if r["provider"] == provider and value(r) is not None]
+            offset = (k - (len(providers) - 1) / 2) * width
+            ax.bar([x + offset for x, _ in points], [y for _, y in points], width, label=provider)
+        ax.set_xticks(range(len(cases)), cases, fontsize=7)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    smoke = " - CPU smoke run, no timing claims" if run["device"] == "cpu" else ""
+    axes[0].set_title(f"{run['device']} ({run['commit']}){smoke}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,112 @@
+"""The benchmark driver: every op, provider and shape; one JSON per run plus its table and plot."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import common, token_stats
+from .common import Record, Skip
+
+OPS: dict[str, ModuleType] = {"token_stats": token_stats}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _shapes(text: str | None, module: ModuleType, quick: bool) -> list[tuple[int, int]]:
+    if quick:
+        return module.QUICK_SHAPES
+    if text is None:
+        return module.DEFAULT_SHAPES
+    if text == "all":
+        return module.SHAPES
+    try:
+        return [(int(n), int(v)) for n, v in (item.lower().split("x") for item in text.split(","))]
+    except ValueError as e:
+        raise SystemExit(f"--shapes takes NxV[,NxV...] or 'all', got {text!r}") from e
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_case(module: ModuleType, provider: str, n: int, v: int, dtype: torch.dtype, copy_bw: float) -> Record:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rec = Record(module.OP, provider, {"N": n, "V": v}, str(dtype).removeprefix("torch."))
+    try:
+        inputs = module.setup(n, v, dtype, device)
+        forward, forward_backward = module.make_step(provider, inputs)
+        grad_bytes = inputs["logits"].numel() * inputs["logits"].element_size()
+        _free()
+        base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        rec.peak_mem_bytes = common.peak_memory(forward_backward)
+        if rec.peak_mem_bytes is not None:
+            rec.extra_mem_bytes = rec.peak_mem_bytes - base - grad_bytes
+        rec.ms["fwd"] = common.time_ms(forward)
+        rec.ms["fwd_bwd"] = common.time_ms(forward_backward)
+        # The backward alone is the difference: timing it on a retained graph would change what
+        # is measured (torch.compile's donated buffers forbid it, and memory stays held).
+        rec.ms["bwd"] = rec.ms["fwd_bwd"] - rec.ms["fwd"]
+    except torch.cuda.OutOfMemoryError:
+        rec.error = "out of memory"
+    finally:
+        inputs = forward = forward_backward = None
+        _free()
+    if rec.error is None:
+        rec.bytes = module.bytes_moved(n, v, torch.finfo(dtype).bits // 8)["fwd_bwd"]
+        rec.gbps = rec.bytes / rec.ms["fwd_bwd"] / 1e6
+        rec.frac_copy_bw = rec.gbps / copy_bw
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--providers", nargs="+", help="default: every provider of each op")
+    parser.add_argument("--shapes", help="NxV[,NxV...] or 'all' (default: each op's headline shape)")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, no timing claims")
+    parser.add_argument("--out", type=Path, help="default: bench/results/<gpu-name>/")
+    args = parser.parse_args(argv)
+
+    env = common.environment()
+    print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    env["copy_bandwidth_gbps"] = common.copy_bandwidth_gbps()
+    env["matmul_tflops"] = common.matmul_tflops()
+    print(f"copy bandwidth {env['copy_bandwidth_gbps']:.0f} GB/s, bf16 matmul {env['matmul_tflops']:.0f} TFLOP/s")
+
+    plan = []
+    for name in args.ops:
+        module = OPS[name]
+        providers = args.providers or list(module.PROVIDERS)
+        unknown = set(providers) - set(module.PROVIDERS)
+        if unknown:
+            raise SystemExit(f"unknown provider(s) for {name}: {sorted(unknown)}; known: {list(module.PROVIDERS)}")
+        plan += [(module, p, n, v) for n, v in _shapes(args.shapes, module, args.quick) for p in providers]
+
+    records = []
+    for i, (module, provider, n, v) in enumerate(plan, 1):
+        label = f"[{i}/{len(plan)}] {module.OP} {provider} N={n} V={v}"
+        try:
+            rec = run_case(module, provider, n, v, DTYPES[args.dtype], env["copy_bandwidth_gbps"])
+        except Skip as reason:
+            print(f"{label}: skipped: {reason}", flush=True)
+            continue
+        records.append(rec)
+        if rec.error:
+            print(f"{label}: {rec.error}", flush=True)
+        else:
+            print(f"{label}: fwd {rec.ms['fwd']:.3f} ms, bwd {rec.ms['bwd']:.3f} ms, fwd+bwd "
+                  f"{rec.ms['fwd_bwd']:.3f} ms, {rec.gbps:.0f} GB/s", flush=True)
+
+    run = {**env, "records": [vars(r) for r in records]}
+    out_dir = args.out or common.ROOT / "bench" / "results" / common.slug(str(env["device"]))
+    for path in common.write_results(run, out_dir):
+        print(f"wrote {path}")
+    print(common.markdown_table(run))
+    return 0

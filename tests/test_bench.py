@@ -1,0 +1,31 @@
+"""The benchmark suite runs end to end on CPU (tiny shapes), so it cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_json_table_and_plot(tmp_path: Path) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (json_path,) = tmp_path.glob("*.json")
+    run = json.loads(json_path.read_text())
+    for key in ("device", "commit", "date", "torch", "triton", "copy_bandwidth_gbps", "matmul_tflops"):
+        assert key in run, key
+    providers = {r["provider"] for r in run["records"]}
+    assert {"eager-trl", "eager-verl", "rlops-triton"} <= providers
+    for r in run["records"]:
+        assert r["op"] == "token_stats" and set(r["shape"]) == {"N", "V"}
+        assert r["ms"]["fwd"] > 0 and r["ms"]["fwd_bwd"] > 0
+        assert r["bytes"] == 3 * r["shape"]["N"] * r["shape"]["V"] * 2  # three bf16 passes
+    assert json_path.with_suffix(".md").read_text().count("| token_stats |") == len(run["records"])
+    assert json_path.with_suffix(".png").stat().st_size > 0
+    assert "skipped:" in out.stdout  # providers that cannot run here say why
