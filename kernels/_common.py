@@ -14,7 +14,7 @@ import triton.language as tl
 
 # Lowest finite float32: a running max that starts here (not at -inf) makes the rescale
 # factor exp(m_old - m_new) = exp(0) for a block of -inf logits instead of exp(nan).
-FLOAT32_LOWEST = -3.4028234663852886e38
+FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 MAX_BLOCK_V = 4096
 

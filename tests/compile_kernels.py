@@ -1,0 +1,92 @@
+"""Compiles every Triton kernel for given CUDA architectures and prints what the tests check.
+
+Run in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit functions,
+helpers included, with Python it cannot compile). Prints one JSON object:
+{"<kernel>/<dtype>/sm_<arch>": {"ld_v4": bool, "st_v4": bool, "REG": int, "STACK": int, "LOCAL": int}}
+or {"<...>": {"error": "..."}} for a kernel that does not compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rlops.kernels.token_stats import _token_stats_bwd_kernel, _token_stats_fwd_kernel
+
+KERNELS = [_token_stats_fwd_kernel, _token_stats_bwd_kernel]
+LOGIT_PTRS = {"x_ptr", "dx_ptr"}
+INDEX_PTRS = {"tokens_ptr"}
+I32_ARGS = {"V", "inner"}
+STRIDE_ARGS = {"stride_outer", "stride_inner", "dx_stride_outer", "dx_stride_inner"}
+FLOAT_ARGS = {"inv_tau"}
+
+
+def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:
+    sig, attrs = {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+            continue
+        if name in LOGIT_PTRS:
+            sig[name] = f"*{dtype}"
+        elif name in INDEX_PTRS:
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in I32_ARGS:
+            sig[name] = "i32"
+        elif name in STRIDE_ARGS:
+            sig[name] = "i64"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            raise KeyError(f"unknown argument {name!r} of {fn.__name__}: give it a type in compile_kernels.py")
+        if name.endswith("_ptr") or name == "V" or name in STRIDE_ARGS:
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers for V = 151936
+    return sig, attrs
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def main(archs: list[int]) -> dict[str, dict[str, object]]:
+    results: dict[str, dict[str, object]] = {}
+    for fn in KERNELS:
+        for dtype in ("bf16", "fp32"):
+            for arch in archs:
+                key = f"{fn.__name__}/{dtype}/sm_{arch}"
+                try:
+                    sig, attrs = signature(fn, dtype)
+                    src = ASTSource(fn, sig, constexprs={"BLOCK_V": 4096}, attrs=attrs)
+                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+                except Exception as e:  # reported to the test, which fails with the message
+                    results[key] = {"error": f"{type(e).__name__}: {e}"}
+                    continue
+                ptx = compiled.asm["ptx"]
+                results[key] = {
+                    "ld_v4": bool(re.search(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+                    "st_v4": bool(re.search(r"st\.global(?:\.\w+)*\.v4", ptx)),
+                    "stores_logits": "dx_ptr" in fn.arg_names,
+                    **resources(compiled.asm["cubin"]),
+                }
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print(json.dumps(main([int(a) for a in sys.argv[1:]] or [80, 90])))
