@@ -9,10 +9,10 @@ from types import ModuleType
 
 import torch
 
-from . import common, token_stats
+from . import common, policy_loss, token_stats
 from .common import Record, Skip
 
-OPS: dict[str, ModuleType] = {"token_stats": token_stats}
+OPS: dict[str, ModuleType] = {"token_stats": token_stats, "policy_loss": policy_loss}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -41,7 +41,7 @@ def run_case(module: ModuleType, provider: str, n: int, v: int, dtype: torch.dty
     try:
         inputs = module.setup(n, v, dtype, device)
         forward, forward_backward = module.make_step(provider, inputs)
-        grad_bytes = inputs["logits"].numel() * inputs["logits"].element_size()
+        grad_bytes = module.grad_bytes(provider, inputs)
         _free()
         base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         rec.peak_mem_bytes = common.peak_memory(forward_backward)

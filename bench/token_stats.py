@@ -69,6 +69,11 @@ PROVIDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, 
 }
 
 
+def grad_bytes(provider: str, inputs: dict[str, torch.Tensor]) -> int:
+    """The gradient buffer every provider returns (none writes over the logits)."""
+    return inputs["logits"].numel() * inputs["logits"].element_size()
+
+
 def make_step(provider: str, inputs: dict[str, torch.Tensor]) -> tuple[Callable, Callable]:
     """(forward, forward+backward) closures for one provider on one set of inputs."""
     fn = PROVIDERS[provider]

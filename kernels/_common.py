@@ -76,18 +76,77 @@ def row_start(row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def online_softmax_update(z, m, s, t):
-    """Folds one block of scaled logits z into the running (max m, sum-exp s, sum exp*(z-m) t).
+def softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over a row of V logits: (lse, entropy, lse_ref, kl) of p = softmax(x * inv_tau).
 
-    t is kept relative to the running max so that the entropy log(s) - t/s has no
-    cancellation between two large numbers (lse and E[z]).
+    Keeps an online max m, sum-exp s and t = sum exp(z-m) * (z-m); t is relative to the running
+    max so that the entropy log(s) - t/s has no cancellation between two large numbers (lse and
+    E[z]). With HAS_REF it also streams the reference logits y (q = softmax(y * inv_tau)) and
+    c = sum exp(z-m) * (z-y), giving KL(p || q) = c/s + lse_ref - lse; otherwise lse_ref = kl = 0.
     """
-    m_new = tl.maximum(m, tl.max(z, 0))
-    zm = z - m_new
-    e = tl.exp(zm)
-    shift = m - m_new
-    alpha = tl.exp(shift)
-    # Masked lanes and -inf logits have e = 0 and zm = -inf; their true contribution is 0, not NaN.
-    t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0, zm, 0.0), 0)
-    s = alpha * s + tl.sum(e, 0)
-    return m_new, s, t
+    m = tl.full([], FLOAT32_LOWEST, tl.float32)
+    s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    m_ref = tl.full([], FLOAT32_LOWEST, tl.float32)
+    s_ref = tl.zeros([], tl.float32)
+    c = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_row = offs < V
+        z = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
+        m_new = tl.maximum(m, tl.max(z, 0))
+        zm = z - m_new
+        e = tl.exp(zm)
+        shift = m - m_new
+        alpha = tl.exp(shift)
+        # Masked lanes and -inf logits have e = 0 and zm = -inf: they contribute 0, not NaN.
+        t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0, zm, 0.0), 0)
+        s = alpha * s + tl.sum(e, 0)
+        m = m_new
+        if HAS_REF:
+            y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
+            m_ref_new = tl.maximum(m_ref, tl.max(y, 0))
+            s_ref = tl.exp(m_ref - m_ref_new) * s_ref + tl.sum(tl.exp(y - m_ref_new), 0)
+            m_ref = m_ref_new
+            c = alpha * c + tl.sum(e * tl.where(e > 0, z - y, 0.0), 0)
+    log_s = tl.log(s)
+    lse = m + log_s
+    entropy = log_s - t / s
+    lse_ref = 0.0
+    kl = 0.0
+    if HAS_REF:
+        lse_ref = m_ref + tl.log(s_ref)
+        kl = c / s + lse_ref - lse
+    return lse, entropy, lse_ref, kl
+
+
+@triton.jit
+def softmax_row_grad(x_row, ref_row, dx_row, V, tok, lse, entropy, lse_ref, kl, g_logp, g_entropy, g_kl,
+                     inv_tau, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Writes one row of d/dx [g_logp * logp + g_entropy * H + g_kl * KL(p || q)]:
+
+        (g_logp * (1[v == a] - p_v) - g_entropy * p_v * (log p_v + H)
+         + g_kl * p_v * (log p_v - log q_v - KL)) * inv_tau
+
+    A row whose three upstream gradients are all 0 (a masked token) is written as zeros without
+    reading its logits.
+    """
+    if (g_logp == 0) & (g_entropy == 0) & (g_kl == 0):
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            tl.store(dx_row + offs, tl.zeros([BLOCK_V], dx_row.dtype.element_ty), mask=offs < V)
+    else:
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            in_row = offs < V
+            z = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
+            log_p = z - lse
+            p = tl.exp(log_p)
+            # Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
+            log_p = tl.where(p > 0, log_p, 0.0)
+            coef = g_logp + g_entropy * (log_p + entropy)
+            if HAS_REF:
+                y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
+                coef -= g_kl * (log_p - tl.where(p > 0, y - lse_ref, 0.0) - kl)
+            dz = tl.where(offs == tok, g_logp, 0.0) - p * coef
+            tl.store(dx_row + offs, (dz * inv_tau).to(dx_row.dtype.element_ty), mask=in_row)

@@ -1,12 +1,14 @@
-"""Token log-probs and entropy from logits in one pass over the vocabulary (SPEC.md section 1).
+"""Per-token statistics of softmax(logits / tau) in one pass over the vocabulary (SPEC.md section 1).
 
     z = x / tau,  lse = logsumexp(z),  logp = z[a] - lse,  H = lse - sum_v softmax(z)_v z_v
 
-Forward: one program per row streams the row's V logits once with an online max / sum-exp /
-sum p*z and writes three float32 per row (logp, entropy, lse). Backward: one program per row
-reads the row again and writes its gradient once,
+and, given reference logits y, the exact KL(p || q) of section 3 with q = softmax(y / tau).
 
-    d/dx_v = [g_logp * (1[v == a] - p_v) - g_H * p_v * (log p_v + H)] / tau.
+Forward: one program per row streams the row's logits once (plus the reference row for the
+KL) and writes five float32 per row into stats (5, N): logp, entropy, kl, lse, lse_ref.
+Backward: one program per row reads the row again (and the reference row) and writes its
+gradient once, from per-row upstream gradients of logp, entropy and kl. Rows that a mask
+excludes (forward) or whose upstream gradients are all zero (backward) are not read.
 """
 
 from __future__ import annotations
@@ -15,106 +17,127 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT32_LOWEST, block_v, online_softmax_update, row_layout, row_start
+from ._common import RowLayout, block_v, row_layout, row_start, softmax_row_grad, softmax_row_stats
+
+N_STATS = 5  # rows of the stats buffer: logp, entropy, kl, lse, lse_ref
+N_GRADS = 3  # rows of the upstream gradient buffer: logp, entropy, kl
 
 
 @triton.jit
 def _token_stats_fwd_kernel(
-    x_ptr, tokens_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    V, inner, stride_outer, stride_inner, inv_tau,
-    BLOCK_V: tl.constexpr,
+    x_ptr, ref_ptr, tokens_ptr, mask_ptr, stats_ptr,
+    N, V, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner, inv_tau,
+    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Reads N*V logits once plus N token ids; writes 3 float32 per row (12*N bytes)."""
+    """Reads N*V logits once (2*N*V with HAS_REF) plus the token ids; writes 5 float32 per row."""
     row = tl.program_id(0)
-    x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
     # torch.compile may pass Python floats as float64; the contract is float32 arithmetic.
     inv_tau = tl.cast(inv_tau, tl.float32)
-    m = tl.full([], FLOAT32_LOWEST, tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"))
-        m, s, t = online_softmax_update(x.to(tl.float32) * inv_tau, m, s, t)
-    log_s = tl.log(s)
-    lse = m + log_s
-    # An id outside [0, V) (only possible when the host check is skipped under torch.compile)
-    # gives NaN rather than an out-of-bounds read.
-    tok = tl.load(tokens_ptr + row).to(tl.int64)
-    valid = (tok >= 0) & (tok < V)
-    z_tok = tl.load(x_row + tl.where(valid, tok, 0)).to(tl.float32) * inv_tau
-    tl.store(logp_ptr + row, tl.where(valid, z_tok - lse, float("nan")))
-    tl.store(entropy_ptr + row, log_s - t / s)
-    tl.store(lse_ptr + row, lse)
+    valid = True
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + row) != 0
+    if valid:
+        x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
+        ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
+        lse, entropy, lse_ref, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF, BLOCK_V)
+        # An id outside [0, V) (only possible when the host check is skipped under torch.compile)
+        # gives NaN rather than an out-of-bounds read.
+        tok = tl.load(tokens_ptr + row).to(tl.int64)
+        in_vocab = (tok >= 0) & (tok < V)
+        z_tok = tl.load(x_row + tl.where(in_vocab, tok, 0)).to(tl.float32) * inv_tau
+        tl.store(stats_ptr + row, tl.where(in_vocab, z_tok - lse, float("nan")))
+        tl.store(stats_ptr + N + row, entropy)
+        tl.store(stats_ptr + 2 * N + row, kl)
+        tl.store(stats_ptr + 3 * N + row, lse)
+        tl.store(stats_ptr + 4 * N + row, lse_ref)
+    else:
+        for k in tl.static_range(5):
+            tl.store(stats_ptr + k * N + row, 0.0)
 
 
 @triton.jit
 def _token_stats_bwd_kernel(
-    x_ptr, tokens_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, dx_ptr,
-    V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, inv_tau,
-    BLOCK_V: tl.constexpr,
+    x_ptr, ref_ptr, tokens_ptr, stats_ptr, grads_ptr, dx_ptr,
+    N, V, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
+    dx_stride_outer, dx_stride_inner, inv_tau,
+    HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Reads N*V logits and writes N*V gradients (2*N*V*elem bytes) plus 5 scalars per row."""
+    """Reads N*V logits (2*N*V with HAS_REF) and writes N*V gradients, plus 8 scalars per row."""
     row = tl.program_id(0)
-    x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
-    dx_row = dx_ptr + row_start(row, inner, dx_stride_outer, dx_stride_inner)
     inv_tau = tl.cast(inv_tau, tl.float32)
-    lse = tl.load(lse_ptr + row)
-    entropy = tl.load(entropy_ptr + row)
-    g_logp = tl.load(g_logp_ptr + row)
-    g_entropy = tl.load(g_entropy_ptr + row)
+    x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
+    ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
+    dx_row = dx_ptr + row_start(row, inner, dx_stride_outer, dx_stride_inner)
+    entropy = tl.load(stats_ptr + N + row)
+    kl = tl.load(stats_ptr + 2 * N + row)
+    lse = tl.load(stats_ptr + 3 * N + row)
+    lse_ref = tl.load(stats_ptr + 4 * N + row)
+    g_logp = tl.load(grads_ptr + row)
+    g_entropy = tl.load(grads_ptr + N + row)
+    g_kl = tl.load(grads_ptr + 2 * N + row)
     tok = tl.load(tokens_ptr + row).to(tl.int64)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        in_row = offs < V
-        z = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
-        log_p = z - lse
-        p = tl.exp(log_p)
-        # Where a logit is -inf, p = 0 and log p = -inf: the term is 0, not 0 * -inf = NaN.
-        soft = p * (g_logp + g_entropy * (tl.where(p > 0, log_p, 0.0) + entropy))
-        dz = tl.where(offs == tok, g_logp, 0.0) - soft
-        tl.store(dx_row + offs, (dz * inv_tau).to(dx_ptr.dtype.element_ty), mask=in_row)
+    softmax_row_grad(x_row, ref_row, dx_row, V, tok, lse, entropy, lse_ref, kl, g_logp, g_entropy, g_kl,
+                     inv_tau, HAS_REF, BLOCK_V)
+
+
+def ref_layout(ref_logits: torch.Tensor | None, logits: torch.Tensor) -> RowLayout:
+    """The reference logits' rows, or the logits' own as a placeholder the kernel never reads."""
+    if ref_logits is None:
+        return row_layout(logits)
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must have logits' shape {tuple(logits.shape)}, got {tuple(ref_logits.shape)}")
+    return row_layout(ref_logits)
 
 
 def token_stats_fwd(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    ref_logits: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Launches the forward kernel.
 
-    logits (..., V) float16/bfloat16/float32/float64, any row strides; tokens (...) integer ids
-    in [0, V). Returns float32 (logp, entropy, lse), each of tokens' shape.
+    logits (..., V) float16/bfloat16/float32/float64 with any row strides; tokens (...) integer
+    ids in [0, V); ref_logits (..., V) optional, for the exact KL; mask (...) optional, rows
+    where it is 0 are skipped and get zeros. Returns float32 stats (5, ...): logp, entropy,
+    kl (0 without ref_logits), lse, lse_ref.
     """
     if tokens.shape != logits.shape[:-1]:
         raise ValueError(f"tokens must have shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
-    rows = row_layout(logits)
-    logp, entropy, lse = (torch.empty(tokens.shape, dtype=torch.float32, device=logits.device) for _ in range(3))
+    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+    stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
         vocab = logits.shape[-1]
+        if mask is not None:
+            mask = mask.reshape(-1)
+            mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         _token_stats_fwd_kernel[(rows.n_rows,)](
-            rows.tensor, tokens.reshape(-1), logp, entropy, lse,
-            vocab, rows.inner, rows.stride_outer, rows.stride_inner, 1.0 / temperature,
-            BLOCK_V=block_v(vocab), num_warps=8,
+            rows.tensor, ref_rows.tensor, tokens.reshape(-1), mask if mask is not None else tokens, stats,
+            rows.n_rows, vocab, rows.inner, rows.stride_outer, rows.stride_inner,
+            ref_rows.inner, ref_rows.stride_outer, ref_rows.stride_inner, 1.0 / temperature,
+            HAS_REF=ref_logits is not None, HAS_MASK=mask is not None, BLOCK_V=block_v(vocab), num_warps=8,
         )
-    return logp, entropy, lse
+    return stats
 
 
 def token_stats_bwd(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor,
+    stats: torch.Tensor,
+    grads: torch.Tensor,
     temperature: float = 1.0,
+    ref_logits: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launches the backward kernel: d logits from per-row upstream gradients.
 
-    lse, entropy: float32 (...) from `token_stats_fwd`; grad_logp, grad_entropy: (...) float.
-    Returns a tensor of logits' shape and dtype; `out` (which may be `logits` itself, as every
-    row is read before it is written) receives it when given.
+    stats: float32 (5, ...) from `token_stats_fwd` (the first five rows of a larger buffer are
+    fine); grads: float32 (3, ...) upstream gradients of logp, entropy and kl. Returns a tensor
+    of logits' shape and dtype; `out` receives it when given, and may be `logits` itself (each
+    row is read before it is written).
     """
-    rows = row_layout(logits)
+    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
     vocab = logits.shape[-1]
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -126,16 +149,15 @@ def token_stats_bwd(
         dx_stride_outer, dx_stride_inner = rows.stride_outer, rows.stride_inner
     else:
         raise ValueError("out must be contiguous or be logits itself")
-    if rows.n_rows:
-
-        def per_row(v: torch.Tensor) -> torch.Tensor:
-            return v.reshape(-1).to(torch.float32).contiguous()
-
-        _token_stats_bwd_kernel[(rows.n_rows,)](
-            rows.tensor, tokens.reshape(-1), per_row(lse), per_row(entropy),
-            per_row(grad_logp), per_row(grad_entropy), out,
-            vocab, rows.inner, rows.stride_outer, rows.stride_inner,
+    n = rows.n_rows
+    if n:
+        stats = stats.reshape(-1, n)[:N_STATS].contiguous()
+        grads = grads.reshape(N_GRADS, n).to(torch.float32).contiguous()
+        _token_stats_bwd_kernel[(n,)](
+            rows.tensor, ref_rows.tensor, tokens.reshape(-1), stats, grads, out,
+            n, vocab, rows.inner, rows.stride_outer, rows.stride_inner,
+            ref_rows.inner, ref_rows.stride_outer, ref_rows.stride_inner,
             dx_stride_outer, dx_stride_inner, 1.0 / temperature,
-            BLOCK_V=block_v(vocab), num_warps=8,
+            HAS_REF=ref_logits is not None, BLOCK_V=block_v(vocab), num_warps=8,
         )
     return out

@@ -6,11 +6,20 @@ on first use, and no device is queried at import time.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .ops import token_logprobs, token_logprobs_and_entropy
+from .losses import PolicyLoss, PolicyLossConfig
+from .ops import PolicyLossOutput, policy_loss, token_logprobs, token_logprobs_and_entropy
 
 try:
     __version__ = version("rlops")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "token_logprobs", "token_logprobs_and_entropy"]
+__all__ = [
+    "PolicyLoss",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
+    "__version__",
+    "policy_loss",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+]

@@ -81,3 +81,42 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_float(name: str, value: object, *, ge: float | None = None, gt: float | None = None) -> float:
+    """Checks a finite real number (optionally >= ge or > gt) and returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if ge is not None and value < ge:
+        raise ValueError(f"{name} must be >= {ge}, got {value}")
+    if gt is not None and value <= gt:
+        raise ValueError(f"{name} must be > {gt}, got {value}")
+    return value
+
+
+def check_float_tensor(name: str, x: object, like: torch.Tensor, shapes: Sequence[tuple[int, ...]],
+                       described: str) -> torch.Tensor:
+    """A floating tensor of one of `shapes`, on like's device."""
+    x = check_tensor(name, x)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_shape(name, x, shapes, described)
+    check_same_device(name, x, like)
+    return x
+
+
+def check_mask(mask: object, shape: tuple[int, ...], like: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A 0/1 mask (bool, integer or float) of the given shape, returned as bool."""
+    mask = check_tensor(name, mask)
+    check_shape(name, mask, [shape], str(shape))
+    check_same_device(name, mask, like)
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+    if mask.numel() and not _compiling() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1 (1 = the token counts)")
+    return mask != 0

@@ -1,9 +1,10 @@
 """Eager PyTorch code as the frameworks write it: the yardstick for tests and benchmarks.
 
 These restate, in plain PyTorch and without the frameworks' own fused fast paths, what TRL
-and verl compute. They are what rlops replaces, so the benchmarks time them, and the bf16
-tolerance of SPEC.md section 6 ("no more than 2x the error of PyTorch eager on the same
-low-precision input") is measured against them.
+and verl compute: token log-probs and entropy, and the GRPO / PPO actor losses. They are
+what rlops replaces, so the benchmarks time them; the drop-in tests show rlops equals them;
+and the bf16 tolerance of SPEC.md section 6 ("no more than 2x the error of PyTorch eager on
+the same low-precision input") is measured against them.
 
 Sources:
 - TRL v1.16.0, trl/trainer/utils.py: `selective_log_softmax` (eager branch: gather minus a
@@ -11,6 +12,9 @@ Sources:
   `entropy_from_logits` (log_softmax over chunks of 128 rows, -sum(exp(logp) * logp)).
 - verl, verl/utils/torch_functional.py: `logprobs_from_logits_v2` (same algorithm as TRL's)
   and `entropy_from_logits` (logsumexp(logits) - sum(softmax(logits) * logits)).
+- TRL v1.16.0, trl/trainer/grpo_trainer.py: `GRPOTrainer._compute_loss` (`trl_grpo_loss`).
+- verl @ 26b5d6b2, verl/trainer/ppo/core_algos.py: `compute_policy_loss_vanilla`, `agg_loss`,
+  `kl_penalty_forward` (`verl_actor_loss`).
 """
 
 from __future__ import annotations
@@ -62,3 +66,149 @@ def eager_token_stats(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
     if style == "verl":
         return verl_logprobs_from_logits(logits, tokens), verl_entropy_from_logits(logits)
     raise ValueError(f"style must be 'trl' or 'verl', got {style!r}")
+
+
+def _eager_stats(logits: Tensor, tokens: Tensor, temperature: float,
+                 ref_logits: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token statistics as eager code computes them: in the logits' own dtype."""
+    logp, entropy = eager_token_stats(logits, tokens, temperature)
+    if ref_logits is None:
+        return logp, entropy, None
+    logp_all = F.log_softmax(logits / temperature, dim=-1)
+    logq_all = F.log_softmax(ref_logits / temperature, dim=-1)
+    return logp, entropy, (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+
+
+def eager_policy_loss(logits: Tensor, tokens: Tensor, advantages: Tensor, **options: object) -> Tensor:
+    """The SPEC policy loss (options as rlops.policy_loss) with eager low-precision token statistics.
+
+    This is the yardstick of SPEC section 6 for half-precision logits: the vocabulary work in
+    the logits' dtype, as TRL and verl do it, then the O(B*T) loss in float32.
+    """
+    from . import reference
+
+    return reference.policy_loss(logits, tokens, advantages, stats_fn=_eager_stats, **options).loss
+
+
+def trl_grpo_loss(
+    logits: Tensor,
+    completion_ids: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    old_per_token_logps: Tensor | None = None,
+    ref_per_token_logps: Tensor | None = None,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    max_completion_length: int | None = None,
+    entropy_coef: float = 0.0,
+    importance_sampling_ratio: Tensor | None = None,
+) -> Tensor:
+    """TRL's GRPO loss for loss_type grpo, bnpo, dr_grpo and dapo, in eager PyTorch.
+
+    Restates TRL v1.16.0 trl/trainer/grpo_trainer.py, GRPOTrainer._compute_loss, for
+    token-level importance sampling on one process with one accumulation window (then dapo's
+    num_items_in_batch is the mask's sum), without the off-policy or top-entropy masks: the
+    ratio exp(logp - old) is clipped to [1 - epsilon_low, 1 + epsilon_high], multiplied by
+    vLLM's importance_sampling_ratio, plus beta times k3 (unclamped), aggregated per
+    loss_type; the entropy bonus is a token mean over the mask.
+    """
+    logp, entropy = eager_token_stats(logits, completion_ids, temperature)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    old = logp.detach() if old_per_token_logps is None else old_per_token_logps
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if importance_sampling_ratio is not None:
+        per_token = per_token * importance_sampling_ratio
+    if beta != 0.0:
+        d = ref_per_token_logps - logp
+        per_token = per_token + beta * (torch.exp(d) - d - 1)
+    mask = completion_mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        length = mask.shape[-1] if max_completion_length is None else max_completion_length
+        loss = (per_token * mask).sum() / (per_token.size(0) * length)
+    else:
+        raise ValueError(f"loss_type {loss_type!r} is not restated here")
+    if entropy_coef:
+        loss = loss - entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss
+
+
+def _verl_agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str) -> Tensor:
+    mask = loss_mask.to(loss_mat.dtype)
+    if loss_agg_mode == "token-mean":
+        return (loss_mat * mask).sum() / mask.sum()
+    seq_valid = (mask.sum(-1) > 0).to(loss_mat.dtype)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq = (loss_mat * mask).sum(-1) / (mask.sum(-1) + 1e-8)
+        return (seq * seq_valid).sum() / seq_valid.sum()
+    seq = (loss_mat * mask).sum(-1)
+    loss = (seq * seq_valid).sum() / seq_valid.sum()
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / mask.shape[-1]
+    return loss
+
+
+def verl_kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    """verl's kl_penalty_forward for k1 ("kl"), k2 ("mse") and k3 ("low_var_kl")."""
+    if kl_penalty in ("kl", "k1"):
+        return logprob - ref_logprob
+    if kl_penalty in ("mse", "k2"):
+        return 0.5 * (logprob - ref_logprob).square()
+    if kl_penalty in ("low_var_kl", "k3"):
+        d = torch.clamp(ref_logprob - logprob, -20, 20)
+        return torch.clamp(torch.exp(d) - d - 1, min=-10, max=10)
+    raise ValueError(f"kl_penalty {kl_penalty!r} is not restated here")
+
+
+def verl_actor_loss(
+    logits: Tensor,
+    responses: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    old_log_prob: Tensor | None = None,
+    ref_log_prob: Tensor | None = None,
+    loss_agg_mode: str = "token-mean",
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    clip_ratio_c: float = 3.0,
+    entropy_coeff: float = 0.0,
+    kl_loss_coef: float = 0.0,
+    kl_loss_type: str = "low_var_kl",
+    temperature: float = 1.0,
+    rollout_is_weights: Tensor | None = None,
+) -> Tensor:
+    """verl's actor loss with the vanilla policy loss, in eager PyTorch.
+
+    Restates verl (volcengine/verl @ 26b5d6b2) verl/trainer/ppo/core_algos.py:
+    compute_policy_loss_vanilla (ratio from the log-ratio clamped to +-20, clip to
+    [1 - low, 1 + high], dual clip at clip_ratio_c for negative advantages, rollout IS
+    weights), agg_loss (fully masked sequences excluded from sequence means, on one data
+    parallel rank) and kl_penalty_forward; composed as verl's dp_actor does:
+    pg_loss - entropy_coeff * agg(entropy) + kl_loss_coef * agg(kl).
+    """
+    logp, entropy = eager_token_stats(logits, responses, temperature, style="verl")
+    old = logp.detach() if old_log_prob is None else old_log_prob
+    ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+    pg_1 = -advantages * ratio
+    pg_2 = -advantages * torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    clipped = torch.maximum(pg_1, pg_2)
+    pg = torch.where(advantages < 0, torch.min(-advantages * clip_ratio_c, clipped), clipped)
+    if rollout_is_weights is not None:
+        pg = pg * rollout_is_weights
+    loss = _verl_agg_loss(pg, response_mask, loss_agg_mode)
+    if entropy_coeff:
+        loss = loss - entropy_coeff * _verl_agg_loss(entropy, response_mask, loss_agg_mode)
+    if kl_loss_coef:
+        kl = verl_kl_penalty(logp, ref_log_prob, kl_loss_type)
+        loss = loss + kl_loss_coef * _verl_agg_loss(kl, response_mask, loss_agg_mode)
+    return loss

@@ -296,20 +296,27 @@ def policy_loss(
     norm_len: int | None = None,
     ratio_level: str = "token",
     chunk_size: int | None = None,
+    stats_fn: Callable[..., tuple[Tensor, Tensor, Tensor | None]] | None = None,
 ) -> ReferencePolicyLoss:
     """The clipped policy loss of SPEC sections 2-4 on logits (B, T, V) and tokens (B, T).
 
     Inputs are assumed valid (rlops.policy_loss checks them before it calls this).
+    `stats_fn(logits, tokens, temperature, ref_logits)` -> (logp, entropy, exact KL or None)
+    replaces the chunked token statistics (rlops.baselines uses it for eager low precision).
     """
-    if kl_coef != 0 and kl_estimator == "full":
+    full = kl_coef != 0 and kl_estimator == "full"
+    if stats_fn is not None:
+        logp, entropy, kl = stats_fn(logits, tokens, temperature, ref_logits if full else None)
+    elif full:
         logp, entropy, kl = token_stats_with_kl(logits, tokens, ref_logits, temperature, chunk_size=chunk_size)
     else:
         logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature, chunk_size=chunk_size)
+    if not full:
         kl = kl_penalty(logp, ref_logprobs, kl_estimator) if kl_coef != 0 else torch.zeros_like(logp)
     mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
-    adv = advantages.reshape(advantages.shape[0], -1)  # (B,) and (B, 1) broadcast over T
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B,) and (B, 1) broadcast over T
     log_r = log_ratio(logp, old_logprobs, mask, ratio_level)
-    weights = None if is_weights is None else is_weights.reshape(is_weights.shape[0], -1)
+    weights = is_weights
     pg, ratio, clipped_low, clipped_high = clipped_surrogate(log_r, adv, clip_low, clip_high, dual_clip, weights)
     per_token = pg + kl_coef * kl - entropy_coef * entropy
     loss = aggregate(per_token, mask, loss_agg, norm_len)

@@ -2,7 +2,7 @@
 
 Run in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit functions,
 helpers included, with Python it cannot compile). Prints one JSON object:
-{"<kernel>/<dtype>/sm_<arch>": {"ld_v4": bool, "st_v4": bool, "REG": int, "STACK": int, "LOCAL": int}}
+{"<kernel>[<switches>]/<dtype>/sm_<arch>": {"ld_v4": bool, "st_v4": bool, "REG": int, "STACK": int, "LOCAL": int}}
 or {"<...>": {"error": "..."}} for a kernel that does not compile.
 """
 
@@ -19,18 +19,34 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from rlops.kernels.policy_loss import _policy_loss_fwd_kernel
 from rlops.kernels.token_stats import _token_stats_bwd_kernel, _token_stats_fwd_kernel
 
-KERNELS = [_token_stats_fwd_kernel, _token_stats_bwd_kernel]
-LOGIT_PTRS = {"x_ptr", "dx_ptr"}
+# (kernel, constexpr switches): every feature combination the launchers can ask for.
+CASES = (
+    [(_token_stats_fwd_kernel, {"HAS_REF": ref, "HAS_MASK": mask}) for ref in (False, True) for mask in (False, True)]
+    + [(_token_stats_bwd_kernel, {"HAS_REF": ref}) for ref in (False, True)]
+    + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "KL_KIND": kind}) for kind in range(5)]
+    + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "KL_KIND": 0})]
+)
+LOGIT_PTRS = {"x_ptr", "dx_ptr", "ref_ptr"}
 INDEX_PTRS = {"tokens_ptr"}
-I32_ARGS = {"V", "inner"}
-STRIDE_ARGS = {"stride_outer", "stride_inner", "dx_stride_outer", "dx_stride_inner"}
-FLOAT_ARGS = {"inv_tau"}
+BYTE_PTRS = {"mask_ptr"}
+I32_ARGS = {"N", "V", "inner", "ref_inner"}
+STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
+               "dx_stride_inner"}
+FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef"}
 
 
-def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:
-    sig, attrs = {}, {}
+def case_key(fn: object, switches: dict[str, object], dtype: str, arch: int) -> str:
+    name = getattr(fn, "__name__", None) or fn.fn.__name__  # interpreter wrappers keep .fn
+    flags = ",".join(f"{k}={int(v)}" for k, v in switches.items())
+    return f"{name}[{flags}]/{dtype}/sm_{arch}"
+
+
+def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
+              ) -> tuple[dict[str, str], dict[str, object], dict[tuple[int, ...], list]]:
+    sig, constexprs, attrs = {}, {"BLOCK_V": 4096, **switches}, {}
     for i, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
@@ -40,6 +56,8 @@ def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict[
             sig[name] = f"*{dtype}"
         elif name in INDEX_PTRS:
             sig[name] = "*i64"
+        elif name in BYTE_PTRS:
+            sig[name] = "*u8"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name in I32_ARGS:
@@ -50,9 +68,9 @@ def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict[
             sig[name] = "fp32"
         else:
             raise KeyError(f"unknown argument {name!r} of {fn.__name__}: give it a type in compile_kernels.py")
-        if name.endswith("_ptr") or name == "V" or name in STRIDE_ARGS:
+        if name.endswith("_ptr") or name in ("N", "V") or name in STRIDE_ARGS:
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers for V = 151936
-    return sig, attrs
+    return sig, constexprs, attrs
 
 
 def resources(cubin: bytes) -> dict[str, int]:
@@ -66,13 +84,13 @@ def resources(cubin: bytes) -> dict[str, int]:
 
 def main(archs: list[int]) -> dict[str, dict[str, object]]:
     results: dict[str, dict[str, object]] = {}
-    for fn in KERNELS:
+    for fn, switches in CASES:
         for dtype in ("bf16", "fp32"):
             for arch in archs:
-                key = f"{fn.__name__}/{dtype}/sm_{arch}"
+                key = case_key(fn, switches, dtype, arch)
                 try:
-                    sig, attrs = signature(fn, dtype)
-                    src = ASTSource(fn, sig, constexprs={"BLOCK_V": 4096}, attrs=attrs)
+                    sig, constexprs, attrs = signature(fn, dtype, switches)
+                    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
                     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
                 except Exception as e:  # reported to the test, which fails with the message
                     results[key] = {"error": f"{type(e).__name__}: {e}"}

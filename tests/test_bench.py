@@ -20,12 +20,15 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path: Path) -> None:
     run = json.loads(json_path.read_text())
     for key in ("device", "commit", "date", "torch", "triton", "copy_bandwidth_gbps", "matmul_tflops"):
         assert key in run, key
-    providers = {r["provider"] for r in run["records"]}
-    assert {"eager-trl", "eager-verl", "rlops-triton"} <= providers
+    for op in ("token_stats", "policy_loss"):
+        providers = {r["provider"] for r in run["records"] if r["op"] == op}
+        assert {"eager-trl", "eager-verl", "rlops-triton"} <= providers, op
+    assert "rlops-triton-inplace" in {r["provider"] for r in run["records"]}
     for r in run["records"]:
-        assert r["op"] == "token_stats" and set(r["shape"]) == {"N", "V"}
+        assert set(r["shape"]) == {"N", "V"}
         assert r["ms"]["fwd"] > 0 and r["ms"]["fwd_bwd"] > 0
         assert r["bytes"] == 3 * r["shape"]["N"] * r["shape"]["V"] * 2  # three bf16 passes
-    assert json_path.with_suffix(".md").read_text().count("| token_stats |") == len(run["records"])
+    table = json_path.with_suffix(".md").read_text()
+    assert table.count("| token_stats |") + table.count("| policy_loss |") == len(run["records"])
     assert json_path.with_suffix(".png").stat().st_size > 0
     assert "skipped:" in out.stdout  # providers that cannot run here say why

@@ -16,29 +16,32 @@ import sys
 from pathlib import Path
 
 import pytest
+from compile_kernels import CASES, case_key
 
 HERE = Path(__file__).resolve().parent
-KERNELS = ["_token_stats_fwd_kernel", "_token_stats_bwd_kernel"]
+ARCHS = (80, 90)
+KEYS = [case_key(fn, switches, dtype, arch) for fn, switches in CASES for dtype in ("bf16", "fp32") for arch in ARCHS]
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict[str, object]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(HERE / "compile_kernels.py"), "80", "90"],
+    out = subprocess.run([sys.executable, str(HERE / "compile_kernels.py"), *map(str, ARCHS)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_every_kernel_is_covered(compiled: dict[str, dict[str, object]]) -> None:
-    assert {key.split("/")[0] for key in compiled} == set(KERNELS)
+def test_every_kernel_is_covered() -> None:
+    import rlops.kernels as k
+
+    kernels = {name for mod in (k.token_stats, k.policy_loss) for name in vars(mod) if name.endswith("_kernel")}
+    assert {key.split("[")[0] for key in KEYS} == kernels
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_compiles_vectorised_without_spills(compiled: dict, kernel: str, dtype: str, arch: int) -> None:
-    result = compiled[f"{kernel}/{dtype}/sm_{arch}"]
+@pytest.mark.parametrize("key", KEYS)
+def test_compiles_vectorised_without_spills(compiled: dict, key: str) -> None:
+    result = compiled[key]
     assert "error" not in result, result.get("error")
     assert result["ld_v4"], "logits are not read with 16-byte vector loads"
     if result["stores_logits"]:

@@ -226,11 +226,11 @@ def test_backward_into_logits_buffer() -> None:
     # The launcher may write the gradient over the logits themselves (every row is read first).
     x = _logits((3, 5, 600), torch.float32)
     tokens = _tokens((3, 5), 600)
-    _, ent, lse = token_stats_fwd(x, tokens, 0.9)
-    g_logp, g_ent = _grad_weights(tokens.shape)
-    expected = token_stats_bwd(x, tokens, lse, ent, g_logp, g_ent, 0.9)
+    stats = token_stats_fwd(x, tokens, 0.9)
+    grads = torch.stack([*_grad_weights(tokens.shape), torch.zeros(tokens.shape, device=DEVICE)])
+    expected = token_stats_bwd(x, tokens, stats, grads, 0.9)
     inplace = x.clone()
-    out = token_stats_bwd(inplace, tokens, lse, ent, g_logp, g_ent, 0.9, out=inplace)
+    out = token_stats_bwd(inplace, tokens, stats, grads, 0.9, out=inplace)
     assert out is inplace
     assert torch.equal(out, expected)
 

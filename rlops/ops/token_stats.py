@@ -1,4 +1,4 @@
-"""Autograd-aware token log-probs and entropy (SPEC.md section 1).
+"""Autograd-aware token log-probs and entropy (SPEC.md section 1), and the shared backward.
 
 The Triton launchers are registered as torch.library custom ops, so torch.compile graphs
 can hold them; the PyTorch reference serves CPU tensors under backend="auto".
@@ -15,49 +15,84 @@ from ._backend import resolve_backend
 
 
 @torch.library.custom_op("rlops::token_stats_fwd", mutates_args=())
-def _token_stats_fwd(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def token_stats_op(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask: Tensor | None,
+                   temperature: float, inplace_grad: bool) -> Tensor:
+    """float32 stats (5, ...): logp, entropy, kl, lse, lse_ref (see rlops.kernels.token_stats).
+
+    Differentiable through rows 0-2; with inplace_grad the backward writes the gradient over
+    `logits` and bumps its version counter, so any later reader of the logits fails loudly.
+    """
     from ..kernels import token_stats_fwd
 
-    return token_stats_fwd(logits, tokens, temperature)
+    return token_stats_fwd(logits, tokens, temperature, ref_logits, mask)
 
 
-@_token_stats_fwd.register_fake
-def _(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(logits.new_empty(tokens.shape, dtype=torch.float32) for _ in range(3))
+@token_stats_op.register_fake
+def _(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask: Tensor | None,
+      temperature: float, inplace_grad: bool) -> Tensor:
+    return logits.new_empty((5, *tokens.shape), dtype=torch.float32)
 
 
 @torch.library.custom_op("rlops::token_stats_bwd", mutates_args=())
-def _token_stats_bwd(
-    logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor,
-    grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
-) -> Tensor:
+def _token_stats_bwd(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
+                     ref_logits: Tensor | None, temperature: float) -> Tensor:
     from ..kernels import token_stats_bwd
 
-    return token_stats_bwd(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature)
+    return token_stats_bwd(logits, tokens, stats, grads, temperature, ref_logits)
 
 
 @_token_stats_bwd.register_fake
-def _(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor,
-      grad_logp: Tensor, grad_entropy: Tensor, temperature: float) -> Tensor:
+def _(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
+      ref_logits: Tensor | None, temperature: float) -> Tensor:
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    logits, tokens, temperature = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, tokens, lse, entropy)
+@torch.library.custom_op("rlops::token_stats_bwd_inplace", mutates_args=("logits",))
+def _token_stats_bwd_inplace(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
+                             ref_logits: Tensor | None, temperature: float) -> None:
+    from ..kernels import token_stats_bwd
+
+    token_stats_bwd(logits, tokens, stats, grads, temperature, ref_logits, out=logits)
+
+
+@_token_stats_bwd_inplace.register_fake
+def _(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
+      ref_logits: Tensor | None, temperature: float) -> None:
+    return None
+
+
+def grad_to_logits(ctx, grads: Tensor) -> Tensor:
+    """d logits from (3, ...) upstream gradients of logp, entropy and the exact KL.
+
+    ctx holds logits, tokens, stats and ref_logits (saved by the forward), temperature and
+    inplace_grad. With inplace_grad the gradient overwrites the logits; the custom op declares
+    that mutation, which bumps the logits' version counter.
+    """
+    logits, tokens, stats, ref_logits = ctx.saved_tensors
+    if ctx.inplace_grad:
+        _token_stats_bwd_inplace(logits, tokens, stats, grads, ref_logits, ctx.temperature)
+        return logits
+    return _token_stats_bwd(logits, tokens, stats, grads, ref_logits, ctx.temperature)
+
+
+def save_for_grad(ctx, logits: Tensor, tokens: Tensor, stats: Tensor, ref_logits: Tensor | None,
+                  temperature: float, inplace_grad: bool) -> None:
+    """What `grad_to_logits` needs, saved by a forward's setup_context."""
+    ctx.save_for_backward(logits, tokens, stats, ref_logits)
     ctx.temperature = temperature
+    ctx.inplace_grad = inplace_grad
 
 
-def _backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None, _grad_lse: Tensor | None):
-    logits, tokens, lse, entropy = ctx.saved_tensors
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
-    grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-    grad = _token_stats_bwd(logits, tokens, lse, entropy, grad_logp, grad_entropy, ctx.temperature)
-    return grad, None, None
+def _setup_context(ctx, inputs, output) -> None:
+    logits, tokens, ref_logits, _mask, temperature, inplace_grad = inputs
+    save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad)
 
 
-_token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _backward(ctx, grad_stats: Tensor):
+    return grad_to_logits(ctx, grad_stats[:3]), None, None, None, None, None
+
+
+token_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _prepare(logits: Tensor, tokens: Tensor, temperature: float, backend: str) -> tuple[float, str]:
@@ -87,8 +122,8 @@ def token_logprobs_and_entropy(
     if backend == "torch":
         logp, entropy = reference.token_logprobs_and_entropy(logits, tokens, temperature)
         return logp.float(), entropy.float()
-    logp, entropy, _ = _token_stats_fwd(logits, tokens, temperature)
-    return logp, entropy
+    stats = token_stats_op(logits, tokens, None, None, temperature, False)
+    return stats[0], stats[1]
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, backend: str = "auto") -> Tensor:
@@ -99,4 +134,4 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, bac
     temperature, backend = _prepare(logits, tokens, temperature, backend)
     if backend == "torch":
         return reference.token_logprobs(logits, tokens, temperature).float()
-    return _token_stats_fwd(logits, tokens, temperature)[0]
+    return token_stats_op(logits, tokens, None, None, temperature, False)[0]

@@ -1,0 +1,292 @@
+"""The fused PPO/GRPO policy loss (SPEC.md sections 2-4): validation, dispatch, autograd.
+
+Token-level ratios run entirely in the fused kernel (rlops.kernels.policy_loss): one pass
+over the vocabulary gives each token's loss and the derivatives its gradient needs, and the
+backward is one more pass. The sequence-level ratio of GSPO couples the tokens of a row, so
+that path takes the fused per-token statistics (the vocabulary work) and runs the O(B*T)
+epilogue in PyTorch with the reference's own functions.
+"""
+
+# No `from __future__ import annotations`: torch.library.custom_op reads real annotations.
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._validation import (
+    check_choice,
+    check_float,
+    check_float_tensor,
+    check_logits,
+    check_mask,
+    check_positive_float,
+    check_tokens,
+)
+from ._backend import resolve_backend
+from .token_stats import grad_to_logits, save_for_grad, token_stats_op
+
+# Row order of the fused kernel's (10, B, T) output (rlops.kernels.policy_loss.ROW).
+LOGP, ENTROPY, KL, LSE, LSE_REF, RATIO, LOSS, G_LOGP, G_ENTROPY, G_KL = range(10)
+KL_KINDS = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4}
+
+
+@torch.library.custom_op("rlops::policy_loss_fwd", mutates_args=())
+def policy_loss_op(
+    logits: Tensor, tokens: Tensor, weights: Tensor, advantages: Tensor,
+    old_logprobs: Tensor | None, ref_logprobs: Tensor | None, ref_logits: Tensor | None,
+    is_weights: Tensor | None, temperature: float, clip_low: float, clip_high: float, dual_clip: float,
+    kl_coef: float, kl_kind: int, entropy_coef: float, inplace_grad: bool,
+) -> Tensor:
+    """float32 (10, B, T) per-token outputs of the fused kernel; differentiable through row LOSS."""
+    from ..kernels import policy_loss_fwd
+
+    return policy_loss_fwd(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
+                           is_weights, temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+                           entropy_coef)
+
+
+@policy_loss_op.register_fake
+def _(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits, is_weights, temperature,
+      clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, inplace_grad) -> Tensor:
+    return logits.new_empty((10, *tokens.shape), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, tokens, *_ = inputs
+    ref_logits, temperature, inplace_grad = inputs[6], inputs[8], inputs[15]
+    save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad)
+
+
+def _backward(ctx, grad_out: Tensor):
+    out = ctx.saved_tensors[2]
+    # Rows G_LOGP.. hold d loss_t / d (logp, entropy, kl); the chain rule scales them per token.
+    grads = out[G_LOGP:G_KL + 1] * grad_out[LOSS]
+    return (grad_to_logits(ctx, grads),) + (None,) * 15
+
+
+policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: int | None = None) -> Tensor:
+    """Per-token weights w (B, T) float32 with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
+
+    w is 0 exactly where mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
+    """
+    m = mask.to(torch.float32)
+    n_rows, n_time = mask.shape
+    if loss_agg == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    if loss_agg == "seq-mean-token-mean":
+        per_row = m.sum(-1, keepdim=True)
+        n_valid = (per_row > 0).sum().clamp(min=1)
+        return m / per_row.clamp(min=1.0) / n_valid
+    if loss_agg == "seq-mean-token-sum":
+        return m / max(n_rows, 1)
+    if loss_agg == "seq-mean-token-sum-norm":
+        return m / max(n_rows * (n_time if norm_len is None else norm_len), 1)
+    raise ValueError(f"loss_agg must be one of {', '.join(reference.LOSS_AGGS)}, got {loss_agg!r}")
+
+
+@dataclass
+class PolicyLossOutput:
+    """What `policy_loss` returns.
+
+    loss: scalar float32, differentiable. logprobs, entropy, kl, ratio: float32 (B, T),
+    detached, 0 where mask is 0 (those tokens are not computed). kl is 0 when kl_coef is 0.
+    metrics: Python floats over the masked tokens, computed (one host sync) on first access.
+    """
+
+    loss: Tensor
+    logprobs: Tensor
+    entropy: Tensor
+    kl: Tensor
+    ratio: Tensor
+    mask: Tensor = field(repr=False)
+    advantages: Tensor = field(repr=False)
+    clip_low: float = field(repr=False, default=0.2)
+    clip_high: float = field(repr=False, default=0.2)
+    dual_clip: float | None = field(repr=False, default=None)
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, float]:
+        """clip_frac_low/high (ratio clipped below with A < 0 / above with A > 0), clip_frac,
+        dual_clip_frac, ratio_mean, kl_mean, entropy_mean, approx_kl_old (mean of
+        (r - 1) - log r, the k3 estimate of KL(pi_old || pi_theta)) and tokens (the count)."""
+        m = self.mask
+        n = m.sum().clamp(min=1).to(torch.float32)
+        r, adv = self.ratio, self.advantages.to(torch.float32).expand_as(self.ratio)
+        low = (r < 1 - self.clip_low) & (adv < 0) & m
+        high = (r > 1 + self.clip_high) & (adv > 0) & m
+        dual = (r > self.dual_clip) & (adv < 0) & m if self.dual_clip is not None else torch.zeros_like(m)
+        safe_r = torch.where(m, r, 1.0)
+        approx_kl = torch.where(m, (safe_r - 1) - torch.log(safe_r), 0.0)
+        values = torch.stack([
+            low.sum() / n, high.sum() / n, (low | high).sum() / n, dual.sum() / n,
+            torch.where(m, r, 0.0).sum() / n, torch.where(m, self.kl, 0.0).sum() / n,
+            torch.where(m, self.entropy, 0.0).sum() / n, approx_kl.sum() / n, m.sum().to(torch.float32),
+        ]).tolist()
+        names = ["clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "ratio_mean", "kl_mean",
+                 "entropy_mean", "approx_kl_old", "tokens"]
+        return dict(zip(names, values, strict=True))
+
+
+def check_options(
+    temperature: float, clip_low: float, clip_high: float, dual_clip: float | None, kl_coef: float,
+    kl_estimator: str, entropy_coef: float, loss_agg: str, norm_len: int | None, ratio_level: str,
+    inplace_grad: bool,
+) -> None:
+    """Validates the scalar options of the policy loss (shared with PolicyLossConfig)."""
+    check_positive_float("temperature", temperature)
+    check_float("clip_low", clip_low, ge=0.0)
+    check_float("clip_high", clip_high, ge=0.0)
+    if dual_clip is not None:
+        check_float("dual_clip", dual_clip, gt=1.0)
+    check_float("kl_coef", kl_coef, ge=0.0)
+    check_choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
+    check_float("entropy_coef", entropy_coef)
+    check_choice("loss_agg", loss_agg, reference.LOSS_AGGS)
+    check_choice("ratio_level", ratio_level, reference.RATIO_LEVELS)
+    if norm_len is not None and (isinstance(norm_len, bool) or not isinstance(norm_len, int) or norm_len < 1):
+        raise ValueError(f"norm_len must be None or an int >= 1, got {norm_len!r}")
+    if not isinstance(inplace_grad, bool):
+        raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
+
+
+def policy_loss(
+    logits: Tensor,
+    tokens: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+    is_weights: Tensor | None = None,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+    norm_len: int | None = None,
+    ratio_level: str = "token",
+    inplace_grad: bool = False,
+    backend: str = "auto",
+) -> PolicyLossOutput:
+    """The clipped PPO/GRPO policy loss with optional KL penalty and entropy bonus (SPEC.md 2-4).
+
+    Per token: l = pg + kl_coef * kl - entropy_coef * H, aggregated over the masked tokens.
+
+    Args:
+        logits: (B, T, V) float16/bfloat16/float32/float64, the policy's logits for the sampled
+            tokens (any row strides, e.g. `logits[:, :-1]`).
+        tokens: (B, T) integer ids in [0, V).
+        advantages: (B, T) per token, or (B,) / (B, 1) per sequence (GRPO), float.
+        mask: (B, T) bool or 0/1; 1 = the token counts. None = every token counts.
+        old_logprobs: (B, T) log-probs under the sampling policy; None = on-policy (ratio 1).
+        ref_logprobs: (B, T) log-probs under the reference model, for kl_estimator k1/k2/k3.
+        ref_logits: (B, T, V) reference logits, for kl_estimator "full" (exact KL).
+        is_weights: (B, T) or (B, 1) importance weights multiplying pg (e.g. vLLM's
+            truncated IS); no gradient.
+        temperature: > 0; the policy is softmax(logits / temperature).
+        clip_low, clip_high: >= 0; the ratio is clipped to [1 - clip_low, 1 + clip_high].
+        dual_clip: None or > 1; caps the loss of negative-advantage tokens at -A * dual_clip.
+        kl_coef: >= 0; 0 reads no reference input and does no KL work.
+        kl_estimator: "k1", "k2", "k3" or "full".
+        entropy_coef: weight of the entropy bonus.
+        loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
+            "seq-mean-token-sum-norm" (with norm_len, default T).
+        ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO).
+        inplace_grad: write the gradient over the logits buffer (saves a (B, T, V) buffer);
+            the logits must not be needed afterwards, and must not be a leaf tensor.
+        backend: "auto", "triton", "cuda" or "torch" (see rlops.token_logprobs_and_entropy).
+
+    Returns:
+        PolicyLossOutput.
+    """
+    check_options(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
+                  norm_len, ratio_level, inplace_grad)
+    advantages, mask = _check_inputs(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits,
+                                     is_weights)
+    kl_kind = KL_KINDS[kl_estimator] if kl_coef > 0 else 0
+    if kl_kind == KL_KINDS["full"] and ref_logits is None:
+        raise ValueError("kl_estimator='full' with kl_coef > 0 needs ref_logits (B, T, V), the reference "
+                         "model's logits")
+    if kl_kind in (1, 2, 3) and ref_logprobs is None:
+        raise ValueError(f"kl_estimator={kl_estimator!r} with kl_coef > 0 needs ref_logprobs (B, T), the sampled "
+                         "tokens' log-probs under the reference model (ref_logits is only read by 'full')")
+    if inplace_grad and logits.requires_grad and logits.is_leaf:
+        raise ValueError("inplace_grad=True writes the gradient over logits, which must be produced by an "
+                         "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
+    backend = resolve_backend(backend, logits)
+    ref_logprobs = ref_logprobs if kl_kind in (1, 2, 3) else None
+    ref_logits = ref_logits if kl_kind == KL_KINDS["full"] else None
+    options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                   entropy_coef=entropy_coef)
+
+    if backend == "triton" and ratio_level == "token":
+        weights = aggregation_weights(mask, loss_agg, norm_len)
+        dual = math.inf if dual_clip is None else float(dual_clip)
+        out = policy_loss_op(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
+                             is_weights, temperature, clip_low, clip_high, dual, kl_coef, kl_kind, entropy_coef,
+                             inplace_grad)
+        loss = out[LOSS].sum()
+        per_token = [out[i].detach() for i in (LOGP, ENTROPY, KL, RATIO)]
+    else:
+        # The reference composes the loss; on the triton backend (GSPO) its vocabulary work is the
+        # fused statistics kernel. Masked tokens are not read there, so the per-token inputs are
+        # zeroed where mask is 0: no padding value, however non-finite, reaches a gradient.
+        def clean(x: Tensor | None) -> Tensor | None:
+            return None if x is None else torch.where(mask, x.to(torch.float32), 0.0)
+
+        stats_fn = (None if backend == "torch"
+                    else functools.partial(_fused_stats, mask=mask, inplace_grad=inplace_grad))
+        out = reference.policy_loss(
+            logits, tokens, clean(advantages), mask=mask, old_logprobs=clean(old_logprobs),
+            ref_logprobs=clean(ref_logprobs), ref_logits=ref_logits, is_weights=clean(is_weights),
+            temperature=temperature, kl_estimator=kl_estimator, loss_agg=loss_agg, norm_len=norm_len,
+            ratio_level=ratio_level, stats_fn=stats_fn, **options)
+        loss = out.loss.to(torch.float32)
+        per_token = [torch.where(mask, v.detach().to(torch.float32), 0.0)
+                     for v in (out.logprobs, out.entropy, out.kl, out.ratio)]
+    return PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
+                            clip_high=clip_high, dual_clip=dual_clip)
+
+
+def _fused_stats(logits: Tensor, tokens: Tensor, temperature: float, ref_logits: Tensor | None, *,
+                 mask: Tensor, inplace_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The reference's stats_fn on the triton backend: (logp, entropy, exact KL or None)."""
+    stats = token_stats_op(logits, tokens, ref_logits, mask, temperature, inplace_grad)
+    return stats[0], stats[1], None if ref_logits is None else stats[2]
+
+
+def _check_inputs(logits: Tensor, tokens: Tensor, advantages: Tensor, mask: Tensor | None,
+                  old_logprobs: Tensor | None, ref_logprobs: Tensor | None, ref_logits: Tensor | None,
+                  is_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Checks the tensor arguments; returns advantages as (B, T) or (B, 1) and mask as bool (B, T)."""
+    check_logits(logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
+    check_tokens(tokens, logits)
+    per_token, per_row = tuple(tokens.shape), (tokens.shape[0], 1)
+    token_shape = f"(B, T) = {per_token}"
+    advantages = check_float_tensor("advantages", advantages, logits, [per_token, per_row, per_row[:1]],
+                                    f"{token_shape}, (B, 1) or (B,)")
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            check_float_tensor(name, x, logits, [per_token], token_shape)
+    if is_weights is not None:
+        check_float_tensor("is_weights", is_weights, logits, [per_token, per_row], f"{token_shape} or (B, 1)")
+    if ref_logits is not None:
+        check_logits(ref_logits, "ref_logits")
+        check_float_tensor("ref_logits", ref_logits, logits, [tuple(logits.shape)],
+                           f"logits' shape {tuple(logits.shape)}")
+    mask = torch.ones(per_token, dtype=torch.bool, device=logits.device) if mask is None \
+        else check_mask(mask, per_token, logits)
+    return (advantages[:, None] if advantages.dim() == 1 else advantages), mask
