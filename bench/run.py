@@ -9,10 +9,10 @@ from types import ModuleType
 
 import torch
 
-from . import common, policy_loss, token_stats
+from . import common, gae, policy_loss, token_stats
 from .common import Record, Skip
 
-OPS: dict[str, ModuleType] = {"token_stats": token_stats, "policy_loss": policy_loss}
+OPS: dict[str, ModuleType] = {"token_stats": token_stats, "policy_loss": policy_loss, "gae": gae}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -24,9 +24,9 @@ def _shapes(text: str | None, module: ModuleType, quick: bool) -> list[tuple[int
     if text == "all":
         return module.SHAPES
     try:
-        return [(int(n), int(v)) for n, v in (item.lower().split("x") for item in text.split(","))]
+        return [(int(a), int(b)) for a, b in (item.lower().split("x") for item in text.split(","))]
     except ValueError as e:
-        raise SystemExit(f"--shapes takes NxV[,NxV...] or 'all', got {text!r}") from e
+        raise SystemExit(f"--shapes takes NxV (BxT for gae)[,...] or 'all', got {text!r}") from e
 
 
 def _free() -> None:
@@ -35,31 +35,37 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(module: ModuleType, provider: str, n: int, v: int, dtype: torch.dtype, copy_bw: float) -> Record:
+def run_case(module: ModuleType, provider: str, a: int, b: int, dtype: torch.dtype, copy_bw: float) -> Record:
+    """Times one provider on one shape; ops without a backward (gae) time the forward alone."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rec = Record(module.OP, provider, {"N": n, "V": v}, str(dtype).removeprefix("torch."))
+    dtype = getattr(module, "DTYPE", dtype)
+    keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
+    rec = Record(module.OP, provider, dict(zip(keys, (a, b), strict=True)), str(dtype).removeprefix("torch."))
+    phase = "fwd"
     try:
-        inputs = module.setup(n, v, dtype, device)
+        inputs = module.setup(a, b, dtype, device)
         forward, forward_backward = module.make_step(provider, inputs)
-        grad_bytes = module.grad_bytes(provider, inputs)
+        measured = forward_backward or forward
+        phase = "fwd" if forward_backward is None else "fwd_bwd"
         _free()
         base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        rec.peak_mem_bytes = common.peak_memory(forward_backward)
+        rec.peak_mem_bytes = common.peak_memory(measured)
         if rec.peak_mem_bytes is not None:
-            rec.extra_mem_bytes = rec.peak_mem_bytes - base - grad_bytes
+            rec.extra_mem_bytes = rec.peak_mem_bytes - base - module.grad_bytes(provider, inputs)
         rec.ms["fwd"] = common.time_ms(forward)
-        rec.ms["fwd_bwd"] = common.time_ms(forward_backward)
-        # The backward alone is the difference: timing it on a retained graph would change what
-        # is measured (torch.compile's donated buffers forbid it, and memory stays held).
-        rec.ms["bwd"] = rec.ms["fwd_bwd"] - rec.ms["fwd"]
+        if forward_backward is not None:
+            rec.ms["fwd_bwd"] = common.time_ms(forward_backward)
+            # The backward alone is the difference: timing it on a retained graph would change what
+            # is measured (torch.compile's donated buffers forbid it, and memory stays held).
+            rec.ms["bwd"] = rec.ms["fwd_bwd"] - rec.ms["fwd"]
     except torch.cuda.OutOfMemoryError:
         rec.error = "out of memory"
     finally:
-        inputs = forward = forward_backward = None
+        inputs = forward = forward_backward = measured = None
         _free()
     if rec.error is None:
-        rec.bytes = module.bytes_moved(n, v, torch.finfo(dtype).bits // 8)["fwd_bwd"]
-        rec.gbps = rec.bytes / rec.ms["fwd_bwd"] / 1e6
+        rec.bytes = module.bytes_moved(a, b, torch.finfo(dtype).bits // 8)[phase]
+        rec.gbps = rec.bytes / rec.ms[phase] / 1e6
         rec.frac_copy_bw = rec.gbps / copy_bw
     return rec
 
@@ -87,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(providers) - set(module.PROVIDERS)
         if unknown:
             raise SystemExit(f"unknown provider(s) for {name}: {sorted(unknown)}; known: {list(module.PROVIDERS)}")
-        plan += [(module, p, n, v) for n, v in _shapes(args.shapes, module, args.quick) for p in providers]
+        plan += [(module, p, a, b) for a, b in _shapes(args.shapes, module, args.quick) for p in providers]
 
     records = []
-    for i, (module, provider, n, v) in enumerate(plan, 1):
-        label = f"[{i}/{len(plan)}] {module.OP} {provider} N={n} V={v}"
+    for i, (module, provider, a, b) in enumerate(plan, 1):
+        keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
+        label = f"[{i}/{len(plan)}] {module.OP} {provider} {keys[0]}={a} {keys[1]}={b}"
         try:
-            rec = run_case(module, provider, n, v, DTYPES[args.dtype], env["copy_bandwidth_gbps"])
+            rec = run_case(module, provider, a, b, DTYPES[args.dtype], env["copy_bandwidth_gbps"])
         except Skip as reason:
             print(f"{label}: skipped: {reason}", flush=True)
             continue
@@ -101,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         if rec.error:
             print(f"{label}: {rec.error}", flush=True)
         else:
-            print(f"{label}: fwd {rec.ms['fwd']:.3f} ms, bwd {rec.ms['bwd']:.3f} ms, fwd+bwd "
-                  f"{rec.ms['fwd_bwd']:.3f} ms, {rec.gbps:.0f} GB/s", flush=True)
+            times = ", ".join(f"{k.replace('_', '+')} {v:.3f} ms" for k, v in rec.ms.items())
+            print(f"{label}: {times}, {rec.gbps:.0f} GB/s", flush=True)
 
     run = {**env, "records": [vars(r) for r in records]}
     out_dir = args.out or common.ROOT / "bench" / "results" / common.slug(str(env["device"]))

@@ -7,9 +7,10 @@ interpreter.
 """
 
 from ._common import is_interpreted
+from .gae import gae_fwd
 from .policy_loss import KL_KINDS, ROW, policy_loss_fwd
 from .token_stats import _token_stats_fwd_kernel, token_stats_bwd, token_stats_fwd
 
 INTERPRETED = is_interpreted(_token_stats_fwd_kernel)
 
-__all__ = ["INTERPRETED", "KL_KINDS", "ROW", "policy_loss_fwd", "token_stats_bwd", "token_stats_fwd"]
+__all__ = ["INTERPRETED", "KL_KINDS", "ROW", "gae_fwd", "policy_loss_fwd", "token_stats_bwd", "token_stats_fwd"]

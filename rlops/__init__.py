@@ -6,6 +6,7 @@ on first use, and no device is queried at import time.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .advantages import gae, group_advantages, kl_shaped_rewards, masked_whiten
 from .losses import PolicyLoss, PolicyLossConfig
 from .ops import PolicyLossOutput, policy_loss, token_logprobs, token_logprobs_and_entropy
 
@@ -19,6 +20,10 @@ __all__ = [
     "PolicyLossConfig",
     "PolicyLossOutput",
     "__version__",
+    "gae",
+    "group_advantages",
+    "kl_shaped_rewards",
+    "masked_whiten",
     "policy_loss",
     "token_logprobs",
     "token_logprobs_and_entropy",

@@ -212,3 +212,29 @@ def verl_actor_loss(
         kl = verl_kl_penalty(logp, ref_log_prob, kl_loss_type)
         loss = loss + kl_loss_coef * _verl_agg_loss(kl, response_mask, loss_agg_mode)
     return loss
+
+
+def verl_gae_loop(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float,
+                  bootstrap: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """verl's GAE loop (volcengine/verl @ 012be9d9, verl/trainer/ppo/core_algos.py,
+    compute_gae_advantage_return), without its final whitening: one step per time position,
+    masked positions carrying the running values through by arithmetic masking.
+
+    `bootstrap` (B,) is SPEC.md's one addition: the running next value starts there instead
+    of at 0. Returns (advantages, returns), both (B, T); at masked positions advantages carry
+    the running value, as verl's do.
+    """
+    mask = response_mask.to(values.dtype)
+    nextvalues = 0 if bootstrap is None else bootstrap
+    lastgaelam = 0
+    advantages_reversed = []
+    for t in reversed(range(token_level_rewards.shape[-1])):
+        delta = token_level_rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * mask[:, t] + (1 - mask[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * mask[:, t] + (1 - mask[:, t]) * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    if not advantages_reversed:
+        return torch.zeros_like(values), values.clone()
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values

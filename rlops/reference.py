@@ -321,3 +321,29 @@ def policy_loss(
     per_token = pg + kl_coef * kl - entropy_coef * entropy
     loss = aggregate(per_token, mask, loss_agg, norm_len)
     return ReferencePolicyLoss(loss, per_token, logp, entropy, kl, ratio, pg, clipped_low, clipped_high)
+
+
+# --------------------------------------------------------------------------------------
+# Section 5: advantages
+# --------------------------------------------------------------------------------------
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor | None = None, gamma: float = 1.0, lam: float = 0.95,
+        bootstrap: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """GAE as verl writes it: a reversed loop over time, masked positions carrying values through.
+
+    rewards, values (B, T); mask (B, T) 0/1 or None; bootstrap (B,) or None. Returns
+    (advantages, returns) in float32 (float64 for float64 input), 0 where mask is 0.
+    """
+    dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    r, v = rewards.to(dtype), values.to(dtype)
+    m = torch.ones_like(r, dtype=torch.bool) if mask is None else mask.bool()
+    next_value = torch.zeros(r.shape[0], dtype=dtype, device=r.device) if bootstrap is None else bootstrap.to(dtype)
+    next_adv = torch.zeros_like(next_value)
+    adv = torch.zeros_like(r)
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        next_value = torch.where(m[:, t], v[:, t], next_value)
+        next_adv = torch.where(m[:, t], delta + gamma * lam * next_adv, next_adv)
+        adv[:, t] = next_adv
+    return torch.where(m, adv, 0.0), torch.where(m, adv + v, 0.0)

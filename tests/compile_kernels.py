@@ -19,6 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from rlops.kernels.gae import _gae_kernel
 from rlops.kernels.policy_loss import _policy_loss_fwd_kernel
 from rlops.kernels.token_stats import _token_stats_bwd_kernel, _token_stats_fwd_kernel
 
@@ -28,14 +29,18 @@ CASES = (
     + [(_token_stats_bwd_kernel, {"HAS_REF": ref}) for ref in (False, True)]
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "KL_KIND": kind}) for kind in range(5)]
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "KL_KIND": 0})]
+    + [(_gae_kernel, {"HAS_BOOT": boot}) for boot in (False, True)]
 )
-LOGIT_PTRS = {"x_ptr", "dx_ptr", "ref_ptr"}
+# Per kernel: the constexpr block size the launchers use, and the element type of its
+# "logit-like" pointers (GAE's rewards and values take the dtype under test).
+BLOCKS = {"_gae_kernel": ("BLOCK_T", 1024)}
+LOGIT_PTRS = {"x_ptr", "dx_ptr", "ref_ptr", "r_ptr", "v_ptr"}
 INDEX_PTRS = {"tokens_ptr"}
-BYTE_PTRS = {"mask_ptr"}
-I32_ARGS = {"N", "V", "inner", "ref_inner"}
+BYTE_PTRS = {"mask_ptr", "m_ptr"}
+I32_ARGS = {"N", "V", "T", "inner", "ref_inner"}
 STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
-               "dx_stride_inner"}
-FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef"}
+               "dx_stride_inner", "r_stride", "v_stride", "m_stride"}
+FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "gamma", "lam"}
 
 
 def case_key(fn: object, switches: dict[str, object], dtype: str, arch: int) -> str:
@@ -46,7 +51,8 @@ def case_key(fn: object, switches: dict[str, object], dtype: str, arch: int) -> 
 
 def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
               ) -> tuple[dict[str, str], dict[str, object], dict[tuple[int, ...], list]]:
-    sig, constexprs, attrs = {}, {"BLOCK_V": 4096, **switches}, {}
+    block_name, block = BLOCKS.get(fn.__name__, ("BLOCK_V", 4096))
+    sig, constexprs, attrs = {}, {block_name: block, **switches}, {}
     for i, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
@@ -68,7 +74,7 @@ def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
             sig[name] = "fp32"
         else:
             raise KeyError(f"unknown argument {name!r} of {fn.__name__}: give it a type in compile_kernels.py")
-        if name.endswith("_ptr") or name in ("N", "V") or name in STRIDE_ARGS:
+        if name.endswith("_ptr") or name in ("N", "V", "T") or name in STRIDE_ARGS:
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers for V = 151936
     return sig, constexprs, attrs
 
@@ -99,7 +105,6 @@ def main(archs: list[int]) -> dict[str, dict[str, object]]:
                 results[key] = {
                     "ld_v4": bool(re.search(r"ld\.global(?:\.\w+)*\.v4", ptx)),
                     "st_v4": bool(re.search(r"st\.global(?:\.\w+)*\.v4", ptx)),
-                    "stores_logits": "dx_ptr" in fn.arg_names,
                     **resources(compiled.asm["cubin"]),
                 }
     return results

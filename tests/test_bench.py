@@ -24,11 +24,16 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path: Path) -> None:
         providers = {r["provider"] for r in run["records"] if r["op"] == op}
         assert {"eager-trl", "eager-verl", "rlops-triton"} <= providers, op
     assert "rlops-triton-inplace" in {r["provider"] for r in run["records"]}
+    assert {r["provider"] for r in run["records"] if r["op"] == "gae"} == {"python-loop", "rlops-triton"}
     for r in run["records"]:
-        assert set(r["shape"]) == {"N", "V"}
-        assert r["ms"]["fwd"] > 0 and r["ms"]["fwd_bwd"] > 0
-        assert r["bytes"] == 3 * r["shape"]["N"] * r["shape"]["V"] * 2  # three bf16 passes
+        assert r["ms"]["fwd"] > 0
+        if r["op"] == "gae":
+            assert set(r["shape"]) == {"B", "T"} and "fwd_bwd" not in r["ms"]
+            assert r["bytes"] == r["shape"]["B"] * r["shape"]["T"] * 17  # float32 in and out, a bool mask
+        else:
+            assert set(r["shape"]) == {"N", "V"} and r["ms"]["fwd_bwd"] > 0
+            assert r["bytes"] == 3 * r["shape"]["N"] * r["shape"]["V"] * 2  # three bf16 passes
     table = json_path.with_suffix(".md").read_text()
-    assert table.count("| token_stats |") + table.count("| policy_loss |") == len(run["records"])
+    assert sum(table.count(f"| {op} |") for op in ("token_stats", "policy_loss", "gae")) == len(run["records"])
     assert json_path.with_suffix(".png").stat().st_size > 0
     assert "skipped:" in out.stdout  # providers that cannot run here say why
