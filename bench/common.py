@@ -44,6 +44,22 @@ class Record:
     error: str | None = None
 
 
+def compiled_provider(fn: Callable) -> Callable:
+    """A provider running torch.compile(fn), compiled on first use (torch recompiles for new
+    shapes itself); skipped off CUDA, where compiled CPU code is not what is being compared."""
+    compiled: Callable | None = None
+
+    def run(*args: object) -> object:
+        nonlocal compiled
+        if not torch.cuda.is_available():
+            raise Skip("torch.compile is compared on CUDA only")
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+
+    return run
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 

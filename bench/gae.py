@@ -12,7 +12,7 @@ import torch
 
 from rlops import baselines, gae
 
-from .common import Skip
+from .common import Skip, compiled_provider
 
 OP = "gae"
 SHAPE_KEYS = ("B", "T")
@@ -42,18 +42,13 @@ def _loop(i: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return baselines.verl_gae_loop(i["rewards"], i["values"], i["mask"], GAMMA, LAM)
 
 
-_compiled: dict[int, Callable] = {}
+_compiled_loop = compiled_provider(_loop)
 
 
 def _torch_compile(i: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    t = i["rewards"].shape[1]
-    if not i["rewards"].is_cuda:
-        raise Skip("torch.compile is compared on CUDA only")
-    if t > COMPILE_MAX_T:
+    if i["rewards"].shape[1] > COMPILE_MAX_T:
         raise Skip(f"compiling the loop unrolls one step per position; skipped beyond T={COMPILE_MAX_T}")
-    if t not in _compiled:
-        _compiled[t] = torch.compile(_loop)
-    return _compiled[t](i)
+    return _compiled_loop(i)
 
 
 PROVIDERS: dict[str, Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]] = {

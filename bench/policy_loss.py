@@ -17,7 +17,7 @@ import torch
 
 from rlops import baselines, policy_loss
 
-from .common import Skip
+from .common import Skip, compiled_provider
 
 OP = "policy_loss"
 SHAPES = [(16384, 32000), (16384, 151936)]
@@ -58,18 +58,6 @@ def _verl(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
                                      clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH, kl_loss_coef=BETA)
 
 
-_compiled: Callable | None = None
-
-
-def _torch_compile(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
-    global _compiled
-    if not x.is_cuda:
-        raise Skip("torch.compile is compared on CUDA only")
-    if _compiled is None:
-        _compiled = torch.compile(_trl)
-    return _compiled(x, i)
-
-
 def _liger(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -96,7 +84,7 @@ def _rlops(inplace: bool) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], t
 PROVIDERS: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = {
     "eager-trl": _trl,
     "eager-verl": _verl,
-    "torch-compile": _torch_compile,
+    "torch-compile": compiled_provider(_trl),
     "liger": _liger,
     "rlops-triton": _rlops(inplace=False),
     "rlops-triton-inplace": _rlops(inplace=True),

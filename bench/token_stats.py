@@ -13,7 +13,7 @@ import torch
 
 from rlops import baselines, token_logprobs_and_entropy
 
-from .common import Skip
+from .common import Skip, compiled_provider
 
 OP = "token_stats"
 SHAPES = [(n, v) for n in (4096, 16384, 65536) for v in (32000, 128256, 151936, 248320)]
@@ -38,18 +38,6 @@ def _trl_style(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor
     return baselines.eager_token_stats(logits, tokens, style="trl")
 
 
-_compiled: Callable | None = None
-
-
-def _torch_compile(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    global _compiled
-    if not logits.is_cuda:
-        raise Skip("torch.compile is compared on CUDA only")
-    if _compiled is None:
-        _compiled = torch.compile(_trl_style)
-    return _compiled(logits, tokens)
-
-
 def _trl_triton(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
@@ -63,7 +51,7 @@ def _trl_triton(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tenso
 PROVIDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
     "eager-trl": _trl_style,
     "eager-verl": lambda x, t: baselines.eager_token_stats(x, t, style="verl"),
-    "torch-compile": _torch_compile,
+    "torch-compile": compiled_provider(_trl_style),
     "trl-triton": _trl_triton,
     "rlops-triton": lambda x, t: token_logprobs_and_entropy(x, t, backend="triton"),
 }

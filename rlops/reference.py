@@ -96,12 +96,8 @@ class _RowChunked(torch.autograd.Function):
                 outs = ctx.fn(*args)
             used = [(o, g[s:s + ctx.chunk]) for o, g in zip(outs, grad_outputs, strict=True) if o.requires_grad]
             wanted = [a for a, need in zip(args, needs, strict=True) if need]
-            if not used:
-                for g in grads:
-                    if g is not None:
-                        g[s:s + ctx.chunk] = 0
-                continue
-            got = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True))
+            got = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True)
+                       if used else [None] * len(wanted))
             for g in grads:
                 if g is not None:
                     part = next(got)

@@ -29,9 +29,7 @@ from .._validation import (
 from ._backend import resolve_backend
 from .token_stats import grad_to_logits, save_for_grad, token_stats_op
 
-# Row order of the fused kernel's (10, B, T) output (rlops.kernels.policy_loss.ROW).
-LOGP, ENTROPY, KL, LSE, LSE_REF, RATIO, LOSS, G_LOGP, G_ENTROPY, G_KL = range(10)
-KL_KINDS = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4}
+SAMPLED_KL = ("k1", "k2", "k3")  # estimators computed from the sampled tokens' log-probs
 
 
 @torch.library.custom_op("rlops::policy_loss_fwd", mutates_args=())
@@ -41,7 +39,8 @@ def policy_loss_op(
     is_weights: Tensor | None, temperature: float, clip_low: float, clip_high: float, dual_clip: float,
     kl_coef: float, kl_kind: int, entropy_coef: float, inplace_grad: bool,
 ) -> Tensor:
-    """float32 (10, B, T) per-token outputs of the fused kernel; differentiable through row LOSS."""
+    """float32 (10, B, T) per-token outputs of the fused kernel, in the row order of
+    rlops.kernels.policy_loss.ROW; differentiable through the "loss" row."""
     from ..kernels import policy_loss_fwd
 
     return policy_loss_fwd(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
@@ -62,9 +61,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out: Tensor):
+    from ..kernels.policy_loss import ROW
+
     out = ctx.saved_tensors[2]
-    # Rows G_LOGP.. hold d loss_t / d (logp, entropy, kl); the chain rule scales them per token.
-    grads = out[G_LOGP:G_KL + 1] * grad_out[LOSS]
+    # Rows g_logp, g_entropy, g_kl hold d loss_t / d (logp, entropy, kl); the chain rule scales
+    # them by each token's upstream gradient.
+    grads = out[ROW["g_logp"]:ROW["g_kl"] + 1] * grad_out[ROW["loss"]]
     return (grad_to_logits(ctx, grads),) + (None,) * 15
 
 
@@ -214,30 +216,30 @@ def policy_loss(
                   norm_len, ratio_level, inplace_grad)
     advantages, mask = _check_inputs(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits,
                                      is_weights)
-    kl_kind = KL_KINDS[kl_estimator] if kl_coef > 0 else 0
-    if kl_kind == KL_KINDS["full"] and ref_logits is None:
+    kl_used = kl_estimator if kl_coef > 0 else "none"  # kl_coef = 0: no KL work, no reference read
+    if kl_used == "full" and ref_logits is None:
         raise ValueError("kl_estimator='full' with kl_coef > 0 needs ref_logits (B, T, V), the reference "
                          "model's logits")
-    if kl_kind in (1, 2, 3) and ref_logprobs is None:
+    if kl_used in SAMPLED_KL and ref_logprobs is None:
         raise ValueError(f"kl_estimator={kl_estimator!r} with kl_coef > 0 needs ref_logprobs (B, T), the sampled "
                          "tokens' log-probs under the reference model (ref_logits is only read by 'full')")
     if inplace_grad and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_grad=True writes the gradient over logits, which must be produced by an "
                          "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
     backend = resolve_backend(backend, logits)
-    ref_logprobs = ref_logprobs if kl_kind in (1, 2, 3) else None
-    ref_logits = ref_logits if kl_kind == KL_KINDS["full"] else None
-    options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                   entropy_coef=entropy_coef)
+    ref_logprobs = ref_logprobs if kl_used in SAMPLED_KL else None
+    ref_logits = ref_logits if kl_used == "full" else None
 
     if backend == "triton" and ratio_level == "token":
+        from ..kernels.policy_loss import KL_KINDS, ROW
+
         weights = aggregation_weights(mask, loss_agg, norm_len)
         dual = math.inf if dual_clip is None else float(dual_clip)
         out = policy_loss_op(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
-                             is_weights, temperature, clip_low, clip_high, dual, kl_coef, kl_kind, entropy_coef,
-                             inplace_grad)
-        loss = out[LOSS].sum()
-        per_token = [out[i].detach() for i in (LOGP, ENTROPY, KL, RATIO)]
+                             is_weights, temperature, clip_low, clip_high, dual, kl_coef, KL_KINDS[kl_used],
+                             entropy_coef, inplace_grad)
+        loss = out[ROW["loss"]].sum()
+        per_token = [out[ROW[name]].detach() for name in ("logp", "entropy", "kl", "ratio")]
     else:
         # The reference composes the loss; on the triton backend (GSPO) its vocabulary work is the
         # fused statistics kernel. Masked tokens are not read there, so the per-token inputs are
@@ -250,8 +252,9 @@ def policy_loss(
         out = reference.policy_loss(
             logits, tokens, clean(advantages), mask=mask, old_logprobs=clean(old_logprobs),
             ref_logprobs=clean(ref_logprobs), ref_logits=ref_logits, is_weights=clean(is_weights),
-            temperature=temperature, kl_estimator=kl_estimator, loss_agg=loss_agg, norm_len=norm_len,
-            ratio_level=ratio_level, stats_fn=stats_fn, **options)
+            temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
+            norm_len=norm_len, ratio_level=ratio_level, stats_fn=stats_fn)
         loss = out.loss.to(torch.float32)
         per_token = [torch.where(mask, v.detach().to(torch.float32), 0.0)
                      for v in (out.logprobs, out.entropy, out.kl, out.ratio)]
