@@ -9,24 +9,33 @@ from types import ModuleType
 
 import torch
 
-from . import common, gae, policy_loss, token_stats
+from . import common, gae, linear_policy_loss, policy_loss, token_stats
 from .common import Record, Skip
 
-OPS: dict[str, ModuleType] = {"token_stats": token_stats, "policy_loss": policy_loss, "gae": gae}
+OPS: dict[str, ModuleType] = {
+    "token_stats": token_stats,
+    "policy_loss": policy_loss,
+    "linear_policy_loss": linear_policy_loss,
+    "gae": gae,
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _shapes(text: str | None, module: ModuleType, quick: bool) -> list[tuple[int, int]]:
+def _shapes(text: str | None, module: ModuleType, quick: bool) -> list[tuple[int, ...]]:
     if quick:
         return module.QUICK_SHAPES
     if text is None:
         return module.DEFAULT_SHAPES
     if text == "all":
         return module.SHAPES
+    keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
     try:
-        return [(int(a), int(b)) for a, b in (item.lower().split("x") for item in text.split(","))]
+        shapes = [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",")]
     except ValueError as e:
-        raise SystemExit(f"--shapes takes NxV (BxT for gae)[,...] or 'all', got {text!r}") from e
+        raise SystemExit(f"--shapes takes {'x'.join(keys)}[,...] or 'all', got {text!r}") from e
+    if any(len(shape) != len(keys) for shape in shapes):
+        raise SystemExit(f"--shapes for {module.OP} takes {'x'.join(keys)}, got {text!r}")
+    return shapes
 
 
 def _free() -> None:
@@ -35,15 +44,15 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(module: ModuleType, provider: str, a: int, b: int, dtype: torch.dtype, copy_bw: float) -> Record:
+def run_case(module: ModuleType, provider: str, shape: tuple[int, ...], dtype: torch.dtype, copy_bw: float) -> Record:
     """Times one provider on one shape; ops without a backward (gae) time the forward alone."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(module, "DTYPE", dtype)
     keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
-    rec = Record(module.OP, provider, dict(zip(keys, (a, b), strict=True)), str(dtype).removeprefix("torch."))
+    rec = Record(module.OP, provider, dict(zip(keys, shape, strict=True)), str(dtype).removeprefix("torch."))
     phase = "fwd"
     try:
-        inputs = module.setup(a, b, dtype, device)
+        inputs = module.setup(*shape, dtype, device)
         forward, forward_backward = module.make_step(provider, inputs)
         measured = forward_backward or forward
         phase = "fwd" if forward_backward is None else "fwd_bwd"
@@ -64,9 +73,11 @@ def run_case(module: ModuleType, provider: str, a: int, b: int, dtype: torch.dty
         inputs = forward = forward_backward = measured = None
         _free()
     if rec.error is None:
-        rec.bytes = module.bytes_moved(a, b, torch.finfo(dtype).bits // 8)[phase]
+        rec.bytes = module.bytes_moved(*shape, torch.finfo(dtype).bits // 8)[phase]
         rec.gbps = rec.bytes / rec.ms[phase] / 1e6
         rec.frac_copy_bw = rec.gbps / copy_bw
+        if hasattr(module, "flops"):
+            rec.tflops = module.flops(*shape)[phase] / rec.ms[phase] / 1e9
     return rec
 
 
@@ -93,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(providers) - set(module.PROVIDERS)
         if unknown:
             raise SystemExit(f"unknown provider(s) for {name}: {sorted(unknown)}; known: {list(module.PROVIDERS)}")
-        plan += [(module, p, a, b) for a, b in _shapes(args.shapes, module, args.quick) for p in providers]
+        plan += [(module, p, shape) for shape in _shapes(args.shapes, module, args.quick) for p in providers]
 
     records = []
-    for i, (module, provider, a, b) in enumerate(plan, 1):
+    for i, (module, provider, shape) in enumerate(plan, 1):
         keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
-        label = f"[{i}/{len(plan)}] {module.OP} {provider} {keys[0]}={a} {keys[1]}={b}"
+        dims = " ".join(f"{k}={v}" for k, v in zip(keys, shape, strict=True))
+        label = f"[{i}/{len(plan)}] {module.OP} {provider} {dims}"
         try:
-            rec = run_case(module, provider, a, b, DTYPES[args.dtype], env["copy_bandwidth_gbps"])
+            rec = run_case(module, provider, shape, DTYPES[args.dtype], env["copy_bandwidth_gbps"])
         except Skip as reason:
             print(f"{label}: skipped: {reason}", flush=True)
             continue
@@ -109,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: {rec.error}", flush=True)
         else:
             times = ", ".join(f"{k.replace('_', '+')} {v:.3f} ms" for k, v in rec.ms.items())
-            print(f"{label}: {times}, {rec.gbps:.0f} GB/s", flush=True)
+            rate = f"{rec.tflops:.0f} TFLOP/s" if rec.tflops is not None else f"{rec.gbps:.0f} GB/s"
+            print(f"{label}: {times}, {rate}", flush=True)
 
     run = {**env, "records": [vars(r) for r in records]}
     out_dir = args.out or common.ROOT / "bench" / "results" / common.slug(str(env["device"]))

@@ -6,9 +6,17 @@ on first use, and no device is queried at import time.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import hf
 from .advantages import gae, group_advantages, kl_shaped_rewards, masked_whiten
 from .losses import PolicyLoss, PolicyLossConfig
-from .ops import PolicyLossOutput, policy_loss, token_logprobs, token_logprobs_and_entropy
+from .ops import (
+    PolicyLossOutput,
+    linear_policy_loss,
+    linear_token_logprobs_and_entropy,
+    policy_loss,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 
 try:
     __version__ = version("rlops")
@@ -22,7 +30,10 @@ __all__ = [
     "__version__",
     "gae",
     "group_advantages",
+    "hf",
     "kl_shaped_rewards",
+    "linear_policy_loss",
+    "linear_token_logprobs_and_entropy",
     "masked_whiten",
     "policy_loss",
     "token_logprobs",

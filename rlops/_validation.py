@@ -39,16 +39,19 @@ def check_logits(x: object, name: str = "logits") -> int:
 
 def check_tokens(tokens: object, logits: torch.Tensor, name: str = "tokens") -> torch.Tensor:
     """Checks integer ids of shape logits.shape[:-1], on logits' device, inside [0, V)."""
+    return check_token_ids(tokens, tuple(logits.shape[:-1]), logits.shape[-1], logits, name)
+
+
+def check_token_ids(tokens: object, shape: tuple[int, ...], vocab: int, like: torch.Tensor,
+                    name: str = "tokens", like_name: str = "logits") -> torch.Tensor:
+    """Checks integer ids of the given shape, on like's device, inside [0, vocab)."""
     tokens = check_tensor(name, tokens)
     if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
         raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {tokens.dtype}")
-    if tokens.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"{name} must have the shape of logits without its last dimension, "
-            f"{tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}"
-        )
-    check_same_device(name, tokens, logits)
-    vocab = logits.shape[-1]
+    if tuple(tokens.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of {like_name} without its last dimension, "
+                         f"{tuple(shape)}, got {tuple(tokens.shape)}")
+    check_same_device(name, tokens, like, like_name)
     if tokens.numel() and not _compiling():
         lo, hi = (int(v) for v in torch.aminmax(tokens))
         if lo < 0 or hi >= vocab:
@@ -98,21 +101,22 @@ def check_float(name: str, value: object, *, ge: float | None = None, gt: float 
 
 
 def check_float_tensor(name: str, x: object, like: torch.Tensor, shapes: Sequence[tuple[int, ...]],
-                       described: str) -> torch.Tensor:
+                       described: str, like_name: str = "logits") -> torch.Tensor:
     """A floating tensor of one of `shapes`, on like's device."""
     x = check_tensor(name, x)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     check_shape(name, x, shapes, described)
-    check_same_device(name, x, like)
+    check_same_device(name, x, like, like_name)
     return x
 
 
-def check_mask(mask: object, shape: tuple[int, ...], like: torch.Tensor, name: str = "mask") -> torch.Tensor:
+def check_mask(mask: object, shape: tuple[int, ...], like: torch.Tensor, name: str = "mask",
+               like_name: str = "logits") -> torch.Tensor:
     """A 0/1 mask (bool, integer or float) of the given shape, returned as bool."""
     mask = check_tensor(name, mask)
     check_shape(name, mask, [shape], str(shape))
-    check_same_device(name, mask, like)
+    check_same_device(name, mask, like, like_name)
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex():

@@ -65,49 +65,62 @@ def _rows(x: Tensor, start: int, stop: int) -> Tensor:
 class _RowChunked(torch.autograd.Function):
     """Applies a row-wise function chunk by chunk; the backward recomputes each chunk.
 
-    `fn(*row_blocks, *vectors)` maps (n, V) row blocks and (n,) per-row vectors to a tuple of
-    (n,) outputs. Only one chunk's intermediates are alive at a time in either pass.
+    `fn(*row_blocks, *shared, *vectors)` maps (n, D) row blocks, whole shared tensors (an
+    lm_head's weight, say) and (n,) per-row vectors to a tuple of (n,) outputs. Only one
+    chunk's intermediates are alive at a time in either pass; the gradients of the shared
+    tensors accumulate over the chunks in float32 (float64 for float64 tensors).
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable[..., tuple[Tensor, ...]], chunk: int, n_blocks: int, *inputs: Tensor):
-        ctx.fn, ctx.chunk, ctx.n_blocks = fn, chunk, n_blocks
+    def forward(ctx, fn: Callable[..., tuple[Tensor, ...]], chunk: int, n_blocks: int, n_shared: int,
+                *inputs: Tensor):
+        ctx.fn, ctx.chunk, ctx.n_blocks, ctx.n_shared = fn, chunk, n_blocks, n_shared
         ctx.save_for_backward(*inputs)
         n_rows = inputs[0].numel() // inputs[0].shape[-1]
         with torch.no_grad():
-            outs = [fn(*_chunk_args(inputs, n_blocks, s, s + chunk)) for s in range(0, max(n_rows, 1), chunk)]
+            outs = [fn(*_chunk_args(inputs, n_blocks, n_shared, s, s + chunk))
+                    for s in range(0, max(n_rows, 1), chunk)]
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor):
         inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[3:]
-        vocab = inputs[0].shape[-1]
-        n_rows = inputs[0].numel() // vocab
-        grads = [
-            (torch.empty(n_rows, x.shape[-1], dtype=x.dtype, device=x.device) if i < ctx.n_blocks
-             else torch.empty(n_rows, dtype=x.dtype, device=x.device)) if need else None
-            for i, (x, need) in enumerate(zip(inputs, needs, strict=True))
-        ]
+        needs = ctx.needs_input_grad[4:]
+        n_rows = inputs[0].numel() // inputs[0].shape[-1]
+        shared = range(ctx.n_blocks, ctx.n_blocks + ctx.n_shared)
+
+        def buffer(i: int, x: Tensor) -> Tensor:
+            if i in shared:
+                return torch.zeros(x.shape, dtype=compute_dtype(x), device=x.device)
+            return torch.empty((n_rows, *x.shape[-1:]) if i < ctx.n_blocks else (n_rows,), dtype=x.dtype,
+                               device=x.device)
+
+        grads = [buffer(i, x) if need else None for i, (x, need) in enumerate(zip(inputs, needs, strict=True))]
         for s in range(0, n_rows, ctx.chunk):
             args = [a.detach().requires_grad_(need) for a, need in
-                    zip(_chunk_args(inputs, ctx.n_blocks, s, s + ctx.chunk), needs, strict=True)]
+                    zip(_chunk_args(inputs, ctx.n_blocks, ctx.n_shared, s, s + ctx.chunk), needs, strict=True)]
             with torch.enable_grad():
                 outs = ctx.fn(*args)
             used = [(o, g[s:s + ctx.chunk]) for o, g in zip(outs, grad_outputs, strict=True) if o.requires_grad]
             wanted = [a for a, need in zip(args, needs, strict=True) if need]
             got = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True)
                        if used else [None] * len(wanted))
-            for g in grads:
-                if g is not None:
-                    part = next(got)
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                part = next(got)
+                if i in shared:
+                    if part is not None:
+                        g += part
+                else:
                     g[s:s + ctx.chunk] = 0 if part is None else part
-        shaped = [g if g is None else g.view(x.shape) for g, x in zip(grads, inputs, strict=True)]
-        return (None, None, None, *shaped)
+        shaped = [g if g is None else g.to(x.dtype).view(x.shape) for g, x in zip(grads, inputs, strict=True)]
+        return (None, None, None, None, *shaped)
 
 
-def _chunk_args(inputs: tuple[Tensor, ...], n_blocks: int, start: int, stop: int) -> list[Tensor]:
-    return [_rows(x, start, stop) if i < n_blocks else x.reshape(-1)[start:stop] for i, x in enumerate(inputs)]
+def _chunk_args(inputs: tuple[Tensor, ...], n_blocks: int, n_shared: int, start: int, stop: int) -> list[Tensor]:
+    return [_rows(x, start, stop) if i < n_blocks else x if i < n_blocks + n_shared else x.reshape(-1)[start:stop]
+            for i, x in enumerate(inputs)]
 
 
 def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
@@ -119,9 +132,10 @@ def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
 
 
 def _rowwise(fn: Callable[..., tuple[Tensor, ...]], blocks: list[Tensor], vectors: list[Tensor],
-             chunk_size: int | None) -> tuple[Tensor, ...]:
+             chunk_size: int | None, shared: tuple[Tensor, ...] = (), vocab: int | None = None) -> tuple[Tensor, ...]:
     lead = blocks[0].shape[:-1]
-    outs = _RowChunked.apply(fn, _chunk_rows(blocks[0].shape[-1], chunk_size), len(blocks), *blocks, *vectors)
+    chunk = _chunk_rows(vocab or blocks[0].shape[-1], chunk_size)
+    outs = _RowChunked.apply(fn, chunk, len(blocks), len(shared), *blocks, *shared, *vectors)
     return tuple(o.view(lead) for o in outs)
 
 
@@ -181,6 +195,38 @@ def token_stats_with_kl(logits: Tensor, tokens: Tensor, ref_logits: Tensor, temp
 
     logp, entropy, kl = _rowwise(fn, [logits, ref_logits.detach()], [tokens.long()], chunk_size)
     return logp, entropy, kl
+
+
+def linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None,
+                       temperature: float = 1.0, ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
+                       ref_bias: Tensor | None = None, *, chunk_size: int | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logp, entropy, exact KL or None) per row of logits = hidden @ weight.T + bias, never all at once.
+
+    hidden (..., H), weight (V, H), bias (V,) or None, tokens (...); with ref_hidden (..., H'),
+    ref_weight (V, H') and ref_bias, the KL to softmax(ref_hidden @ ref_weight.T + ref_bias).
+    The logits of one chunk of rows exist at a time, in both passes; gradients reach hidden,
+    weight and bias (the reference gets none).
+    """
+    has_ref = ref_hidden is not None
+    shared = tuple(t for t in (weight, bias) if t is not None)
+    ref_shared = tuple(t.detach() for t in (ref_weight, ref_bias) if t is not None) if has_ref else ()
+
+    def fn(*args: Tensor) -> tuple[Tensor, ...]:
+        h, args = args[0], args[1:]
+        rh, args = (args[0], args[1:]) if has_ref else (None, args)
+        w, b, args = args[0], (args[1] if bias is not None else None), args[len(shared):]
+        rw, rb = (args[0], args[1] if ref_bias is not None else None) if has_ref else (None, None)
+        toks = args[len(ref_shared)]
+        logits = torch.nn.functional.linear(h.to(compute_dtype(h)), w.to(compute_dtype(h)),
+                                            None if b is None else b.to(compute_dtype(h)))
+        ref_logits = None if rh is None else torch.nn.functional.linear(
+            rh.to(compute_dtype(h)), rw.to(compute_dtype(h)), None if rb is None else rb.to(compute_dtype(h)))
+        return _stats_rows(logits, toks, ref_logits, temperature=temperature)
+
+    blocks = [hidden, *([ref_hidden.detach()] if has_ref else [])]
+    outs = _rowwise(fn, blocks, [tokens.long()], chunk_size, shared=shared + ref_shared, vocab=weight.shape[0])
+    return outs[0], outs[1], outs[2] if has_ref else None
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,15 +27,21 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path: Path) -> None:
         assert {"eager-trl", "eager-verl", "rlops-triton"} <= providers, op
     assert "rlops-triton-inplace" in {r["provider"] for r in run["records"]}
     assert {r["provider"] for r in run["records"] if r["op"] == "gae"} == {"python-loop", "rlops-triton"}
+    assert {"matmuls", "eager-trl", "rlops-triton"} <= {r["provider"] for r in run["records"]
+                                                        if r["op"] == "linear_policy_loss"}
     for r in run["records"]:
         assert r["ms"]["fwd"] > 0
         if r["op"] == "gae":
             assert set(r["shape"]) == {"B", "T"} and "fwd_bwd" not in r["ms"]
             assert r["bytes"] == r["shape"]["B"] * r["shape"]["T"] * 17  # float32 in and out, a bool mask
+        elif r["op"] == "linear_policy_loss":
+            n, v, h = (r["shape"][k] for k in ("N", "V", "H"))
+            assert r["tflops"] == pytest.approx(6 * n * v * h / r["ms"]["fwd_bwd"] / 1e9)
         else:
             assert set(r["shape"]) == {"N", "V"} and r["ms"]["fwd_bwd"] > 0
             assert r["bytes"] == 3 * r["shape"]["N"] * r["shape"]["V"] * 2  # three bf16 passes
     table = json_path.with_suffix(".md").read_text()
-    assert sum(table.count(f"| {op} |") for op in ("token_stats", "policy_loss", "gae")) == len(run["records"])
+    ops = ("token_stats", "policy_loss", "linear_policy_loss", "gae")
+    assert sum(table.count(f"| {op} |") for op in ops) == len(run["records"])
     assert json_path.with_suffix(".png").stat().st_size > 0
     assert "skipped:" in out.stdout  # providers that cannot run here say why

@@ -11,6 +11,7 @@ epilogue in PyTorch with the reference's own functions.
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -216,13 +217,8 @@ def policy_loss(
                   norm_len, ratio_level, inplace_grad)
     advantages, mask = _check_inputs(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits,
                                      is_weights)
-    kl_used = kl_estimator if kl_coef > 0 else "none"  # kl_coef = 0: no KL work, no reference read
-    if kl_used == "full" and ref_logits is None:
-        raise ValueError("kl_estimator='full' with kl_coef > 0 needs ref_logits (B, T, V), the reference "
-                         "model's logits")
-    if kl_used in SAMPLED_KL and ref_logprobs is None:
-        raise ValueError(f"kl_estimator={kl_estimator!r} with kl_coef > 0 needs ref_logprobs (B, T), the sampled "
-                         "tokens' log-probs under the reference model (ref_logits is only read by 'full')")
+    kl_used = resolve_kl(kl_coef, kl_estimator, ref_logprobs, ref_logits is not None, "ref_logits (B, T, V), the "
+                         "reference model's logits")
     if inplace_grad and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_grad=True writes the gradient over logits, which must be produced by an "
                          "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
@@ -240,26 +236,50 @@ def policy_loss(
                              entropy_coef, inplace_grad)
         loss = out[ROW["loss"]].sum()
         per_token = [out[ROW[name]].detach() for name in ("logp", "entropy", "kl", "ratio")]
-    else:
-        # The reference composes the loss; on the triton backend (GSPO) its vocabulary work is the
-        # fused statistics kernel. Masked tokens are not read there, so the per-token inputs are
-        # zeroed where mask is 0: no padding value, however non-finite, reaches a gradient.
-        def clean(x: Tensor | None) -> Tensor | None:
-            return None if x is None else torch.where(mask, x.to(torch.float32), 0.0)
+        return PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
+                                clip_high=clip_high, dual_clip=dual_clip)
+    # On the triton backend (GSPO) the vocabulary work is the fused statistics kernel.
+    stats_fn = None if backend == "torch" else functools.partial(_fused_stats, mask=mask, inplace_grad=inplace_grad)
+    return composed_loss(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits, is_weights,
+                         stats_fn, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
+                         dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                         loss_agg=loss_agg, norm_len=norm_len, ratio_level=ratio_level)
 
-        stats_fn = (None if backend == "torch"
-                    else functools.partial(_fused_stats, mask=mask, inplace_grad=inplace_grad))
-        out = reference.policy_loss(
-            logits, tokens, clean(advantages), mask=mask, old_logprobs=clean(old_logprobs),
-            ref_logprobs=clean(ref_logprobs), ref_logits=ref_logits, is_weights=clean(is_weights),
-            temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-            kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
-            norm_len=norm_len, ratio_level=ratio_level, stats_fn=stats_fn)
-        loss = out.loss.to(torch.float32)
-        per_token = [torch.where(mask, v.detach().to(torch.float32), 0.0)
-                     for v in (out.logprobs, out.entropy, out.kl, out.ratio)]
-    return PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
-                            clip_high=clip_high, dual_clip=dual_clip)
+
+def resolve_kl(kl_coef: float, kl_estimator: str, ref_logprobs: Tensor | None, has_ref_logits: bool,
+               ref_logits_needed: str) -> str:
+    """The estimator actually used ("none" when kl_coef is 0: no KL work, no reference read);
+    raises if the reference input it needs is missing."""
+    kl_used = kl_estimator if kl_coef > 0 else "none"
+    if kl_used == "full" and not has_ref_logits:
+        raise ValueError(f"kl_estimator='full' with kl_coef > 0 needs {ref_logits_needed}")
+    if kl_used in SAMPLED_KL and ref_logprobs is None:
+        raise ValueError(f"kl_estimator={kl_estimator!r} with kl_coef > 0 needs ref_logprobs (B, T), the sampled "
+                         "tokens' log-probs under the reference model (the reference's logits are only read by "
+                         "'full')")
+    return kl_used
+
+
+def composed_loss(logits: Tensor, tokens: Tensor, advantages: Tensor, mask: Tensor, old_logprobs: Tensor | None,
+                  ref_logprobs: Tensor | None, ref_logits: Tensor | None, is_weights: Tensor | None,
+                  stats_fn: Callable | None, **options: object) -> PolicyLossOutput:
+    """The loss as the reference composes it on (B, T) vectors, its token statistics from stats_fn.
+
+    `logits` and `ref_logits` are whatever stats_fn reads (hidden states for the fused-linear
+    loss). The per-token inputs are zeroed where mask is 0 (the fused statistics do not read
+    masked tokens), so no padding value, however non-finite, reaches a gradient.
+    """
+    def clean(x: Tensor | None) -> Tensor | None:
+        return None if x is None else torch.where(mask, x.to(torch.float32), 0.0)
+
+    out = reference.policy_loss(logits, tokens, clean(advantages), mask=mask, old_logprobs=clean(old_logprobs),
+                                ref_logprobs=clean(ref_logprobs), ref_logits=ref_logits,
+                                is_weights=clean(is_weights), stats_fn=stats_fn, **options)
+    per_token = [torch.where(mask, v.detach().to(torch.float32), 0.0)
+                 for v in (out.logprobs, out.entropy, out.kl, out.ratio)]
+    return PolicyLossOutput(out.loss.to(torch.float32), *per_token, mask=mask, advantages=advantages,
+                            clip_low=options["clip_low"], clip_high=options["clip_high"],
+                            dual_clip=options["dual_clip"])
 
 
 def _fused_stats(logits: Tensor, tokens: Tensor, temperature: float, ref_logits: Tensor | None, *,
@@ -277,19 +297,27 @@ def _check_inputs(logits: Tensor, tokens: Tensor, advantages: Tensor, mask: Tens
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
     check_tokens(tokens, logits)
-    per_token, per_row = tuple(tokens.shape), (tokens.shape[0], 1)
-    token_shape = f"(B, T) = {per_token}"
-    advantages = check_float_tensor("advantages", advantages, logits, [per_token, per_row, per_row[:1]],
-                                    f"{token_shape}, (B, 1) or (B,)")
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if x is not None:
-            check_float_tensor(name, x, logits, [per_token], token_shape)
-    if is_weights is not None:
-        check_float_tensor("is_weights", is_weights, logits, [per_token, per_row], f"{token_shape} or (B, 1)")
     if ref_logits is not None:
         check_logits(ref_logits, "ref_logits")
         check_float_tensor("ref_logits", ref_logits, logits, [tuple(logits.shape)],
                            f"logits' shape {tuple(logits.shape)}")
-    mask = torch.ones(per_token, dtype=torch.bool, device=logits.device) if mask is None \
-        else check_mask(mask, per_token, logits)
+    return check_per_token_inputs(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights)
+
+
+def check_per_token_inputs(tokens: Tensor, advantages: Tensor, mask: Tensor | None, old_logprobs: Tensor | None,
+                           ref_logprobs: Tensor | None, is_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Checks the (B, T) inputs against tokens (B, T), already checked; returns advantages as
+    (B, T) or (B, 1) and mask as bool (B, T)."""
+    per_token, per_row = tuple(tokens.shape), (tokens.shape[0], 1)
+    token_shape = f"(B, T) = {per_token}"
+    advantages = check_float_tensor("advantages", advantages, tokens, [per_token, per_row, per_row[:1]],
+                                    f"{token_shape}, (B, 1) or (B,)", "tokens")
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            check_float_tensor(name, x, tokens, [per_token], token_shape, "tokens")
+    if is_weights is not None:
+        check_float_tensor("is_weights", is_weights, tokens, [per_token, per_row], f"{token_shape} or (B, 1)",
+                           "tokens")
+    mask = torch.ones(per_token, dtype=torch.bool, device=tokens.device) if mask is None \
+        else check_mask(mask, per_token, tokens, like_name="tokens")
     return (advantages[:, None] if advantages.dim() == 1 else advantages), mask
