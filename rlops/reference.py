@@ -218,10 +218,10 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Ten
         w, b, args = args[0], (args[1] if bias is not None else None), args[len(shared):]
         rw, rb = (args[0], args[1] if ref_bias is not None else None) if has_ref else (None, None)
         toks = args[len(ref_shared)]
-        logits = torch.nn.functional.linear(h.to(compute_dtype(h)), w.to(compute_dtype(h)),
-                                            None if b is None else b.to(compute_dtype(h)))
-        ref_logits = None if rh is None else torch.nn.functional.linear(
-            rh.to(compute_dtype(h)), rw.to(compute_dtype(h)), None if rb is None else rb.to(compute_dtype(h)))
+        # The projection in the inputs' dtype, as the model's own lm_head computes the logits;
+        # the statistics in float32 (float64 for float64) from there.
+        logits = torch.nn.functional.linear(h, w, b)
+        ref_logits = None if rh is None else torch.nn.functional.linear(rh, rw, rb)
         return _stats_rows(logits, toks, ref_logits, temperature=temperature)
 
     blocks = [hidden, *([ref_hidden.detach()] if has_ref else [])]

@@ -137,6 +137,12 @@ def test_backends_and_chunks(case: str, backend: str, chunk_size: int | None) ->
     _check(case, backend=backend, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("case", ["everything-k3", "gspo-full-kl"])
+def test_torch_backend_bf16(case: str) -> None:
+    # The reference projects in bf16 too, so it equals policy_loss on the bf16 logits.
+    _check(case, torch.bfloat16, backend="torch", chunk_size=5)
+
+
 def test_without_bias() -> None:
     _check("everything-full", batch=_batch(with_bias=False), chunk_size=3)
 
