@@ -8,9 +8,10 @@ for the exact KL), then computes in registers
     pg    = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)), capped at -A * dual_clip where A < 0,
             times is_weights
     kl    = k1 | k2 | k3 from ref_logp, or the exact KL(p || q) over the vocabulary
-    loss  = w * (pg + kl_coef * kl - entropy_coef * H)
+    loss  = w * (pg + kl_coef * kl) - e * H
 
-where w is the token's aggregation weight (its share of the loss_agg mean; 0 when masked).
+where w is the token's aggregation weight (its share of the loss_agg mean; 0 when masked)
+and e the entropy coefficient times the token's weight in the entropy term's aggregation.
 It writes ten float32 per token into out (10, N):
 
     0 logp  1 entropy  2 kl  3 lse  4 lse_ref  5 ratio  6 loss  7 g_logp  8 g_entropy  9 g_kl
@@ -39,10 +40,11 @@ K3_MAX = tl.constexpr(10.0)
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    x_ptr, ref_ptr, tokens_ptr, weight_ptr, adv_ptr, old_ptr, ref_logp_ptr, isw_ptr, out_ptr,
+    x_ptr, ref_ptr, tokens_ptr, weight_ptr, ent_weight_ptr, adv_ptr, old_ptr, ref_logp_ptr, isw_ptr, out_ptr,
     N, V, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
-    inv_tau, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-    HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_tau, clip_low, clip_high, dual_clip, kl_coef,
+    HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Reads N*V logits once (2*N*V with the exact KL) and ~6 floats per token; writes 10 floats per token."""
     row = tl.program_id(0)
@@ -52,7 +54,6 @@ def _policy_loss_fwd_kernel(
     clip_high = tl.cast(clip_high, tl.float32)
     dual_clip = tl.cast(dual_clip, tl.float32)
     kl_coef = tl.cast(kl_coef, tl.float32)
-    entropy_coef = tl.cast(entropy_coef, tl.float32)
     w = tl.load(weight_ptr + row)
     if w == 0:
         for k in tl.static_range(10):
@@ -107,7 +108,11 @@ def _policy_loss_fwd_kernel(
             live = (d >= -LOG_RATIO_CLAMP) & (d <= LOG_RATIO_CLAMP) & (raw <= K3_MAX)
             d_kl = tl.where(live, 1.0 - exp_dc, 0.0)
 
-        loss = w * (pg + kl_coef * kl - entropy_coef * entropy)
+        loss = w * (pg + kl_coef * kl)
+        g_entropy = tl.zeros([], tl.float32)
+        if HAS_ENT:
+            g_entropy -= tl.load(ent_weight_ptr + row)
+            loss += g_entropy * entropy
         g_kl = tl.zeros([], tl.float32)
         if KL_KIND == 4:
             g_kl += w * kl_coef
@@ -119,7 +124,7 @@ def _policy_loss_fwd_kernel(
         tl.store(out_ptr + 5 * N + row, ratio)
         tl.store(out_ptr + 6 * N + row, loss)
         tl.store(out_ptr + 7 * N + row, w * (d_pg + kl_coef * d_kl))
-        tl.store(out_ptr + 8 * N + row, -w * entropy_coef)
+        tl.store(out_ptr + 8 * N + row, g_entropy)
         tl.store(out_ptr + 9 * N + row, g_kl)
 
 
@@ -145,13 +150,15 @@ def policy_loss_fwd(
     dual_clip: float = float("inf"),
     kl_coef: float = 0.0,
     kl_kind: int = 0,
-    entropy_coef: float = 0.0,
+    entropy_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launches the forward kernel; returns float32 out (10, B, T) in the row order of ROW.
 
     logits (B, T, V); tokens, weights (B, T); advantages, old_logprobs, ref_logprobs and
     is_weights broadcastable to (B, T), such as (B, 1); ref_logits (B, T, V) when kl_kind is 4
-    (the exact KL). weights are the aggregation weights (0 = masked: that token is not read).
+    (the exact KL). weights are the aggregation weights (0 = masked: that token is not read);
+    entropy_weights (B, T) or None are the entropy coefficient times each token's weight in the
+    entropy term's aggregation (0 where masked).
     """
     if tokens.shape != logits.shape[:-1] or weights.shape != tokens.shape:
         raise ValueError(f"tokens and weights must have shape {tuple(logits.shape[:-1])}")
@@ -167,13 +174,13 @@ def policy_loss_fwd(
         w = weights.to(torch.float32).reshape(-1).contiguous()
         vocab = logits.shape[-1]
         _policy_loss_fwd_kernel[(n,)](
-            rows.tensor, ref_rows.tensor, tokens.reshape(-1), w,
+            rows.tensor, ref_rows.tensor, tokens.reshape(-1), w, _per_token(entropy_weights, shape, w),
             _per_token(advantages, shape, w), _per_token(old_logprobs, shape, w),
             _per_token(ref_logprobs, shape, w), _per_token(is_weights, shape, w), out,
             n, vocab, rows.inner, rows.stride_outer, rows.stride_inner,
             ref_rows.inner, ref_rows.stride_outer, ref_rows.stride_inner,
-            1.0 / temperature, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-            HAS_OLD=old_logprobs is not None, HAS_ISW=is_weights is not None, KL_KIND=kl_kind,
-            BLOCK_V=block_v(vocab), num_warps=8,
+            1.0 / temperature, clip_low, clip_high, dual_clip, kl_coef,
+            HAS_OLD=old_logprobs is not None, HAS_ISW=is_weights is not None, HAS_ENT=entropy_weights is not None,
+            KL_KIND=kl_kind, BLOCK_V=block_v(vocab), num_warps=8,
         )
     return out

@@ -26,15 +26,16 @@ class PolicyLossConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
-    norm_len: int | None = None
+    norm_len: float | None = None
     ratio_level: str = "token"
+    entropy_agg: str | None = None
     inplace_grad: bool = False
     backend: str = "auto"
 
     def __post_init__(self) -> None:
         check_options(self.temperature, self.clip_low, self.clip_high, self.dual_clip, self.kl_coef,
                       self.kl_estimator, self.entropy_coef, self.loss_agg, self.norm_len, self.ratio_level,
-                      self.inplace_grad)
+                      self.inplace_grad, self.entropy_agg)
 
     @classmethod
     def ppo(cls, **overrides: object) -> PolicyLossConfig:

@@ -279,7 +279,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     raise ValueError(f"kl_estimator must be one of k1, k2, k3 here (full needs ref_logits), got {estimator!r}")
 
 
-def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean", norm_len: int | None = None) -> Tensor:
+def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean", norm_len: float | None = None) -> Tensor:
     """Scalar loss from a (B, T) per-token loss and a (B, T) bool mask (SPEC section 4).
 
     An empty mask gives 0 with zero gradient.
@@ -297,8 +297,8 @@ def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean", nor
     if loss_agg == "seq-mean-token-sum":
         return masked.sum() / max(n_rows, 1)
     if loss_agg == "seq-mean-token-sum-norm":
-        length = per_token.shape[-1] if norm_len is None else norm_len
-        return masked.sum() / max(n_rows * length, 1)
+        denominator = n_rows * (per_token.shape[-1] if norm_len is None else norm_len)
+        return masked.sum() / denominator if denominator > 0 else masked.sum()  # an empty batch sums to 0
     raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGS)}, got {loss_agg!r}")
 
 
@@ -335,14 +335,17 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     loss_agg: str = "token-mean",
-    norm_len: int | None = None,
+    norm_len: float | None = None,
     ratio_level: str = "token",
+    entropy_agg: str | None = None,
     chunk_size: int | None = None,
     stats_fn: Callable[..., tuple[Tensor, Tensor, Tensor | None]] | None = None,
 ) -> ReferencePolicyLoss:
     """The clipped policy loss of SPEC sections 2-4 on logits (B, T, V) and tokens (B, T).
 
     Inputs are assumed valid (rlops.policy_loss checks them before it calls this).
+    entropy_agg, when given and not loss_agg, aggregates the entropy term on its own:
+    loss = agg(pg + kl_coef * kl, loss_agg) - entropy_coef * agg(H, entropy_agg).
     `stats_fn(logits, tokens, temperature, ref_logits)` -> (logp, entropy, exact KL or None)
     replaces the chunked token statistics (rlops.baselines uses it for eager low precision).
     """
@@ -361,7 +364,11 @@ def policy_loss(
     weights = is_weights
     pg, ratio, clipped_low, clipped_high = clipped_surrogate(log_r, adv, clip_low, clip_high, dual_clip, weights)
     per_token = pg + kl_coef * kl - entropy_coef * entropy
-    loss = aggregate(per_token, mask, loss_agg, norm_len)
+    if entropy_agg is None or entropy_agg == loss_agg:
+        loss = aggregate(per_token, mask, loss_agg, norm_len)
+    else:
+        loss = (aggregate(pg + kl_coef * kl, mask, loss_agg, norm_len)
+                - entropy_coef * aggregate(entropy, mask, entropy_agg, norm_len))
     return ReferencePolicyLoss(loss, per_token, logp, entropy, kl, ratio, pg, clipped_low, clipped_high)
 
 

@@ -34,6 +34,7 @@ from .policy_loss import (
     check_options,
     check_per_token_inputs,
     composed_loss,
+    entropy_weights,
     resolve_kl,
 )
 
@@ -150,9 +151,9 @@ class _LinearPolicyLoss(torch.autograd.Function):
     """The token-level loss in one pass: returns (loss, out (10, N)); the gradient is computed here."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, weights, advantages, old_logprobs, ref_logprobs, is_weights,
-                ref_hidden, ref_weight, ref_bias, temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-                entropy_coef, chunk):
+    def forward(ctx, hidden, weight, bias, tokens, weights, entropy_weights, advantages, old_logprobs, ref_logprobs,
+                is_weights, ref_hidden, ref_weight, ref_bias, temperature, clip_low, clip_high, dual_clip, kl_coef,
+                kl_kind, chunk):
         from ..kernels import ROW, policy_loss_fwd, token_stats_bwd
 
         n = hidden.shape[0]
@@ -169,7 +170,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
             chunk_out = policy_loss_fwd(
                 logits[None], tokens[None, s:e], weights[None, s:e], advantages[None, s:e], rows(old_logprobs, s, e),
                 rows(ref_logprobs, s, e), None if ref is None else ref[None], rows(is_weights, s, e), temperature,
-                clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef)[:, 0]
+                clip_low, clip_high, dual_clip, kl_coef, kl_kind, rows(entropy_weights, s, e))[:, 0]
             out[:, s:e] = chunk_out
             if any(g is not None for g in grads):
                 token_stats_bwd(logits, tokens[s:e], chunk_out, chunk_out[ROW["g_logp"]:ROW["g_kl"] + 1],
@@ -287,8 +288,9 @@ def linear_policy_loss(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     loss_agg: str = "token-mean",
-    norm_len: int | None = None,
+    norm_len: float | None = None,
     ratio_level: str = "token",
+    entropy_agg: str | None = None,
     backend: str = "auto",
 ) -> PolicyLossOutput:
     """`rlops.policy_loss` on logits = hidden @ weight.T + bias, without materialising the logits.
@@ -312,7 +314,7 @@ def linear_policy_loss(
         weight and bias.
     """
     check_options(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
-                  norm_len, ratio_level, False)
+                  norm_len, ratio_level, False, entropy_agg)
     vocab = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
     _check_ref_head(hidden, vocab, ref_hidden, ref_weight, ref_bias)
     if hidden.dim() not in (2, 3):
@@ -341,7 +343,7 @@ def linear_policy_loss(
     chunk = _chunk(chunk_size, max(rows.numel(), 1), hidden, vocab, full_kl)
     options = dict(temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                    kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
-                   norm_len=norm_len, ratio_level=ratio_level)
+                   norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg)
     ref_head = (ref_weight, ref_bias) if full_kl else (None, None)
 
     if backend == "triton" and ratio_level == "token":
@@ -353,10 +355,11 @@ def linear_policy_loss(
         h = hidden_3d.reshape(n_rows * n_time, -1)[rows]
         rh = None if ref_hidden_3d is None else ref_hidden_3d.reshape(n_rows * n_time, -1)[rows]
         weights = aggregation_weights(mask, loss_agg, norm_len)
+        ent_weights = entropy_weights(mask, entropy_coef, entropy_agg or loss_agg, norm_len)
         loss, out = _LinearPolicyLoss.apply(
-            h, weight, bias, tokens_2d.reshape(-1)[rows], gather(weights), gather(advantages), gather(old_logprobs),
-            gather(ref_logprobs), gather(is_weights), rh, *ref_head, temperature, clip_low, clip_high,
-            math.inf if dual_clip is None else float(dual_clip), kl_coef, KL_KINDS[kl_used], entropy_coef, chunk)
+            h, weight, bias, tokens_2d.reshape(-1)[rows], gather(weights), gather(ent_weights), gather(advantages),
+            gather(old_logprobs), gather(ref_logprobs), gather(is_weights), rh, *ref_head, temperature, clip_low,
+            clip_high, math.inf if dual_clip is None else float(dual_clip), kl_coef, KL_KINDS[kl_used], chunk)
 
         def scatter(name: str) -> Tensor:
             full = torch.zeros(n_rows * n_time, dtype=torch.float32, device=hidden.device)

@@ -37,8 +37,8 @@ SAMPLED_KL = ("k1", "k2", "k3")  # estimators computed from the sampled tokens' 
 def policy_loss_op(
     logits: Tensor, tokens: Tensor, weights: Tensor, advantages: Tensor,
     old_logprobs: Tensor | None, ref_logprobs: Tensor | None, ref_logits: Tensor | None,
-    is_weights: Tensor | None, temperature: float, clip_low: float, clip_high: float, dual_clip: float,
-    kl_coef: float, kl_kind: int, entropy_coef: float, inplace_grad: bool,
+    is_weights: Tensor | None, entropy_weights: Tensor | None, temperature: float, clip_low: float,
+    clip_high: float, dual_clip: float, kl_coef: float, kl_kind: int, inplace_grad: bool,
 ) -> Tensor:
     """float32 (10, B, T) per-token outputs of the fused kernel, in the row order of
     rlops.kernels.policy_loss.ROW; differentiable through the "loss" row."""
@@ -46,18 +46,18 @@ def policy_loss_op(
 
     return policy_loss_fwd(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
                            is_weights, temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-                           entropy_coef)
+                           entropy_weights)
 
 
 @policy_loss_op.register_fake
-def _(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits, is_weights, temperature,
-      clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, inplace_grad) -> Tensor:
+def _(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits, is_weights, entropy_weights,
+      temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind, inplace_grad) -> Tensor:
     return logits.new_empty((10, *tokens.shape), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, tokens, *_ = inputs
-    ref_logits, temperature, inplace_grad = inputs[6], inputs[8], inputs[15]
+    ref_logits, temperature, inplace_grad = inputs[6], inputs[9], inputs[15]
     save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad)
 
 
@@ -74,7 +74,7 @@ def _backward(ctx, grad_out: Tensor):
 policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: int | None = None) -> Tensor:
+def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: float | None = None) -> Tensor:
     """Per-token weights w (B, T) float32 with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
 
     w is 0 exactly where mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
@@ -90,7 +90,8 @@ def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: int | None = None
     if loss_agg == "seq-mean-token-sum":
         return m / max(n_rows, 1)
     if loss_agg == "seq-mean-token-sum-norm":
-        return m / max(n_rows * (n_time if norm_len is None else norm_len), 1)
+        denominator = n_rows * (n_time if norm_len is None else norm_len)
+        return m / denominator if denominator > 0 else m  # an empty batch has no weights to scale
     raise ValueError(f"loss_agg must be one of {', '.join(reference.LOSS_AGGS)}, got {loss_agg!r}")
 
 
@@ -139,8 +140,8 @@ class PolicyLossOutput:
 
 def check_options(
     temperature: float, clip_low: float, clip_high: float, dual_clip: float | None, kl_coef: float,
-    kl_estimator: str, entropy_coef: float, loss_agg: str, norm_len: int | None, ratio_level: str,
-    inplace_grad: bool,
+    kl_estimator: str, entropy_coef: float, loss_agg: str, norm_len: float | None, ratio_level: str,
+    inplace_grad: bool, entropy_agg: str | None = None,
 ) -> None:
     """Validates the scalar options of the policy loss (shared with PolicyLossConfig)."""
     check_positive_float("temperature", temperature)
@@ -153,8 +154,10 @@ def check_options(
     check_float("entropy_coef", entropy_coef)
     check_choice("loss_agg", loss_agg, reference.LOSS_AGGS)
     check_choice("ratio_level", ratio_level, reference.RATIO_LEVELS)
-    if norm_len is not None and (isinstance(norm_len, bool) or not isinstance(norm_len, int) or norm_len < 1):
-        raise ValueError(f"norm_len must be None or an int >= 1, got {norm_len!r}")
+    if entropy_agg is not None:
+        check_choice("entropy_agg", entropy_agg, reference.LOSS_AGGS)
+    if norm_len is not None:
+        check_float("norm_len", norm_len, gt=0.0)
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
 
@@ -177,8 +180,9 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     loss_agg: str = "token-mean",
-    norm_len: int | None = None,
+    norm_len: float | None = None,
     ratio_level: str = "token",
+    entropy_agg: str | None = None,
     inplace_grad: bool = False,
     backend: str = "auto",
 ) -> PolicyLossOutput:
@@ -204,8 +208,10 @@ def policy_loss(
         kl_estimator: "k1", "k2", "k3" or "full".
         entropy_coef: weight of the entropy bonus.
         loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
-            "seq-mean-token-sum-norm" (with norm_len, default T).
+            "seq-mean-token-sum-norm" (divided by B * norm_len, default T; any number > 0).
         ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO).
+        entropy_agg: None (SPEC: the entropy term is aggregated with the rest by loss_agg) or
+            a loss_agg mode for the entropy term alone (TRL's bonus is always "token-mean").
         inplace_grad: write the gradient over the logits buffer (saves a (B, T, V) buffer);
             the logits must not be needed afterwards, and must not be a leaf tensor.
         backend: "auto", "triton", "cuda" or "torch" (see rlops.token_logprobs_and_entropy).
@@ -214,7 +220,7 @@ def policy_loss(
         PolicyLossOutput.
     """
     check_options(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
-                  norm_len, ratio_level, inplace_grad)
+                  norm_len, ratio_level, inplace_grad, entropy_agg)
     advantages, mask = _check_inputs(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits,
                                      is_weights)
     kl_used = resolve_kl(kl_coef, kl_estimator, ref_logprobs, ref_logits is not None, "ref_logits (B, T, V), the "
@@ -232,8 +238,8 @@ def policy_loss(
         weights = aggregation_weights(mask, loss_agg, norm_len)
         dual = math.inf if dual_clip is None else float(dual_clip)
         out = policy_loss_op(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
-                             is_weights, temperature, clip_low, clip_high, dual, kl_coef, KL_KINDS[kl_used],
-                             entropy_coef, inplace_grad)
+                             is_weights, entropy_weights(mask, entropy_coef, entropy_agg or loss_agg, norm_len),
+                             temperature, clip_low, clip_high, dual, kl_coef, KL_KINDS[kl_used], inplace_grad)
         loss = out[ROW["loss"]].sum()
         per_token = [out[ROW[name]].detach() for name in ("logp", "entropy", "kl", "ratio")]
         return PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
@@ -243,7 +249,12 @@ def policy_loss(
     return composed_loss(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits, is_weights,
                          stats_fn, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                          dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                         loss_agg=loss_agg, norm_len=norm_len, ratio_level=ratio_level)
+                         loss_agg=loss_agg, norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg)
+
+
+def entropy_weights(mask: Tensor, entropy_coef: float, entropy_agg: str, norm_len: float | None) -> Tensor | None:
+    """entropy_coef times each token's weight in the entropy term's aggregation; None without the term."""
+    return None if entropy_coef == 0 else entropy_coef * aggregation_weights(mask, entropy_agg, norm_len)
 
 
 def resolve_kl(kl_coef: float, kl_estimator: str, ref_logprobs: Tensor | None, has_ref_logits: bool,
