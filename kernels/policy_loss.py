@@ -8,7 +8,9 @@ for the exact KL), then computes in registers
     pg    = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)), capped at -A * dual_clip where A < 0,
             times is_weights
     kl    = k1 | k2 | k3 from ref_logp, or the exact KL(p || q) over the vocabulary
-    loss  = w * (pg + kl_coef * kl) - e * H
+    loss  = w * (pg + kl_coef * kl * [r with KL_RATIO]) - e * H
+
+(KL_RATIO is DeepSeek-V3.2's unbiased KL gradient; r carries gradient there.)
 
 where w is the token's aggregation weight (its share of the loss_agg mean; 0 when masked)
 and e the entropy coefficient times the token's weight in the entropy term's aggregation.
@@ -44,7 +46,7 @@ def _policy_loss_fwd_kernel(
     N, V, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
     inv_tau, clip_low, clip_high, dual_clip, kl_coef,
     HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    KL_RATIO: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Reads N*V logits once (2*N*V with the exact KL) and ~6 floats per token; writes 10 floats per token."""
     row = tl.program_id(0)
@@ -108,14 +110,22 @@ def _policy_loss_fwd_kernel(
             live = (d >= -LOG_RATIO_CLAMP) & (d <= LOG_RATIO_CLAMP) & (raw <= K3_MAX)
             d_kl = tl.where(live, 1.0 - exp_dc, 0.0)
 
-        loss = w * (pg + kl_coef * kl)
+        # Row 2 keeps the KL itself: the backward's exact-KL gradient p (log p - log q - KL) needs it.
+        kl_term = kl
+        kl_scale = 1.0  # d(kl term)/d(kl): the ratio when the KL is weighted by it
+        if KL_RATIO:
+            # d(kl * r)/d logp = r * d kl/d logp + kl * r * d log_r/d logp
+            d_kl = ratio * d_kl + kl * ratio * d_log_r
+            kl_scale = ratio
+            kl_term = kl * ratio
+        loss = w * (pg + kl_coef * kl_term)
         g_entropy = tl.zeros([], tl.float32)
         if HAS_ENT:
             g_entropy -= tl.load(ent_weight_ptr + row)
             loss += g_entropy * entropy
         g_kl = tl.zeros([], tl.float32)
         if KL_KIND == 4:
-            g_kl += w * kl_coef
+            g_kl += w * kl_coef * kl_scale
         tl.store(out_ptr + row, logp)
         tl.store(out_ptr + N + row, entropy)
         tl.store(out_ptr + 2 * N + row, kl)
@@ -151,6 +161,7 @@ def policy_loss_fwd(
     kl_coef: float = 0.0,
     kl_kind: int = 0,
     entropy_weights: torch.Tensor | None = None,
+    kl_ratio_weighted: bool = False,
 ) -> torch.Tensor:
     """Launches the forward kernel; returns float32 out (10, B, T) in the row order of ROW.
 
@@ -181,6 +192,6 @@ def policy_loss_fwd(
             ref_rows.inner, ref_rows.stride_outer, ref_rows.stride_inner,
             1.0 / temperature, clip_low, clip_high, dual_clip, kl_coef,
             HAS_OLD=old_logprobs is not None, HAS_ISW=is_weights is not None, HAS_ENT=entropy_weights is not None,
-            KL_KIND=kl_kind, BLOCK_V=block_v(vocab), num_warps=8,
+            KL_KIND=kl_kind, KL_RATIO=kl_ratio_weighted and kl_kind != 0, BLOCK_V=block_v(vocab), num_warps=8,
         )
     return out

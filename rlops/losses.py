@@ -29,13 +29,14 @@ class PolicyLossConfig:
     norm_len: float | None = None
     ratio_level: str = "token"
     entropy_agg: str | None = None
+    kl_ratio_weighted: bool = False
     inplace_grad: bool = False
     backend: str = "auto"
 
     def __post_init__(self) -> None:
         check_options(self.temperature, self.clip_low, self.clip_high, self.dual_clip, self.kl_coef,
                       self.kl_estimator, self.entropy_coef, self.loss_agg, self.norm_len, self.ratio_level,
-                      self.inplace_grad, self.entropy_agg)
+                      self.inplace_grad, self.entropy_agg, self.kl_ratio_weighted)
 
     @classmethod
     def ppo(cls, **overrides: object) -> PolicyLossConfig:

@@ -338,6 +338,7 @@ def policy_loss(
     norm_len: float | None = None,
     ratio_level: str = "token",
     entropy_agg: str | None = None,
+    kl_ratio_weighted: bool = False,
     chunk_size: int | None = None,
     stats_fn: Callable[..., tuple[Tensor, Tensor, Tensor | None]] | None = None,
 ) -> ReferencePolicyLoss:
@@ -346,6 +347,8 @@ def policy_loss(
     Inputs are assumed valid (rlops.policy_loss checks them before it calls this).
     entropy_agg, when given and not loss_agg, aggregates the entropy term on its own:
     loss = agg(pg + kl_coef * kl, loss_agg) - entropy_coef * agg(H, entropy_agg).
+    kl_ratio_weighted multiplies the KL term by the (differentiable) ratio r, DeepSeek-V3.2's
+    unbiased KL gradient; the reported kl stays the KL itself.
     `stats_fn(logits, tokens, temperature, ref_logits)` -> (logp, entropy, exact KL or None)
     replaces the chunked token statistics (rlops.baselines uses it for eager low precision).
     """
@@ -363,11 +366,12 @@ def policy_loss(
     log_r = log_ratio(logp, old_logprobs, mask, ratio_level)
     weights = is_weights
     pg, ratio, clipped_low, clipped_high = clipped_surrogate(log_r, adv, clip_low, clip_high, dual_clip, weights)
-    per_token = pg + kl_coef * kl - entropy_coef * entropy
+    kl_term = kl * torch.exp(log_r) if kl_ratio_weighted and kl_coef != 0 else kl
+    per_token = pg + kl_coef * kl_term - entropy_coef * entropy
     if entropy_agg is None or entropy_agg == loss_agg:
         loss = aggregate(per_token, mask, loss_agg, norm_len)
     else:
-        loss = (aggregate(pg + kl_coef * kl, mask, loss_agg, norm_len)
+        loss = (aggregate(pg + kl_coef * kl_term, mask, loss_agg, norm_len)
                 - entropy_coef * aggregate(entropy, mask, entropy_agg, norm_len))
     return ReferencePolicyLoss(loss, per_token, logp, entropy, kl, ratio, pg, clipped_low, clipped_high)
 

@@ -27,9 +27,10 @@ from rlops.kernels.token_stats import _token_stats_bwd_kernel, _token_stats_fwd_
 CASES = (
     [(_token_stats_fwd_kernel, {"HAS_REF": ref, "HAS_MASK": mask}) for ref in (False, True) for mask in (False, True)]
     + [(_token_stats_bwd_kernel, {"HAS_REF": ref}) for ref in (False, True)]
-    + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": kind})
-       for kind in range(5)]
-    + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "HAS_ENT": False, "KL_KIND": 0})]
+    + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": kind,
+                                  "KL_RATIO": kind > 0}) for kind in range(5)]
+    + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "HAS_ENT": False, "KL_KIND": 0,
+                                  "KL_RATIO": False})]
     + [(_gae_kernel, {"HAS_BOOT": boot}) for boot in (False, True)]
 )
 # Per kernel: the constexpr block size the launchers use, and the element type of its

@@ -153,7 +153,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, weights, entropy_weights, advantages, old_logprobs, ref_logprobs,
                 is_weights, ref_hidden, ref_weight, ref_bias, temperature, clip_low, clip_high, dual_clip, kl_coef,
-                kl_kind, chunk):
+                kl_kind, kl_ratio_weighted, chunk):
         from ..kernels import ROW, policy_loss_fwd, token_stats_bwd
 
         n = hidden.shape[0]
@@ -170,7 +170,8 @@ class _LinearPolicyLoss(torch.autograd.Function):
             chunk_out = policy_loss_fwd(
                 logits[None], tokens[None, s:e], weights[None, s:e], advantages[None, s:e], rows(old_logprobs, s, e),
                 rows(ref_logprobs, s, e), None if ref is None else ref[None], rows(is_weights, s, e), temperature,
-                clip_low, clip_high, dual_clip, kl_coef, kl_kind, rows(entropy_weights, s, e))[:, 0]
+                clip_low, clip_high, dual_clip, kl_coef, kl_kind, rows(entropy_weights, s, e),
+                kl_ratio_weighted)[:, 0]
             out[:, s:e] = chunk_out
             if any(g is not None for g in grads):
                 token_stats_bwd(logits, tokens[s:e], chunk_out, chunk_out[ROW["g_logp"]:ROW["g_kl"] + 1],
@@ -186,7 +187,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
         scaled = [None if g is None else (g * grad_loss).to(dtype)
                   for g, dtype in zip(ctx.grads, ctx.dtypes, strict=True)]
         ctx.grads = None
-        return (*scaled,) + (None,) * 17
+        return (*scaled,) + (None,) * 18
 
 
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, names: tuple[str, str, str]) -> int:
@@ -291,6 +292,7 @@ def linear_policy_loss(
     norm_len: float | None = None,
     ratio_level: str = "token",
     entropy_agg: str | None = None,
+    kl_ratio_weighted: bool = False,
     backend: str = "auto",
 ) -> PolicyLossOutput:
     """`rlops.policy_loss` on logits = hidden @ weight.T + bias, without materialising the logits.
@@ -314,7 +316,7 @@ def linear_policy_loss(
         weight and bias.
     """
     check_options(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
-                  norm_len, ratio_level, False, entropy_agg)
+                  norm_len, ratio_level, False, entropy_agg, kl_ratio_weighted)
     vocab = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
     _check_ref_head(hidden, vocab, ref_hidden, ref_weight, ref_bias)
     if hidden.dim() not in (2, 3):
@@ -343,7 +345,8 @@ def linear_policy_loss(
     chunk = _chunk(chunk_size, max(rows.numel(), 1), hidden, vocab, full_kl)
     options = dict(temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                    kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
-                   norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg)
+                   norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg,
+                   kl_ratio_weighted=kl_ratio_weighted)
     ref_head = (ref_weight, ref_bias) if full_kl else (None, None)
 
     if backend == "triton" and ratio_level == "token":
@@ -359,7 +362,8 @@ def linear_policy_loss(
         loss, out = _LinearPolicyLoss.apply(
             h, weight, bias, tokens_2d.reshape(-1)[rows], gather(weights), gather(ent_weights), gather(advantages),
             gather(old_logprobs), gather(ref_logprobs), gather(is_weights), rh, *ref_head, temperature, clip_low,
-            clip_high, math.inf if dual_clip is None else float(dual_clip), kl_coef, KL_KINDS[kl_used], chunk)
+            clip_high, math.inf if dual_clip is None else float(dual_clip), kl_coef, KL_KINDS[kl_used],
+            kl_ratio_weighted, chunk)
 
         def scatter(name: str) -> Tensor:
             full = torch.zeros(n_rows * n_time, dtype=torch.float32, device=hidden.device)

@@ -38,7 +38,7 @@ def policy_loss_op(
     logits: Tensor, tokens: Tensor, weights: Tensor, advantages: Tensor,
     old_logprobs: Tensor | None, ref_logprobs: Tensor | None, ref_logits: Tensor | None,
     is_weights: Tensor | None, entropy_weights: Tensor | None, temperature: float, clip_low: float,
-    clip_high: float, dual_clip: float, kl_coef: float, kl_kind: int, inplace_grad: bool,
+    clip_high: float, dual_clip: float, kl_coef: float, kl_kind: int, kl_ratio_weighted: bool, inplace_grad: bool,
 ) -> Tensor:
     """float32 (10, B, T) per-token outputs of the fused kernel, in the row order of
     rlops.kernels.policy_loss.ROW; differentiable through the "loss" row."""
@@ -46,18 +46,18 @@ def policy_loss_op(
 
     return policy_loss_fwd(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
                            is_weights, temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-                           entropy_weights)
+                           entropy_weights, kl_ratio_weighted)
 
 
 @policy_loss_op.register_fake
 def _(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits, is_weights, entropy_weights,
-      temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind, inplace_grad) -> Tensor:
+      temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind, kl_ratio_weighted, inplace_grad) -> Tensor:
     return logits.new_empty((10, *tokens.shape), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, tokens, *_ = inputs
-    ref_logits, temperature, inplace_grad = inputs[6], inputs[9], inputs[15]
+    ref_logits, temperature, inplace_grad = inputs[6], inputs[9], inputs[16]
     save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad)
 
 
@@ -68,7 +68,7 @@ def _backward(ctx, grad_out: Tensor):
     # Rows g_logp, g_entropy, g_kl hold d loss_t / d (logp, entropy, kl); the chain rule scales
     # them by each token's upstream gradient.
     grads = out[ROW["g_logp"]:ROW["g_kl"] + 1] * grad_out[ROW["loss"]]
-    return (grad_to_logits(ctx, grads),) + (None,) * 15
+    return (grad_to_logits(ctx, grads),) + (None,) * 16
 
 
 policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -141,7 +141,7 @@ class PolicyLossOutput:
 def check_options(
     temperature: float, clip_low: float, clip_high: float, dual_clip: float | None, kl_coef: float,
     kl_estimator: str, entropy_coef: float, loss_agg: str, norm_len: float | None, ratio_level: str,
-    inplace_grad: bool, entropy_agg: str | None = None,
+    inplace_grad: bool, entropy_agg: str | None = None, kl_ratio_weighted: bool = False,
 ) -> None:
     """Validates the scalar options of the policy loss (shared with PolicyLossConfig)."""
     check_positive_float("temperature", temperature)
@@ -158,8 +158,9 @@ def check_options(
         check_choice("entropy_agg", entropy_agg, reference.LOSS_AGGS)
     if norm_len is not None:
         check_float("norm_len", norm_len, gt=0.0)
-    if not isinstance(inplace_grad, bool):
-        raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
+    for name, flag in (("inplace_grad", inplace_grad), ("kl_ratio_weighted", kl_ratio_weighted)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
 
 
 def policy_loss(
@@ -183,6 +184,7 @@ def policy_loss(
     norm_len: float | None = None,
     ratio_level: str = "token",
     entropy_agg: str | None = None,
+    kl_ratio_weighted: bool = False,
     inplace_grad: bool = False,
     backend: str = "auto",
 ) -> PolicyLossOutput:
@@ -212,6 +214,8 @@ def policy_loss(
         ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO).
         entropy_agg: None (SPEC: the entropy term is aggregated with the rest by loss_agg) or
             a loss_agg mode for the entropy term alone (TRL's bonus is always "token-mean").
+        kl_ratio_weighted: multiply the KL term by the importance ratio, with its gradient
+            (DeepSeek-V3.2's unbiased KL gradient; TRL's use_bias_correction_kl).
         inplace_grad: write the gradient over the logits buffer (saves a (B, T, V) buffer);
             the logits must not be needed afterwards, and must not be a leaf tensor.
         backend: "auto", "triton", "cuda" or "torch" (see rlops.token_logprobs_and_entropy).
@@ -220,7 +224,7 @@ def policy_loss(
         PolicyLossOutput.
     """
     check_options(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
-                  norm_len, ratio_level, inplace_grad, entropy_agg)
+                  norm_len, ratio_level, inplace_grad, entropy_agg, kl_ratio_weighted)
     advantages, mask = _check_inputs(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits,
                                      is_weights)
     kl_used = resolve_kl(kl_coef, kl_estimator, ref_logprobs, ref_logits is not None, "ref_logits (B, T, V), the "
@@ -239,7 +243,8 @@ def policy_loss(
         dual = math.inf if dual_clip is None else float(dual_clip)
         out = policy_loss_op(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
                              is_weights, entropy_weights(mask, entropy_coef, entropy_agg or loss_agg, norm_len),
-                             temperature, clip_low, clip_high, dual, kl_coef, KL_KINDS[kl_used], inplace_grad)
+                             temperature, clip_low, clip_high, dual, kl_coef, KL_KINDS[kl_used], kl_ratio_weighted,
+                             inplace_grad)
         loss = out[ROW["loss"]].sum()
         per_token = [out[ROW[name]].detach() for name in ("logp", "entropy", "kl", "ratio")]
         return PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
@@ -249,7 +254,8 @@ def policy_loss(
     return composed_loss(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits, is_weights,
                          stats_fn, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                          dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                         loss_agg=loss_agg, norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg)
+                         loss_agg=loss_agg, norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg,
+                         kl_ratio_weighted=kl_ratio_weighted)
 
 
 def entropy_weights(mask: Tensor, entropy_coef: float, entropy_agg: str, norm_len: float | None) -> Tensor | None:
