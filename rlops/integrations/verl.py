@@ -1,0 +1,263 @@
+"""verl drop-ins: functions with verl's names, signatures and return conventions, backed by rlops.
+
+    from rlops.integrations import verl as rlops_verl
+    log_prob = rlops_verl.logprobs_from_logits(logits, labels)       # fused kernel, no float32 copies
+    advantages, returns = rlops_verl.compute_gae_advantage_return(rewards, values, mask, gamma, lam)
+
+Semantics are verl's (verl 0.9.1: verl/trainer/ppo/core_algos.py, verl/utils/torch_functional.py),
+including where they differ from SPEC.md: agg_loss excludes fully masked sequences from every
+sequence mean and takes verl's global-batch arguments; a GRPO group of one response gets
+advantage R / (1 + epsilon); GSPO's ratio carries gradient through each token's own log-prob.
+Two conventions differ from verl's, both at positions verl never reads: GAE's advantages and
+returns are 0 where response_mask is 0 (verl leaves running values there).
+
+The biggest win in verl is to compute the whole actor loss from the logits in one call,
+`rlops.policy_loss(logits, responses, advantages, mask=response_mask, ...)`; these drop-ins
+keep verl's structure for callers who want to swap one function at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..advantages import gae, group_advantages, masked_whiten
+from ..ops.token_stats import token_logprobs_and_entropy, token_stats_op
+
+CLIP_RATIO_C = 3.0  # verl's default dual-clip bound
+
+
+def _config(config: Any, name: str, default: Any = None) -> Any:
+    """A field of verl's ActorConfig / DictConfig, or of a plain dict or object."""
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    getter = getattr(config, "get", None)
+    if callable(getter):
+        try:
+            return getter(name, default)
+        except TypeError:
+            pass
+    return getattr(config, name, default)
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum()
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True, *,
+                         backend: str = "auto") -> Tensor:
+    """verl's `logprobs_from_logits`: log softmax(logits) at labels, one fused pass over the vocabulary.
+
+    logits (..., V), labels (...). With inplace_backward (verl's default, as its flash-attn
+    path), the backward writes the gradient over logits produced by an operation; autograd
+    sees the overwrite, so code that still needs those logits fails loudly instead of
+    reading gradients. backend: as `rlops.token_logprobs` (the in-place backward needs the
+    kernels: "triton", or "auto" on CUDA).
+    """
+    from ..ops.token_stats import _prepare
+
+    temperature, backend = _prepare(logits, labels, 1.0, backend)
+    inplace = inplace_backward and logits.requires_grad and not logits.is_leaf
+    if backend == "torch":
+        return reference.token_logprobs(logits, labels).float()
+    return token_stats_op(logits, labels, None, None, temperature, inplace)[0]
+
+
+def entropy_from_logits(logits: Tensor, *, backend: str = "auto") -> Tensor:
+    """verl's `entropy_from_logits`: the entropy of softmax(logits) per row, from the fused kernel."""
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return token_logprobs_and_entropy(logits, tokens, backend=backend)[1]
+
+
+def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1,
+             batch_num_tokens: float | None = None, global_batch_size: float | None = None,
+             loss_scale_factor: float | None = None) -> Tensor:
+    """verl's `agg_loss`: token-mean, token-sum, seq-mean-token-sum(-norm), seq-mean-token-mean.
+
+    Global-batch arguments as verl: batch_num_tokens / global_batch_size are the totals across
+    data-parallel ranks, dp_size undoes the gradient averaging; fully masked sequences are
+    excluded from the sequence means.
+    """
+    mask = loss_mask.to(loss_mat.dtype)
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+            batch_num_tokens = mask.sum()
+        return (loss_mat * mask).sum() / batch_num_tokens * dp_size
+    if loss_agg_mode == "token-sum":
+        return (loss_mat * mask).sum() * dp_size
+    if loss_agg_mode not in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+    counts = mask.sum(-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_losses = (loss_mat * mask).sum(-1) / (counts + 1e-8)
+    else:
+        seq_losses = (loss_mat * mask).sum(-1)
+    seq_mask = (counts > 0).to(loss_mat.dtype)
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        global_batch_size = seq_mask.sum()
+    loss = (seq_losses * seq_mask).sum() / global_batch_size * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
+
+
+_KL_NAMES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    """verl's `kl_penalty`: k1 ("kl"), k2 ("mse"), k3 ("low_var_kl"), and their "+" forms (the
+    value of the estimator with the gradient of k2, an unbiased KL gradient)."""
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    if base not in _KL_NAMES:
+        raise ValueError(f"kl_penalty {kl_penalty!r} is not covered by rlops (k1/kl, k2/mse, k3/low_var_kl and "
+                         "their '+' forms are)")
+    value = reference.kl_penalty(logprob, ref_logprob, _KL_NAMES[base])
+    if not kl_penalty.endswith("+") or base in ("mse", "k2"):
+        return value
+    backward = 0.5 * (logprob - ref_logprob).square()
+    return backward - backward.detach() + value.detach()
+
+
+def _clip_ratios(config: Any) -> tuple[float, float]:
+    clip_ratio = _config(config, "clip_ratio", 0.2)
+    low, high = _config(config, "clip_ratio_low"), _config(config, "clip_ratio_high")
+    return (clip_ratio if low is None else low), (clip_ratio if high is None else high)
+
+
+def _metrics(clipfrac: Tensor, ppo_kl: Tensor, clipfrac_lower: Tensor) -> dict[str, float]:
+    return {"actor/pg_clipfrac": clipfrac.detach().item(), "actor/ppo_kl": ppo_kl.detach().item(),
+            "actor/pg_clipfrac_lower": clipfrac_lower.detach().item()}
+
+
+def _dual_clip(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor, low: float,
+               high: float, clip_ratio_c: float, rollout_is_weights: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token dual-clip PPO losses and verl's (pg_clipfrac, ppo_kl, pg_clipfrac_lower)."""
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {clip_ratio_c}")
+    mask = response_mask.to(log_prob.dtype)
+    log_r = reference.log_ratio(log_prob, old_log_prob, response_mask.bool())
+    pg, ratio, clipped_low, clipped_high = reference.clipped_surrogate(log_r, advantages, low, high, clip_ratio_c,
+                                                                       rollout_is_weights)
+    undual = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high))
+    clipfrac_lower = _masked_mean(((undual > -advantages * clip_ratio_c) & (advantages < 0)).to(mask.dtype), mask)
+    clipfrac = _masked_mean((clipped_low | clipped_high).to(mask.dtype), mask)
+    return pg, clipfrac, _masked_mean(-log_r.detach(), mask), clipfrac_lower
+
+
+def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                loss_agg_mode: str = "token-mean", config: Any = None,
+                                rollout_is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """verl's PPO policy loss with dual clip (clip_ratio_c): returns (pg_loss, metrics).
+
+    config: verl's ActorConfig, or anything with clip_ratio, clip_ratio_low/high, clip_ratio_c
+    and global_batch_info (the agg_loss keywords).
+    """
+    low, high = _clip_ratios(config)
+    pg, clipfrac, ppo_kl, clipfrac_lower = _dual_clip(old_log_prob, log_prob, advantages, response_mask, low, high,
+                                                      _config(config, "clip_ratio_c", CLIP_RATIO_C),
+                                                      rollout_is_weights)
+    loss = agg_loss(pg, response_mask, loss_agg_mode, **(_config(config, "global_batch_info") or {}))
+    return loss, _metrics(clipfrac, ppo_kl, clipfrac_lower)
+
+
+def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                        cliprange: float | None = None, cliprange_low: float | None = None,
+                        cliprange_high: float | None = None, clip_ratio_c: float = CLIP_RATIO_C,
+                        loss_agg_mode: str = "token-mean") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """verl's older `compute_policy_loss` (dual-clip PPO with explicit clip ranges): returns the
+    tensors (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)."""
+    low = cliprange if cliprange_low is None else cliprange_low
+    high = cliprange if cliprange_high is None else cliprange_high
+    if low is None or high is None:
+        raise ValueError("cliprange (or both cliprange_low and cliprange_high) is required")
+    pg, clipfrac, ppo_kl, clipfrac_lower = _dual_clip(old_log_prob, log_prob, advantages, response_mask, low, high,
+                                                      clip_ratio_c, None)
+    return agg_loss(pg, response_mask, loss_agg_mode), clipfrac, ppo_kl, clipfrac_lower
+
+
+def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config: Any = None,
+                             rollout_is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """verl's GSPO policy loss: the sequence ratio's value, each token's gradient through its own
+    log-prob (s_i,t = sg[s_i] * pi / sg[pi]), clipped and aggregated by loss_agg_mode."""
+    low, high = _clip_ratios(config)
+    mask = response_mask.to(log_prob.dtype)
+    diff = log_prob - old_log_prob
+    seq = (diff * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    log_r = torch.clamp(log_prob - log_prob.detach() + seq.detach().unsqueeze(-1), max=reference.SEQ_LOG_RATIO_MAX)
+    pg, _, clipped_low, clipped_high = reference.clipped_surrogate(log_r, advantages, low, high, None,
+                                                                   rollout_is_weights)
+    loss = agg_loss(pg, response_mask, loss_agg_mode, **(_config(config, "global_batch_info") or {}))
+    clipfrac = _masked_mean((clipped_low | clipped_high).to(mask.dtype), mask)
+    return loss, _metrics(clipfrac, _masked_mean(-diff.detach(), mask), torch.zeros((), device=loss.device))
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
+    "vanilla": compute_policy_loss_vanilla,
+    "gspo": compute_policy_loss_gspo,
+}
+
+
+def get_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+    """verl's `get_policy_loss_fn` for the losses rlops covers ("vanilla", "gspo")."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"policy loss {name!r} is not covered by rlops; covered: {', '.join(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor,
+                                 gamma: float | Tensor, lam: float | Tensor, *,
+                                 backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """verl's `compute_gae_advantage_return`: (whitened advantages, returns), each (B, T).
+
+    GAE runs as rlops' reverse-scan kernel on CUDA; masked positions (multi-turn observation
+    tokens) carry the running values through, as verl's loop does. backend: as `rlops.gae`.
+    """
+    with torch.no_grad():
+        adv, returns = gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam),
+                           backend=backend)
+        return masked_whiten(adv, response_mask), returns
+
+
+def compute_grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index: Any,
+                                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                   config: Any = None) -> tuple[Tensor, Tensor]:
+    """verl's `compute_grpo_outcome_advantage`: (advantages, returns), both the group-relative score
+    broadcast over response_mask. index: (B,) group labels of any kind (verl's uid array)."""
+    import numpy as np
+
+    scores = token_level_rewards.sum(dim=-1).to(torch.float32)
+    labels = np.unique(np.asarray(index), return_inverse=True)[1].reshape(-1)
+    ids = torch.as_tensor(labels, device=scores.device)
+    with torch.no_grad():
+        adv = group_advantages(scores, group_ids=ids, scale_by_std=norm_adv_by_std_in_grpo, eps=epsilon)
+        # verl gives a group of one mean 0 and std 1 rather than an advantage of 0.
+        alone = torch.bincount(ids)[ids] == 1
+        adv = torch.where(alone, scores / (1 + epsilon) if norm_adv_by_std_in_grpo else scores, adv)
+        adv = adv.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+__all__ = [
+    "agg_loss",
+    "compute_gae_advantage_return",
+    "compute_grpo_outcome_advantage",
+    "compute_policy_loss",
+    "compute_policy_loss_gspo",
+    "compute_policy_loss_vanilla",
+    "entropy_from_logits",
+    "get_policy_loss_fn",
+    "kl_penalty",
+    "logprobs_from_logits",
+]
