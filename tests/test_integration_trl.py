@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_grad_close, assert_values_close
+from helpers import DEVICE, assert_grad_close, assert_values_close
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
@@ -200,25 +200,26 @@ def test_options_rlops_cannot_honour_are_refused(config: dict, match: str, tiny_
         rlops_trl.patch(trainer, path="fused")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_selective_log_softmax_and_entropy_equal_trl(temperature: float) -> None:
+def test_selective_log_softmax_and_entropy_equal_trl(temperature: float, backend: str) -> None:
     from trl.trainer import utils as trl_utils
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 50, generator=g) * 3
-    index = torch.randint(0, 50, (3, 5), generator=g)
-    row_mask = torch.rand(3, 5, generator=g) > 0.3
+    logits = (torch.randn(3, 5, 50, generator=g) * 3).to(DEVICE)
+    index = torch.randint(0, 50, (3, 5), generator=g).to(DEVICE)
+    row_mask = (torch.rand(3, 5, generator=g) > 0.3).to(DEVICE)
     for args in ((index,), (index, temperature, row_mask)):
         ours_x, theirs_x = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
         kwargs = {} if len(args) == 1 else {"temperature": args[1], "row_mask": args[2]}
-        ours = rlops_trl.selective_log_softmax(ours_x, index, **kwargs)
+        ours = rlops_trl.selective_log_softmax(ours_x, index, **kwargs, backend=backend)
         theirs = trl_utils.selective_log_softmax(theirs_x, index, **kwargs)
         assert_values_close(ours, theirs)
-        w = torch.randn(3, 5, generator=g)
+        w = torch.randn(3, 5, generator=g).to(DEVICE)
         (ours * w).sum().backward()
         (theirs * w).sum().backward()
         assert_grad_close(ours_x.grad, theirs_x.grad)
-    top_k = torch.randint(0, 50, (3, 5, 4), generator=g)
-    assert_values_close(rlops_trl.selective_log_softmax(logits, top_k, temperature),
+    top_k = torch.randint(0, 50, (3, 5, 4), generator=g).to(DEVICE)
+    assert_values_close(rlops_trl.selective_log_softmax(logits, top_k, temperature, backend=backend),
                         trl_utils.selective_log_softmax(logits, top_k, temperature))
-    assert_values_close(rlops_trl.entropy_from_logits(logits), trl_utils.entropy_from_logits(logits))
+    assert_values_close(rlops_trl.entropy_from_logits(logits, backend=backend), trl_utils.entropy_from_logits(logits))

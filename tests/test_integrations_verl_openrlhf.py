@@ -4,12 +4,14 @@ Neither project installs on a CPU machine beside this one (verl 0.9.1 needs ray 
 transformers < 5.11; OpenRLHF 0.11.2 needs flash-attn, deepspeed and ray), so the functions
 are restated here from their source:
 
-- verl 0.9.1 (PyPI wheel): verl/trainer/ppo/core_algos.py (agg_loss, kl_penalty,
-  kl_penalty_forward, compute_policy_loss_vanilla, compute_policy_loss_gspo,
+- verl 0.9.1 (git tag v0.9.1; PyPI wheel verl-0.9.1-py3-none-any.whl, sha256 db6e6f2a8d9d5808...):
+  verl/trainer/ppo/core_algos.py (agg_loss, kl_penalty, kl_penalty_forward, compute_policy_loss,
+  compute_policy_loss_vanilla, compute_policy_loss_gspo,
   compute_gae_advantage_return, compute_grpo_outcome_advantage) and
   verl/utils/torch_functional.py (logprobs_from_logits_v2, entropy_from_logits, masked_mean,
   masked_var, masked_whiten).
-- OpenRLHF 0.11.2 (PyPI wheel): openrlhf/models/loss.py (aggregate_loss, PolicyLoss, ValueLoss)
+- OpenRLHF 0.11.2 (git tag v0.11.2; PyPI wheel openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl,
+  sha256 c969d70db03a7072...): openrlhf/models/loss.py (aggregate_loss, PolicyLoss, ValueLoss)
   and openrlhf/models/utils.py (compute_approx_kl, log_probs_from_logits, masked_mean).
 """
 

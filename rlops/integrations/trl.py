@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import hf
+from .._validation import check_choice
+from ..ops._backend import BACKENDS
 from ..ops.linear_policy_loss import linear_policy_loss
 from ..ops.policy_loss import policy_loss
 from ..ops.token_stats import token_stats_op
@@ -41,18 +43,20 @@ MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0,
-                          row_mask: Tensor | None = None) -> Tensor:
+                          row_mask: Tensor | None = None, *, backend: str = "auto") -> Tensor:
     """TRL's `selective_log_softmax`: log_softmax(logits / temperature) gathered at `index`.
 
     logits (..., V); index (...) or (..., K); row_mask (...) of index's leading shape, rows with 0
     return 0 (and are not read). Float32 output of index's shape, differentiable. One index per
     row runs the fused kernel; K indices per row fall back to a chunked PyTorch evaluation.
+    backend: as `rlops.token_logprobs`.
     """
     from ..ops.token_stats import _prepare
 
     if index.dim() == logits.dim():  # (..., K): several ids per row
+        check_choice("backend", backend, BACKENDS)
         return _select_k(logits, index, temperature, row_mask)
-    temperature, backend = _prepare(logits, index, temperature, "auto")
+    temperature, backend = _prepare(logits, index, temperature, backend)
     if backend == "torch":
         logp = _reference_logprobs(logits, index, temperature).float()
         return logp if row_mask is None else logp.masked_fill(row_mask == 0, 0.0)
@@ -68,16 +72,16 @@ def _select_k(logits: Tensor, index: Tensor, temperature: float, row_mask: Tenso
     return out if row_mask is None else out.masked_fill((row_mask == 0).unsqueeze(-1), 0.0)
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128, *, backend: str = "auto") -> Tensor:
     """TRL's `entropy_from_logits`: the entropy of softmax(logits) per row, float32 of logits.shape[:-1].
 
     chunk_size is accepted for TRL's signature; the fused kernel reads each row once and needs no
-    chunking.
+    chunking. backend: as `rlops.token_logprobs_and_entropy`.
     """
     from ..ops.token_stats import token_logprobs_and_entropy
 
     tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return token_logprobs_and_entropy(logits, tokens)[1]
+    return token_logprobs_and_entropy(logits, tokens, backend=backend)[1]
 
 
 def _unsupported(trainer: Any) -> list[str]:

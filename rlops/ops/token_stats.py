@@ -84,12 +84,18 @@ def save_for_grad(ctx, logits: Tensor, tokens: Tensor, stats: Tensor, ref_logits
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, tokens, ref_logits, _mask, temperature, inplace_grad = inputs
+    logits, tokens, ref_logits, mask, temperature, inplace_grad = inputs
     save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad)
+    ctx.row_mask = mask
 
 
 def _backward(ctx, grad_stats: Tensor):
-    return grad_to_logits(ctx, grad_stats[:3]), None, None, None, None, None
+    grads = grad_stats[:3]
+    if ctx.row_mask is not None:
+        # The forward never read masked rows, so their saved stats are not a distribution's:
+        # their outputs are constant 0, and zero upstream gradients make the kernel skip them.
+        grads = torch.where(ctx.row_mask != 0, grads, 0.0)
+    return grad_to_logits(ctx, grads), None, None, None, None, None
 
 
 token_stats_op.register_autograd(_backward, setup_context=_setup_context)
