@@ -13,6 +13,9 @@ importance_sampling_level token or sequence; use_bias_correction_kl; vLLM's
 importance-sampling correction; num_items_in_batch (dapo); the static entropy bonus;
 gradient accumulation. Anything else
 TRL offers raises a ValueError when patching, rather than being silently dropped.
+
+Two places keep SPEC.md's arithmetic where TRL's differs: grpo's sequence mean leaves out
+completions with no valid token (TRL counts them as 0), and k3 is clamped (TRL's is not).
 """
 
 from __future__ import annotations
