@@ -1,1 +1,1 @@
-"""rlops benchmarks: `python -m bench --help` (see bench/README.md)."""
+"""rlops benchmarks, installed as rlops.bench: `rlops bench --help` (see bench/README.md)."""

@@ -25,6 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PHASES = ("fwd", "bwd", "fwd_bwd")
+
+
 class Skip(Exception):
     """A provider that cannot run here (not installed, unsupported shape); the reason is printed."""
 
@@ -35,7 +38,7 @@ class Record:
     provider: str
     shape: dict[str, int]
     dtype: str
-    ms: dict[str, float | None] = field(default_factory=dict)
+    ms: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(PHASES))
     bytes: int = 0
     gbps: float | None = None
     frac_copy_bw: float | None = None
@@ -57,6 +60,19 @@ def compiled_provider(fn: Callable) -> Callable:
         if compiled is None:
             compiled = torch.compile(fn)
         return compiled(*args)
+
+    return run
+
+
+def rlops_cuda(fn: Callable) -> Callable:
+    """A provider running rlops' CUDA C++ backend: skipped, with the reason, where it is not built."""
+    from rlops.ops._backend import cuda_backend_unavailable
+
+    def run(*args: object) -> object:
+        reason = cuda_backend_unavailable()
+        if reason is not None:
+            raise Skip(reason)
+        return fn(*args)
 
     return run
 
@@ -141,22 +157,25 @@ def peak_memory(fn: Callable[[], object]) -> int | None:
     return int(torch.cuda.max_memory_allocated())
 
 
-def results_paths(out_dir: Path, env: dict[str, object]) -> tuple[Path, Path, Path]:
+def default_out_dir(device: str) -> Path:
+    """bench/results/<gpu-name>/ of this checkout; ./bench-results/<gpu-name>/ for an installed rlops."""
+    checkout = (ROOT / "setup.py").is_file() and Path(__file__).parent.name == "bench"
+    return (ROOT / "bench" / "results" if checkout else Path.cwd() / "bench-results") / slug(device)
+
+
+def results_stem(env: dict[str, object]) -> str:
     stamp = str(env["date"]).replace(":", "").replace("-", "")[:15]
-    stem = f"{stamp}-{str(env['commit']).replace('+', '-')}"
-    return out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
+    return f"{stamp}-{str(env['commit']).replace('+', '-')}"
 
 
 def write_results(run: dict[str, object], out_dir: Path) -> list[Path]:
-    """Writes the run's JSON, then the markdown table and plot generated from that JSON."""
+    """Writes the run's JSON, then the markdown table and one plot per op generated from that JSON."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = results_paths(out_dir, run)
+    stem = results_stem(run)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(run, indent=1) + "\n")
     md_path.write_text(markdown_table(run))
-    written = [json_path, md_path]
-    if plot(run, png_path):
-        written.append(png_path)
-    return written
+    return [json_path, md_path, *plots(run, out_dir, stem)]
 
 
 # The framework code each op's speed-up is measured against.
@@ -192,7 +211,7 @@ def markdown_table(run: dict[str, object]) -> str:
             if r["provider"] in names and _total_ms(r):
                 best[key] = min(best.get(key, float("inf")), _total_ms(r))
     for r in records:
-        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        shape = shape_text(r["shape"])
         ms = r["ms"]
         if r.get("error"):
             lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['provider']} | {r['error']} "
@@ -212,47 +231,80 @@ def markdown_table(run: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _case(r: dict[str, object]) -> str:
-    return f"{r['op']}\n" + " ".join(f"{k}={v}" for k, v in r["shape"].items())
+def shape_text(shape: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
-def plot(run: dict[str, object], path: Path) -> bool:
-    """Forward+backward time and extra memory per case and provider; False without matplotlib."""
+def _extra_gb(r: dict[str, object]) -> float | None:
+    return None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 1e9
+
+
+def _sweeps(records: list[dict[str, object]]) -> list[tuple[str, dict[str, int], list[dict[str, object]]]]:
+    """(axis, fixed dims, records) for each shape key that varies with the other dims held fixed:
+    the slice with the most points along it, ties to the largest fixed dims."""
+    sweeps = []
+    for axis in records[0]["shape"]:
+        slices: dict[tuple, list[dict[str, object]]] = {}
+        for r in records:
+            fixed = tuple((k, v) for k, v in r["shape"].items() if k != axis)
+            slices.setdefault(fixed, []).append(r)
+        fixed, chosen = max(slices.items(), key=lambda kv: (len({r["shape"][axis] for r in kv[1]}), kv[0]))
+        if len({r["shape"][axis] for r in chosen}) > 1:
+            sweeps.append((axis, dict(fixed), chosen))
+    return sweeps
+
+
+def plots(run: dict[str, object], out_dir: Path, stem: str) -> list[Path]:
+    """Per op, time and extra memory against each swept shape dimension (N, V, ...) per provider,
+    or per shape as bars where no dimension is swept; written as <stem>-<op>.png."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot written")
-        return False
-    records = [r for r in run["records"] if not r.get("error")]
-    if not records:
-        return False
-    cases = list(dict.fromkeys(_case(r) for r in records))
-    providers = list(dict.fromkeys(r["provider"] for r in records))
-    panels = [
-        ("fwd+bwd, or fwd alone (ms)", _total_ms),
-        ("extra peak memory (GB)", lambda r: None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 1e9),
-    ]
-    panels = [(label, value) for label, value in panels if any(value(r) for r in records)]
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
-                             figsize=(max(8.0, 1.5 * len(cases) * len(providers) / 3), 4 * len(panels)))
-    axes = axes[:, 0]
-    width = 0.8 / len(providers)
-    for ax, (label, value) in zip(axes, panels, strict=True):
-        for k, provider in enumerate(providers):
-            points = [(cases.index(_case(r)), value(r)) for r in records
-                      if r["provider"] == provider and value(r) is not None]
-            offset = (k - (len(providers) - 1) / 2) * width
-            ax.bar([x + offset for x, _ in points], [y for _, y in points], width, label=provider)
-        ax.set_xticks(range(len(cases)), cases, fontsize=7)
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        print("matplotlib is not installed: no plots written")
+        return []
+    written = []
     smoke = " - CPU smoke run, no timing claims" if run["device"] == "cpu" else ""
-    axes[0].set_title(f"{run['device']} ({run['commit']}){smoke}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    for op in dict.fromkeys(r["op"] for r in run["records"]):
+        records = [r for r in run["records"] if r["op"] == op and not r.get("error")]
+        if not records:
+            continue
+        rows = [("time (ms): fwd+bwd, or fwd alone", _total_ms)]
+        if any(_extra_gb(r) is not None for r in records):
+            rows.append(("extra peak memory (GB)", _extra_gb))
+        panels = _sweeps(records) or [(None, {}, records)]
+        fig, axes = plt.subplots(len(rows), len(panels), squeeze=False,
+                                 figsize=(5.5 * len(panels), 3.8 * len(rows)))
+        for col, (axis, fixed, chosen) in enumerate(panels):
+            providers = list(dict.fromkeys(r["provider"] for r in chosen))
+            for row, (label, value) in enumerate(rows):
+                ax = axes[row, col]
+                if axis is None:
+                    names = list(dict.fromkeys(shape_text(r["shape"]) for r in chosen))
+                    width = 0.8 / len(providers)
+                    for k, provider in enumerate(providers):
+                        pts = [(names.index(shape_text(r["shape"])), value(r))
+                               for r in chosen if r["provider"] == provider and value(r) is not None]
+                        offset = (k - (len(providers) - 1) / 2) * width
+                        ax.bar([x + offset for x, _ in pts], [y for _, y in pts], width, label=provider)
+                    ax.set_xticks(range(len(names)), names, fontsize=8)
+                else:
+                    for provider in providers:
+                        pts = sorted((r["shape"][axis], value(r)) for r in chosen
+                                     if r["provider"] == provider and value(r) is not None)
+                        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=provider)
+                    ax.set_xscale("log", base=2)
+                    ax.set_xlabel(f"{axis}  ({shape_text(fixed)})" if fixed else axis)
+                ax.set_ylabel(label)
+                if row == 0:  # times span decades; extra memory can be 0 or negative (in-place providers)
+                    ax.set_yscale("log")
+                ax.legend(fontsize=7)
+        fig.suptitle(f"{op} on {run['device']} ({run['commit']}){smoke}")
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{op}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -12,7 +12,7 @@ import torch
 
 from rlops import baselines, gae
 
-from .common import Skip, compiled_provider
+from .common import Skip, compiled_provider, rlops_cuda
 
 OP = "gae"
 SHAPE_KEYS = ("B", "T")
@@ -55,6 +55,8 @@ PROVIDERS: dict[str, Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, tor
     "python-loop": _loop,
     "torch-compile": _torch_compile,
     "rlops-triton": lambda i: gae(i["rewards"], i["values"], i["mask"], gamma=GAMMA, lam=LAM, backend="triton"),
+    "rlops-cuda": rlops_cuda(lambda i: gae(i["rewards"], i["values"], i["mask"], gamma=GAMMA, lam=LAM,
+                                           backend="cuda")),
 }
 
 

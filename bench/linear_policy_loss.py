@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from rlops import baselines, linear_policy_loss
 
-from .common import Skip
+from .common import Skip, rlops_cuda
 
 OP = "linear_policy_loss"
 SHAPE_KEYS = ("N", "V", "H")
@@ -101,10 +101,13 @@ def _cce(h: torch.Tensor, w: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.
     return (per_token * mask).sum() / mask.sum()
 
 
-def _rlops(h: torch.Tensor, w: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
-    return linear_policy_loss(h, w, i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
-                              ref_logprobs=i["ref_logprobs"], kl_coef=BETA, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
-                              backend="triton").loss
+def _rlops(backend: str) -> Callable[..., torch.Tensor]:
+    def run(h: torch.Tensor, w: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
+        return linear_policy_loss(h, w, i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
+                                  ref_logprobs=i["ref_logprobs"], kl_coef=BETA, clip_low=CLIP_LOW,
+                                  clip_high=CLIP_HIGH, backend=backend).loss
+
+    return run
 
 
 PROVIDERS: dict[str, Callable[..., torch.Tensor]] = {
@@ -112,7 +115,8 @@ PROVIDERS: dict[str, Callable[..., torch.Tensor]] = {
     "eager-trl": _eager,
     "liger": _liger,
     "cce": _cce,
-    "rlops-triton": _rlops,
+    "rlops-triton": _rlops("triton"),
+    "rlops-cuda": rlops_cuda(_rlops("cuda")),
 }
 
 

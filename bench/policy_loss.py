@@ -17,7 +17,7 @@ import torch
 
 from rlops import baselines, policy_loss
 
-from .common import Skip, compiled_provider
+from .common import Skip, compiled_provider, rlops_cuda
 
 OP = "policy_loss"
 SHAPES = [(16384, 32000), (16384, 151936)]
@@ -71,12 +71,12 @@ def _liger(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss
 
 
-def _rlops(inplace: bool) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+def _rlops(inplace: bool, backend: str = "triton") -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
     def run(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
         return policy_loss(x[:, :-1], i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
                            ref_logprobs=i["ref_logprobs"], kl_coef=BETA, kl_estimator="k3", clip_low=CLIP_LOW,
                            clip_high=CLIP_HIGH, loss_agg="token-mean", inplace_grad=inplace,
-                           backend="triton").loss
+                           backend=backend).loss
 
     return run
 
@@ -88,6 +88,7 @@ PROVIDERS: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Ten
     "liger": _liger,
     "rlops-triton": _rlops(inplace=False),
     "rlops-triton-inplace": _rlops(inplace=True),
+    "rlops-cuda": rlops_cuda(_rlops(inplace=False, backend="cuda")),
 }
 # Providers that write the gradient over the logits: no gradient buffer of their own.
 INPLACE = {"liger", "rlops-triton-inplace"}

@@ -1,9 +1,11 @@
-"""The benchmark driver: every op, provider and shape; one JSON per run plus its table and plot."""
+"""The benchmark driver (`rlops bench`): every op, provider and shape; one JSON per run, plus a
+markdown table and per-op plots generated from it."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -44,16 +46,31 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def case_dtype(module: ModuleType, dtype: torch.dtype) -> torch.dtype:
+    """The op's own input dtype where it has one (gae: float32), else the run's."""
+    return getattr(module, "DTYPE", dtype)
+
+
+def case_steps(module: ModuleType, provider: str, shape: tuple[int, ...], dtype: torch.dtype
+               ) -> tuple[dict[str, torch.Tensor], Callable[[], object], Callable[[], object] | None]:
+    """(inputs, forward, forward+backward or None) of one case: the setup shared by the speed
+    and memory runs and by the pytest-benchmark cases."""
+    inputs = module.setup(*shape, case_dtype(module, dtype), device())
+    return (inputs, *module.make_step(provider, inputs))
+
+
 def run_case(module: ModuleType, provider: str, shape: tuple[int, ...], dtype: torch.dtype, copy_bw: float) -> Record:
     """Times one provider on one shape; ops without a backward (gae) time the forward alone."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(module, "DTYPE", dtype)
+    dtype = case_dtype(module, dtype)
     keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
     rec = Record(module.OP, provider, dict(zip(keys, shape, strict=True)), str(dtype).removeprefix("torch."))
     phase = "fwd"
     try:
-        inputs = module.setup(*shape, dtype, device)
-        forward, forward_backward = module.make_step(provider, inputs)
+        inputs, forward, forward_backward = case_steps(module, provider, shape, dtype)
         measured = forward_backward or forward
         phase = "fwd" if forward_backward is None else "fwd_bwd"
         _free()
@@ -81,15 +98,22 @@ def run_case(module: ModuleType, provider: str, shape: tuple[int, ...], dtype: t
     return rec
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--providers", nargs="+", help="default: every provider of each op")
     parser.add_argument("--shapes", help="NxV[,NxV...] or 'all' (default: each op's headline shape)")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, no timing claims")
-    parser.add_argument("--out", type=Path, help="default: bench/results/<gpu-name>/")
+    parser.add_argument("--out", type=Path, help="default: bench/results/<gpu-name>/ of this checkout")
+    parser.add_argument("--list", action="store_true", help="print the ops, their providers and shapes, and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        for name, module in OPS.items():
+            keys = "x".join(getattr(module, "SHAPE_KEYS", ("N", "V")))
+            shapes = ", ".join("x".join(map(str, s)) for s in module.SHAPES)
+            print(f"{name}: providers {', '.join(module.PROVIDERS)}; shapes ({keys}) {shapes}")
+        return 0
 
     env = common.environment()
     print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
@@ -109,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for i, (module, provider, shape) in enumerate(plan, 1):
         keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
-        dims = " ".join(f"{k}={v}" for k, v in zip(keys, shape, strict=True))
-        label = f"[{i}/{len(plan)}] {module.OP} {provider} {dims}"
+        label = f"[{i}/{len(plan)}] {module.OP} {provider} {common.shape_text(dict(zip(keys, shape, strict=True)))}"
         try:
             rec = run_case(module, provider, shape, DTYPES[args.dtype], env["copy_bandwidth_gbps"])
         except Skip as reason:
@@ -120,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         if rec.error:
             print(f"{label}: {rec.error}", flush=True)
         else:
-            times = ", ".join(f"{k.replace('_', '+')} {v:.3f} ms" for k, v in rec.ms.items())
+            times = ", ".join(f"{k.replace('_', '+')} {v:.3f} ms" for k, v in rec.ms.items() if v is not None)
             rate = f"{rec.tflops:.0f} TFLOP/s" if rec.tflops is not None else f"{rec.gbps:.0f} GB/s"
             print(f"{label}: {times}, {rate}", flush=True)
 
     run = {**env, "records": [vars(r) for r in records]}
-    out_dir = args.out or common.ROOT / "bench" / "results" / common.slug(str(env["device"]))
+    out_dir = args.out or common.default_out_dir(str(env["device"]))
     for path in common.write_results(run, out_dir):
         print(f"wrote {path}")
     print(common.markdown_table(run))

@@ -13,7 +13,7 @@ import torch
 
 from rlops import baselines, token_logprobs_and_entropy
 
-from .common import Skip, compiled_provider
+from .common import Skip, compiled_provider, rlops_cuda
 
 OP = "token_stats"
 SHAPES = [(n, v) for n in (4096, 16384, 65536) for v in (32000, 128256, 151936, 248320)]
@@ -48,12 +48,26 @@ def _trl_triton(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tenso
     return selective_log_softmax_and_entropy(logits, tokens)
 
 
-PROVIDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+def _flash_attn(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """flash-attn's Triton cross-entropy: log-probs only (it has no entropy), so less work."""
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+    except ImportError as e:
+        raise Skip(f"flash-attn's Triton cross-entropy is not importable ({e})") from e
+    if not logits.is_cuda:
+        raise Skip("flash-attn runs on CUDA only")
+    losses, _ = cross_entropy_loss(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    return -losses.view(tokens.shape), None
+
+
+PROVIDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]] = {
     "eager-trl": _trl_style,
     "eager-verl": lambda x, t: baselines.eager_token_stats(x, t, style="verl"),
     "torch-compile": compiled_provider(_trl_style),
     "trl-triton": _trl_triton,
+    "flash-attn": _flash_attn,
     "rlops-triton": lambda x, t: token_logprobs_and_entropy(x, t, backend="triton"),
+    "rlops-cuda": rlops_cuda(lambda x, t: token_logprobs_and_entropy(x, t, backend="cuda")),
 }
 
 
@@ -73,7 +87,8 @@ def make_step(provider: str, inputs: dict[str, torch.Tensor]) -> tuple[Callable,
 
     def forward() -> torch.Tensor:
         logp, ent = fn(logits, tokens)
-        return (logp.float() * w_logp).sum() + (ent.float() * w_ent).sum()
+        loss = (logp.float() * w_logp).sum()
+        return loss if ent is None else loss + (ent.float() * w_ent).sum()
 
     def forward_backward() -> torch.Tensor:
         return torch.autograd.grad(forward(), logits)[0]

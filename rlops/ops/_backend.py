@@ -20,16 +20,21 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
+def cuda_backend_unavailable() -> str | None:
+    """Why backend="cuda" cannot run here, or None when it can."""
+    return ("backend='cuda' needs the rlops._C extension built from csrc/, which this version "
+            "does not provide yet; use backend='triton' (or 'auto')")
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The concrete backend ("triton" or "torch") that runs an op on tensors like x."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         return "triton" if x.is_cuda and TRITON_AVAILABLE else "torch"
     if backend == "cuda":
-        raise NotImplementedError(
-            "backend='cuda' needs the rlops._C extension built from csrc/, which this version "
-            "does not provide yet; use backend='triton' (or 'auto')"
-        )
+        reason = cuda_backend_unavailable()
+        if reason is not None:
+            raise NotImplementedError(reason)
     if backend == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package (Linux only): pip install triton")
