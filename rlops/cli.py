@@ -1,15 +1,22 @@
 """The `rlops` command (also `python -m rlops`).
 
-    rlops bench [--ops ...] [--quick] [--out DIR]    GPU benchmarks of the fused ops (bench/README.md)
+    rlops train r1-toy --out DIR                  cold-start SFT -> GRPO -> rejection sampling + SFT -> evaluation
+    rlops train sft | reward | grpo | ppo         one trainer on the built-in arithmetic task
+    rlops bench [--ops ...] [--quick] [--out DIR] GPU benchmarks of the fused ops (bench/README.md)
 
 Each subcommand has its own --help.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def _bench(argv: list[str]) -> int:
@@ -24,7 +31,116 @@ def _bench(argv: list[str]) -> int:
     return main(argv, prog="rlops bench")
 
 
+def _add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One --option per field of the config dataclass cls, with its default and type."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help="(default: %(default)s)")
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        parser.add_argument(flag, dest=f.name, type=base, default=f.default, metavar=base.__name__.upper(),
+                            help="(default: %(default)s)")
+
+
+def _config(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def _train(argv: list[str]) -> int:
+    import importlib.util
+
+    missing = [m for m in ("transformers", "tqdm") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"rlops train needs {' and '.join(missing)}: pip install 'rlops[train]'", file=sys.stderr)
+        return 2
+    from .trainers import GRPOConfig, PPOConfig, R1ToyConfig, RewardConfig, SFTConfig
+
+    configs = {"r1-toy": R1ToyConfig, "sft": SFTConfig, "reward": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
+    parser = argparse.ArgumentParser(prog="rlops train", description="Trainers on the built-in arithmetic task "
+                                     "(rlops.trainers); progress bars, metrics.jsonl, metrics.png, checkpoints "
+                                     "and the final model go to --out.")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{r1-toy,sft,reward,grpo,ppo}")
+    helps = {"r1-toy": "cold-start SFT -> GRPO -> rejection sampling + SFT -> held-out evaluation",
+             "sft": "supervised fine-tuning on demonstrations", "reward": "a Bradley-Terry reward model on "
+             "preference pairs", "grpo": "GRPO with the rule rewards", "ppo": "PPO with a critic and GAE"}
+    for kind, cls in configs.items():
+        sub = kinds.add_parser(kind, help=helps[kind], description=helps[kind])
+        if kind != "r1-toy":
+            sub.add_argument("--model", help="initial model: a directory saved by rlops or a Hugging Face causal LM "
+                             "name or directory (default: a fresh small model; for grpo and ppo, after a cold-start "
+                             "SFT written to OUT/sft)")
+            sub.add_argument("--demos", type=int, default=200, help="cold-start demonstrations (default: %(default)s)")
+            sub.add_argument("--heldout", type=int, default=500,
+                             help="held-out problems for evaluation (default: %(default)s)")
+        if kind in ("grpo", "ppo"):
+            sub.add_argument("--sft-steps", type=int, default=300,
+                             help="steps of the cold-start SFT (default: %(default)s)")
+        if kind == "ppo":
+            sub.add_argument("--reward-model", help="a reward model trained by `rlops train reward` (default: the "
+                             "task's rule reward)")
+        _add_config_args(sub, cls)
+        sub.set_defaults(out_dir=f"runs/{kind}")
+    args = parser.parse_args(argv)
+    if args.kind == "r1-toy":
+        from .trainers.r1_toy import run
+
+        summary = run(_config(R1ToyConfig, args))
+        print(f"held-out accuracy: {summary['accuracy']}; summary in {Path(args.out_dir) / 'summary.json'}")
+        return 0
+    return _train_one(args, _config(configs[args.kind], args))
+
+
+def _train_one(args: argparse.Namespace, config: Any) -> int:
+    from .trainers import GRPOTrainer, PPOTrainer, RewardTrainer, SFTTrainer, ValueModel, arithmetic
+    from .trainers._common import Processes, load_pretrained
+    from .trainers.r1_toy import TASK, cold_start
+
+    train, heldout = arithmetic.split_problems(args.heldout, seed=config.seed)
+    if not 0 < args.demos < len(train):
+        raise SystemExit(f"--demos must be in [1, {len(train)}), got {args.demos}")
+    demos, rest = train[:args.demos], train[args.demos:]
+    device = Processes(config.device).device
+    out = Path(config.out_dir)
+    if args.model is not None:
+        model, tokenizer = load_pretrained(args.model, device)
+    elif args.kind in ("grpo", "ppo"):
+        cold = {k: getattr(config, k) for k in ("seed", "device", "progress", "resume")}
+        from .trainers import SFTConfig
+
+        model = cold_start(out / "sft", demos, heldout, SFTConfig(steps=args.sft_steps, **cold))
+        tokenizer = arithmetic.CharTokenizer()
+        config = dataclasses.replace(config, out_dir=str(out / args.kind))
+    else:
+        from transformers import LlamaForCausalLM
+
+        tokenizer = arithmetic.CharTokenizer()
+        model = LlamaForCausalLM(arithmetic.tiny_model_config(tokenizer))
+    if args.kind == "sft":
+        trainer = SFTTrainer(model, tokenizer, [(p.prompt, p.solution) for p in demos], config, TASK, heldout)
+    elif args.kind == "reward":
+        trainer = RewardTrainer(ValueModel.from_causal_lm(model), tokenizer, arithmetic.preference_pairs(rest, 0),
+                                config, arithmetic.preference_pairs(heldout, 1))
+    elif args.kind == "grpo":
+        trainer = GRPOTrainer(model, tokenizer, TASK, rest, config, heldout)
+    else:
+        reward_model = None if args.reward_model is None else ValueModel.from_pretrained(args.reward_model, device)
+        trainer = PPOTrainer(model, tokenizer, TASK, rest, config, heldout, reward_model=reward_model)
+    metrics = trainer.train()
+    if trainer.procs.main:
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k.startswith(("eval_", "reward", "loss")))
+        print(f"{args.kind}: {shown}; metrics, plot and model in {config.out_dir}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (_train, "trainers on the built-in arithmetic task: r1-toy, sft, reward, grpo, ppo"),
     "bench": (_bench, "GPU benchmarks of the fused ops against eager, torch.compile, Liger, ..."),
 }
 

@@ -1,0 +1,112 @@
+"""GRPO (DeepSeekMath; DeepSeek-R1's RL stage): G sampled responses per prompt, rewards made
+group-relative, and the clipped surrogate with a KL penalty to a frozen reference.
+
+One step:
+1. rollout: `prompts_per_step` prompts, `group_size` samples each, at `temperature`;
+2. score: the task's reward per response, then `rlops.group_advantages` per group;
+3. old and reference log-probs (no gradient): the policy before this step's updates, and the
+   frozen reference (skipped when kl_coef is 0);
+4. update: `epochs` passes over `minibatches` shuffled minibatches, each
+   `rlops.linear_policy_loss` on the policy's last hidden states and lm_head (the (B, T, V)
+   logits are never made), clipped against the old log-probs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..advantages import group_advantages
+from ..ops.linear_policy_loss import linear_policy_loss
+from ._common import RLTrainer, Rollout, Task, Tokenizer, TrainConfig, check_positive, clip_and_step, minibatches
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    steps: int = 200
+    lr: float = 2e-4
+    prompts_per_step: int = 16  # per process
+    group_size: int = 8  # G samples per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    epochs: int = 1  # optimisation passes over each batch of samples
+    minibatches: int = 2  # optimizer steps per pass
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # DAPO's clip-higher
+    kl_coef: float = 0.04  # k3 KL to the frozen reference (DeepSeekMath's beta); 0 skips the reference model
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"  # SPEC.md's aggregations: token-mean (DAPO), seq-mean-token-mean (GRPO), ...
+    scale_by_std: bool = True  # False: Dr. GRPO
+    eval_every: int = 50  # steps between held-out evaluations (and at the end)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "prompts_per_step", "group_size", "max_new_tokens", "temperature", "epochs",
+                       "minibatches")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+
+
+class GRPOTrainer(RLTrainer):
+    """GRPO on a task's items: `train()` runs config.steps steps and returns the last metrics,
+    `step()` runs one. The reference is a frozen copy of the initial policy."""
+
+    name = "grpo"
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, task: Task, items: Sequence[Any], config: GRPOConfig,
+                 eval_items: Sequence[Any] = ()) -> None:
+        super().__init__(model, tokenizer, task, items, config, eval_items)
+        self.optimizers = {"optimizer": torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+                                                          weight_decay=config.weight_decay)}
+
+    def step(self) -> dict[str, float]:
+        cfg = self.config
+        items = [x for x in self.prompts(self.step_count) for _ in range(cfg.group_size)]
+        rollout = self.rollout(items)
+        rewards = torch.tensor([self.task.reward(t, x) for t, x in zip(rollout.texts, items, strict=True)],
+                               device=self.procs.device)
+        correct = [self.task.correct(t, x) for t, x in zip(rollout.texts, items, strict=True)]
+        advantages = group_advantages(rewards, group_size=cfg.group_size, scale_by_std=cfg.scale_by_std)
+        with self.stage("old_logprobs"):
+            # One optimizer step on fresh samples is on-policy: the ratio is 1, no old log-probs needed.
+            old = self.logprobs(self.model, rollout) if cfg.epochs * cfg.minibatches > 1 else None
+        with self.stage("reference_logprobs"):
+            ref = None if self.reference is None else self.logprobs(self.reference, rollout)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
+        totals: dict[str, float] = {}
+        for _ in range(cfg.epochs):
+            for rows in minibatches(len(items), cfg.minibatches, generator):
+                metrics = self.update(rollout.select(rows.to(self.procs.device)), advantages[rows],
+                                      None if old is None else old[rows], None if ref is None else ref[rows])
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / (cfg.epochs * cfg.minibatches)
+        totals.update(reward=rewards.mean().item(), accuracy=sum(correct) / len(correct),
+                      response_length=rollout.completion_mask.float().sum(-1).mean().item(),
+                      reward_std=rewards.view(-1, cfg.group_size).std(-1).mean().item())
+        return totals
+
+    def update(self, batch: Rollout, advantages: Tensor, old: Tensor | None, ref: Tensor | None) -> dict[str, float]:
+        """One optimizer step of the clipped surrogate (+ k3 KL) on a minibatch of samples."""
+        cfg = self.config
+        with self.stage("policy_forward"):
+            hidden, weight, bias = self.head_inputs(batch.input_ids, batch.attention_mask,
+                                                    batch.completion_ids.shape[1])
+        with self.stage("loss"):
+            out = linear_policy_loss(hidden, weight, batch.completion_ids, advantages, bias=bias,
+                                     mask=batch.completion_mask, old_logprobs=old, ref_logprobs=ref,
+                                     temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                     kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg)
+        with self.stage("backward"):
+            out.loss.backward()
+        with self.stage("optimizer"):
+            norm = clip_and_step(list(self.model.parameters()), self.optimizers["optimizer"], cfg.max_grad_norm)
+        m = out.metrics
+        metrics = {"loss": out.loss.item(), "entropy": m["entropy_mean"], "clip_frac": m["clip_frac"],
+                   "grad_norm": norm}
+        if ref is not None:
+            metrics["kl"] = m["kl_mean"]
+        return metrics

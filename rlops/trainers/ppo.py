@@ -1,0 +1,166 @@
+"""PPO for language models (Ziegler et al.; InstructGPT): a policy, a critic with a value head,
+GAE, the clipped surrogate and the clipped value loss.
+
+One step:
+1. rollout: `prompts_per_step` prompts, one sample each, at `temperature`;
+2. score: a reward model's score (ValueModel.score) or the task's rule reward;
+3. old and reference log-probs and the critic's values (no gradient);
+4. token rewards: `rlops.kl_shaped_rewards` (the score on the last token, -kl_coef * KL on
+   every token; kl_mode="reward"), or the score alone with the KL as a loss term
+   (kl_mode="loss"); then `rlops.gae` and `rlops.masked_whiten` for the advantages;
+5. update: `epochs` passes over `minibatches` minibatches: `rlops.linear_policy_loss` for the
+   policy (no (B, T, V) logits) and the clipped value loss for the critic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..advantages import gae, kl_shaped_rewards, masked_whiten
+from ..ops.linear_policy_loss import linear_policy_loss
+from ._common import RLTrainer, Rollout, Task, Tokenizer, TrainConfig, check_positive, clip_and_step, minibatches
+from .value_head import ValueModel
+
+KL_MODES = ("reward", "loss")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    steps: int = 200
+    lr: float = 2e-4
+    critic_lr: float = 5e-4
+    prompts_per_step: int = 64  # per process, one sample each
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    epochs: int = 2
+    minibatches: int = 2
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    value_clip: float = 0.2  # the critic's new values stay within this of the old ones in the loss
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.02  # 0 skips the reference model
+    kl_mode: str = "reward"  # "reward": -kl_coef * k1 in the token rewards; "loss": kl_coef * k3 in the loss
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    eval_every: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "critic_lr", "prompts_per_step", "max_new_tokens", "temperature", "epochs",
+                       "minibatches", "value_clip")
+        if self.kl_mode not in KL_MODES:
+            raise ValueError(f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
+
+
+def critic_values(critic: nn.Module, rollout: Rollout) -> Tensor:
+    """(B, T) values of the states before each completion token."""
+    t = rollout.completion_ids.shape[1]
+    return critic(rollout.input_ids, rollout.attention_mask)[:, -t - 1:-1]
+
+
+class PPOTrainer(RLTrainer):
+    """PPO on a task's items; the reward is reward_model's score when given, else the task's
+    rule reward. The critic starts as a value head on a copy of the policy's decoder (or is
+    given), the reference as a frozen copy of the policy."""
+
+    name = "ppo"
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, task: Task, items: Sequence[Any], config: PPOConfig,
+                 eval_items: Sequence[Any] = (), reward_model: ValueModel | None = None,
+                 critic: ValueModel | None = None) -> None:
+        super().__init__(model, tokenizer, task, items, config, eval_items)
+        device = self.procs.device
+        self.critic = (critic or ValueModel.from_causal_lm(self.model)).to(device)
+        self.reward_model = None if reward_model is None else reward_model.to(device).eval().requires_grad_(False)
+        self.critic_ddp = self.procs.wrap(self.critic)
+        self.optimizers = {
+            "policy": torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+            "critic": torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr,
+                                        weight_decay=config.weight_decay),
+        }
+
+    @torch.no_grad()
+    def scores(self, rollout: Rollout, items: Sequence[Any]) -> Tensor:
+        """(B,) the reward model's scores, or the task's rule rewards."""
+        if self.reward_model is None:
+            return torch.tensor([self.task.reward(t, x) for t, x in zip(rollout.texts, items, strict=True)],
+                                device=self.procs.device)
+        return self.reward_model.score(rollout.input_ids, rollout.attention_mask)
+
+    def step(self) -> dict[str, float]:
+        cfg = self.config
+        items = self.prompts(self.step_count)
+        rollout = self.rollout(items)
+        with self.stage("reward"):
+            scores = self.scores(rollout, items)
+        correct = [self.task.correct(t, x) for t, x in zip(rollout.texts, items, strict=True)]
+        mask = rollout.completion_mask.bool()
+        with self.stage("old_logprobs"):
+            old = self.logprobs(self.model, rollout)
+        with self.stage("reference_logprobs"):
+            ref = old if self.reference is None else self.logprobs(self.reference, rollout)
+        with self.stage("values"), torch.no_grad():
+            old_values = critic_values(self.critic, rollout)
+        shaped = cfg.kl_mode == "reward" and self.reference is not None
+        rewards = kl_shaped_rewards(scores, old, ref, mask, cfg.kl_coef if shaped else 0.0)
+        advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        loss_ref = ref if cfg.kl_mode == "loss" and self.reference is not None else None
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
+        totals: dict[str, float] = {}
+        for _ in range(cfg.epochs):
+            for rows in minibatches(len(items), cfg.minibatches, generator):
+                r = rows.to(self.procs.device)
+                metrics = self.update(rollout.select(r), advantages[r], returns[r], old[r], old_values[r],
+                                      None if loss_ref is None else loss_ref[r])
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / (cfg.epochs * cfg.minibatches)
+        n = mask.sum().clamp(min=1)
+        totals.update(reward=scores.mean().item(), accuracy=sum(correct) / len(correct),
+                      response_length=mask.float().sum(-1).mean().item(),
+                      kl=float(torch.where(mask, old - ref, 0.0).sum() / n),
+                      value_mean=float(torch.where(mask, old_values, 0.0).sum() / n))
+        return totals
+
+    def update(self, batch: Rollout, advantages: Tensor, returns: Tensor, old: Tensor, old_values: Tensor,
+               ref: Tensor | None) -> dict[str, float]:
+        """One optimizer step of the policy (clipped surrogate) and of the critic (clipped value loss)."""
+        cfg = self.config
+        mask = batch.completion_mask.bool()
+        with self.stage("policy_forward"):
+            hidden, weight, bias = self.head_inputs(batch.input_ids, batch.attention_mask,
+                                                    batch.completion_ids.shape[1])
+        with self.stage("loss"):
+            out = linear_policy_loss(hidden, weight, batch.completion_ids, advantages, bias=bias, mask=mask,
+                                     old_logprobs=old, ref_logprobs=ref, temperature=cfg.temperature,
+                                     clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                     kl_coef=cfg.kl_coef if ref is not None else 0.0, entropy_coef=cfg.entropy_coef)
+        with self.stage("backward"):
+            out.loss.backward()
+        with self.stage("critic"):
+            values = critic_values(self.critic_ddp, batch)
+            clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
+            per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+            value_loss = 0.5 * torch.where(mask, per_token, 0.0).sum() / mask.sum().clamp(min=1)
+            value_loss.backward()
+        with self.stage("optimizer"):
+            norm = clip_and_step(list(self.model.parameters()), self.optimizers["policy"], cfg.max_grad_norm)
+            clip_and_step(list(self.critic.parameters()), self.optimizers["critic"], cfg.max_grad_norm)
+        m = out.metrics
+        return {"loss": out.loss.item(), "value_loss": value_loss.item(), "entropy": m["entropy_mean"],
+                "clip_frac": m["clip_frac"], "grad_norm": norm}
+
+    def models(self) -> dict[str, nn.Module]:
+        return {**super().models(), "critic": self.critic}
+
+    def save_final(self, directory: Path) -> None:
+        super().save_final(directory)
+        self.critic.save_pretrained(directory / "critic")

@@ -1,0 +1,175 @@
+"""DeepSeek-R1's recipe in miniature, on the built-in arithmetic task, on any machine:
+
+1. cold-start SFT of a small Llama-style model on a few hundred demonstrations;
+2. GRPO with the rule rewards (format and correctness) on the other training prompts;
+3. rejection sampling: several samples per training prompt from the GRPO policy, the
+   correct ones kept, and SFT on them;
+4. evaluation of each stage's model on held-out prompts (greedy decoding).
+
+Each stage writes its metrics, plot, checkpoint and model under DIR/<stage>/; a finished
+stage is skipped when the run is started again, and an interrupted one resumes from its
+checkpoint. DIR/summary.json holds the held-out accuracy after each stage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import arithmetic
+from ._common import Processes, Task, evaluate, load_pretrained, read_metrics, sample, seed_everything
+from .grpo import GRPOConfig, GRPOTrainer
+from .sft import SFTConfig, SFTTrainer
+
+TASK: Task[arithmetic.Problem] = Task(prompt=lambda p: p.prompt, reward=arithmetic.reward,
+                                      correct=arithmetic.correctness)
+STAGES = ("sft", "grpo", "rejection_sft")
+
+
+@dataclass
+class R1ToyConfig:
+    out_dir: str = "runs/r1-toy"
+    seed: int = 0
+    device: str | None = None
+    demos: int = 200  # cold-start demonstrations
+    heldout: int = 500  # held-out problems for evaluation
+    hidden_size: int = 128
+    layers: int = 3
+    sft_steps: int = 300
+    grpo_steps: int = 300
+    grpo_lr: float = 2e-4
+    rs_prompts: int = 1000  # training prompts sampled for rejection sampling
+    rs_samples: int = 4  # samples per prompt; the correct ones are kept
+    rs_steps: int = 100
+    rs_lr: float = 1e-4
+    max_new_tokens: int = 32
+    progress: bool = True
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("demos", "heldout", "hidden_size", "layers", "sft_steps", "grpo_steps", "rs_prompts",
+                     "rs_samples", "rs_steps", "max_new_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+
+
+def _load(directory: Path, device: torch.device) -> torch.nn.Module:
+    return load_pretrained(directory, device)[0]
+
+
+def cold_start(out: Path, demos: list[arithmetic.Problem], heldout: list[arithmetic.Problem], config: SFTConfig,
+               hidden_size: int = 128, layers: int = 3) -> torch.nn.Module:
+    """A fresh small model after SFT on demos' solutions, trained into out (or loaded from out/model
+    when that stage has finished)."""
+    from transformers import LlamaForCausalLM
+
+    procs = Processes(config.device)
+    if (out / "model").is_dir():
+        return _load(out / "model", procs.device)
+    seed_everything(config.seed)
+    tokenizer = arithmetic.CharTokenizer()
+    model = LlamaForCausalLM(arithmetic.tiny_model_config(tokenizer, hidden_size, layers))
+    SFTTrainer(model, tokenizer, [(p.prompt, p.solution) for p in demos], replace(config, out_dir=str(out)), TASK,
+               heldout).train()
+    return model
+
+
+def rejection_samples(model: torch.nn.Module, tokenizer: arithmetic.CharTokenizer, problems: list[Any], samples: int,
+                      max_new_tokens: int, batch_size: int = 512) -> tuple[list[tuple[str, str]], float]:
+    """(prompt, response) for one correct sample per problem that has one, and the fraction of
+    samples that were correct."""
+    kept: dict[Any, tuple[str, str]] = {}
+    correct = 0
+    items = [p for p in problems for _ in range(samples)]
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        rollout = sample(model, tokenizer, [TASK.prompt(p) for p in chunk], max_new_tokens=max_new_tokens)
+        for text, p in zip(rollout.texts, chunk, strict=True):
+            if TASK.correct(text, p):
+                correct += 1
+                kept.setdefault(p, (TASK.prompt(p), text))
+    return list(kept.values()), correct / max(len(items), 1)
+
+
+def run(config: R1ToyConfig) -> dict[str, Any]:
+    """Runs (or resumes) the pipeline; returns the summary written to out_dir/summary.json."""
+    out = Path(config.out_dir)
+    procs = Processes(config.device)
+    device = procs.device
+    tokenizer = arithmetic.CharTokenizer()
+    train, heldout = arithmetic.split_problems(config.heldout, seed=config.seed)
+    if config.demos >= len(train):
+        raise ValueError(f"demos must be below the {len(train)} training problems, got {config.demos}")
+    demos, rl_items = train[:config.demos], train[config.demos:]
+    common = {"seed": config.seed, "device": config.device, "progress": config.progress, "resume": config.resume}
+    summary: dict[str, Any] = {"accuracy": {}, "reward": {}, "response_length": {}, "seconds": {},
+                               "device": str(device), "config": asdict(config)}
+
+    def finish(stage: str, model: torch.nn.Module, started: float) -> None:
+        scores = evaluate(model, tokenizer, TASK, heldout, max_new_tokens=config.max_new_tokens)
+        summary["accuracy"][stage] = scores["eval_accuracy"]
+        summary["reward"][stage] = scores["eval_reward"]
+        summary["response_length"][stage] = scores["eval_response_length"]
+        summary["seconds"][stage] = round(time.perf_counter() - started, 1)
+        if procs.main:
+            print(f"{stage}: held-out accuracy {scores['eval_accuracy']:.3f} ({len(heldout)} problems)", flush=True)
+
+    started = time.perf_counter()
+    model = cold_start(out / "sft", demos, heldout, SFTConfig(steps=config.sft_steps,
+                                                              max_new_tokens=config.max_new_tokens, **common),
+                       config.hidden_size, config.layers)
+    finish("sft", model, started)
+
+    started = time.perf_counter()
+    if (out / "grpo" / "model").is_dir():
+        model = _load(out / "grpo" / "model", device)
+    else:
+        grpo = GRPOConfig(out_dir=str(out / "grpo"), steps=config.grpo_steps, lr=config.grpo_lr,
+                          max_new_tokens=config.max_new_tokens, **common)
+        GRPOTrainer(model, tokenizer, TASK, rl_items, grpo, heldout).train()
+    finish("grpo", model, started)
+
+    started = time.perf_counter()
+    if (out / "rejection_sft" / "model").is_dir():
+        model = _load(out / "rejection_sft" / "model", device)
+    else:
+        rng = torch.Generator().manual_seed(config.seed)
+        chosen = [rl_items[i] for i in torch.randperm(len(rl_items), generator=rng)[:config.rs_prompts].tolist()]
+        examples, rate = rejection_samples(model, tokenizer, chosen, config.rs_samples, config.max_new_tokens)
+        summary["rejection_sampling"] = {"prompts": len(chosen), "samples_correct": rate, "kept": len(examples)}
+        if examples:
+            rs = SFTConfig(out_dir=str(out / "rejection_sft"), steps=config.rs_steps, lr=config.rs_lr,
+                           max_new_tokens=config.max_new_tokens, **common)
+            SFTTrainer(model, tokenizer, examples, rs, TASK, heldout).train()
+        elif procs.main:
+            print("rejection sampling kept no correct sample (train longer): no fine-tuning on it; the GRPO model "
+                  "is evaluated as is", file=sys.stderr, flush=True)
+    finish("rejection_sft", model, started)
+
+    if procs.main:
+        _combined_metrics(out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    procs.barrier()
+    return summary
+
+
+def _combined_metrics(out: Path) -> None:
+    """out/metrics.jsonl and metrics.png: the stages' metrics one after another, numbered on."""
+    from ._common import plot_metrics
+
+    lines, offset = [], 0
+    for stage in STAGES:
+        path = out / stage / "metrics.jsonl"
+        if not path.exists():
+            continue
+        records = read_metrics(path)
+        lines += [json.dumps({**r, "stage": stage, "step": r["step"] + offset}) for r in records]
+        offset += max((r["step"] for r in records), default=0)
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
