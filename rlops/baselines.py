@@ -19,9 +19,14 @@ Sources:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .ops.policy_loss import PolicyLossOutput
 
 
 def trl_selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
@@ -88,6 +93,19 @@ def eager_policy_loss(logits: Tensor, tokens: Tensor, advantages: Tensor, **opti
     from . import reference
 
     return reference.policy_loss(logits, tokens, advantages, stats_fn=_eager_stats, **options).loss
+
+
+def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor, *, mask: Tensor | None = None,
+                             old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
+                             is_weights: Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
+                             dual_clip: float | None = None, **options: object) -> PolicyLossOutput:
+    """`eager_policy_loss` with rlops.policy_loss's outputs (per-token values, metrics): the eager
+    baseline a trainer can run in place of the fused loss (rlops.trainers' loss_impl="eager")."""
+    from .ops.policy_loss import _check_inputs, composed_loss
+
+    advantages, mask = _check_inputs(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, None, is_weights)
+    return composed_loss(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, None, is_weights, _eager_stats,
+                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, **options)
 
 
 def trl_grpo_loss(

@@ -27,7 +27,14 @@ from rlops.trainers import (
     ValueModel,
     arithmetic,
 )
-from rlops.trainers._common import clip_and_step, completion_mask, encode_pairs, load_pretrained, read_metrics
+from rlops.trainers._common import (
+    LOSS_IMPLS,
+    clip_and_step,
+    completion_mask,
+    encode_pairs,
+    load_pretrained,
+    read_metrics,
+)
 from rlops.trainers.r1_toy import TASK, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +167,30 @@ def test_resume_takes_the_same_next_step(kind: str, tmp_path: Path) -> None:
         trainer = _trainer(kind, tmp_path / "parts", 4)
         trainer.config.lr *= 2
         trainer.train()
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_loss_impls_take_the_same_step(kind: str) -> None:
+    # In float32 the eager loss, the fused loss on the logits and the fused-linear loss are one
+    # function of the same samples: the step's metrics and the updated weights agree.
+    results = {}
+    for impl in LOSS_IMPLS:
+        tok = arithmetic.CharTokenizer()
+        model = small_model(tok)
+        if kind == "grpo":
+            trainer = GRPOTrainer(model, tok, SEVENS, list(range(50)), GRPOConfig(
+                prompts_per_step=2, group_size=4, max_new_tokens=8, kl_coef=0.1, epochs=2, loss_impl=impl))
+        else:
+            trainer = PPOTrainer(model, tok, SEVENS, list(range(50)), PPOConfig(
+                prompts_per_step=6, max_new_tokens=8, kl_mode="loss", entropy_coef=0.01, loss_impl=impl))
+        results[impl] = trainer.step(), [p.detach().clone() for p in model.parameters()]
+    metrics, params = results["fused-linear"]
+    for impl in ("fused", "eager"):
+        for key in ("loss", "entropy", "clip_frac", "reward"):
+            assert results[impl][0][key] == pytest.approx(metrics[key], abs=1e-5), (impl, key)
+        for a, b in zip(results[impl][1], params, strict=True):
+            assert torch.allclose(a, b, atol=1e-6), impl
+    assert metrics["loss"] != 0.0
 
 
 # ------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import hf
-from ..ops.linear_policy_loss import linear_token_logprobs_and_entropy
+from .. import baselines, hf
+from ..ops.linear_policy_loss import linear_policy_loss, linear_token_logprobs_and_entropy
+from ..ops.policy_loss import PolicyLossOutput, policy_loss
+from ..ops.token_stats import token_logprobs
 
 Item = TypeVar("Item")
 
@@ -74,6 +76,34 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+LOSS_IMPLS = ("fused-linear", "fused", "eager")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Fields GRPO and PPO share."""
+
+    prompts_per_step: int = 16  # per process
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # sampling, and the distribution the losses score
+    epochs: int = 1  # optimisation passes over each batch of samples
+    minibatches: int = 2  # optimizer steps per pass
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0  # 0 skips the reference model
+    entropy_coef: float = 0.0
+    # fused-linear: rlops.linear_policy_loss on hidden states (no logits); fused: rlops.policy_loss on
+    # the logits; eager: the same loss in eager PyTorch as TRL writes it (a baseline, for comparison).
+    loss_impl: str = "fused-linear"
+    eval_every: int = 50  # steps between held-out evaluations (and at the end)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "prompts_per_step", "max_new_tokens", "temperature", "epochs", "minibatches")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
 
 
 def check_positive(config: Any, *names: str) -> None:
@@ -127,18 +157,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class HeadInputs(nn.Module):
-    """A causal LM whose forward returns (hidden, weight, bias) for rlops' fused-linear ops: what
-    DDP wraps, so that the decoder's and the head's gradients are averaged across processes."""
+class PolicyForward(nn.Module):
+    """A causal LM whose forward returns what a policy loss reads for the completion: (hidden,
+    weight, bias) for rlops' fused-linear ops, or (logits,). This is what DDP wraps, so the
+    decoder's and the head's gradients are averaged across processes."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, logits: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.logits = model, logits
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int
-                ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int) -> tuple[Tensor | None, ...]:
+        positions = position_ids(attention_mask)
+        if self.logits:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             logits_to_keep=completion_len + 1)
+            return (out.logits[:, :-1],)
         inputs = hf.lm_head_inputs(self.model, input_ids, attention_mask, logits_to_keep=completion_len,
-                                   position_ids=position_ids(attention_mask))
+                                   position_ids=positions)
         return inputs.hidden, inputs.weight, inputs.bias
 
 
@@ -481,7 +516,7 @@ class RLTrainer(Trainer):
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.head_inputs = self.procs.wrap(HeadInputs(self.model))
+        self.policy = self.procs.wrap(PolicyForward(self.model, logits=config.loss_impl != "fused-linear"))
 
     def prompts(self, step: int) -> list[Any]:
         rng = self.batch_rng(step)
@@ -494,11 +529,30 @@ class RLTrainer(Trainer):
 
     @torch.no_grad()
     def logprobs(self, model: nn.Module, rollout: Rollout) -> Tensor:
-        """Per-token log-probs (B, T) of the completions under model, fused, no gradient."""
-        hidden, weight, bias = HeadInputs(model)(rollout.input_ids, rollout.attention_mask,
-                                                 rollout.completion_ids.shape[1])
-        return linear_token_logprobs_and_entropy(hidden, weight, rollout.completion_ids, bias=bias,
-                                                 temperature=self.config.temperature)[0]
+        """Per-token log-probs (B, T) of the completions under model, no gradient, by loss_impl."""
+        impl, temperature, tokens = self.config.loss_impl, self.config.temperature, rollout.completion_ids
+        outs = PolicyForward(model, logits=impl != "fused-linear")(rollout.input_ids, rollout.attention_mask,
+                                                                   tokens.shape[1])
+        if impl == "fused-linear":
+            return linear_token_logprobs_and_entropy(outs[0], outs[1], tokens, bias=outs[2],
+                                                     temperature=temperature)[0]
+        if impl == "fused":
+            return token_logprobs(outs[0], tokens, temperature)
+        return baselines.trl_selective_log_softmax(outs[0] / temperature, tokens).float()
+
+    def policy_loss(self, batch: Rollout, advantages: Tensor, **options: Any) -> PolicyLossOutput:
+        """The policy's forward on batch and its loss by loss_impl (options as rlops.policy_loss)."""
+        cfg = self.config
+        with self.stage("policy_forward"):
+            outs = self.policy(batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1])
+        options = {"mask": batch.completion_mask.bool(), "temperature": cfg.temperature, "clip_low": cfg.clip_low,
+                   "clip_high": cfg.clip_high, "entropy_coef": cfg.entropy_coef, **options}
+        with self.stage("loss"):
+            if cfg.loss_impl == "fused-linear":
+                return linear_policy_loss(outs[0], outs[1], batch.completion_ids, advantages, bias=outs[2], **options)
+            if cfg.loss_impl == "fused":
+                return policy_loss(outs[0], batch.completion_ids, advantages, **options)
+            return baselines.eager_policy_loss_output(outs[0], batch.completion_ids, advantages, **options)
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_items:

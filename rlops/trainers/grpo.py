@@ -21,32 +21,22 @@ import torch
 from torch import Tensor, nn
 
 from ..advantages import group_advantages
-from ..ops.linear_policy_loss import linear_policy_loss
-from ._common import RLTrainer, Rollout, Task, Tokenizer, TrainConfig, check_positive, clip_and_step, minibatches
+from ._common import RLConfig, RLTrainer, Rollout, Task, Tokenizer, clip_and_step, minibatches
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(RLConfig):
     steps: int = 200
     lr: float = 2e-4
     prompts_per_step: int = 16  # per process
     group_size: int = 8  # G samples per prompt
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    epochs: int = 1  # optimisation passes over each batch of samples
-    minibatches: int = 2  # optimizer steps per pass
-    clip_low: float = 0.2
     clip_high: float = 0.28  # DAPO's clip-higher
     kl_coef: float = 0.04  # k3 KL to the frozen reference (DeepSeekMath's beta); 0 skips the reference model
-    entropy_coef: float = 0.0
     loss_agg: str = "token-mean"  # SPEC.md's aggregations: token-mean (DAPO), seq-mean-token-mean (GRPO), ...
     scale_by_std: bool = True  # False: Dr. GRPO
-    eval_every: int = 50  # steps between held-out evaluations (and at the end)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "prompts_per_step", "group_size", "max_new_tokens", "temperature", "epochs",
-                       "minibatches")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
 
@@ -92,14 +82,8 @@ class GRPOTrainer(RLTrainer):
     def update(self, batch: Rollout, advantages: Tensor, old: Tensor | None, ref: Tensor | None) -> dict[str, float]:
         """One optimizer step of the clipped surrogate (+ k3 KL) on a minibatch of samples."""
         cfg = self.config
-        with self.stage("policy_forward"):
-            hidden, weight, bias = self.head_inputs(batch.input_ids, batch.attention_mask,
-                                                    batch.completion_ids.shape[1])
-        with self.stage("loss"):
-            out = linear_policy_loss(hidden, weight, batch.completion_ids, advantages, bias=bias,
-                                     mask=batch.completion_mask, old_logprobs=old, ref_logprobs=ref,
-                                     temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                     kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg)
+        out = self.policy_loss(batch, advantages, old_logprobs=old, ref_logprobs=ref, kl_coef=cfg.kl_coef,
+                               loss_agg=cfg.loss_agg)
         with self.stage("backward"):
             out.loss.backward()
         with self.stage("optimizer"):

@@ -23,38 +23,29 @@ import torch
 from torch import Tensor, nn
 
 from ..advantages import gae, kl_shaped_rewards, masked_whiten
-from ..ops.linear_policy_loss import linear_policy_loss
-from ._common import RLTrainer, Rollout, Task, Tokenizer, TrainConfig, check_positive, clip_and_step, minibatches
+from ._common import RLConfig, RLTrainer, Rollout, Task, Tokenizer, check_positive, clip_and_step, minibatches
 from .value_head import ValueModel
 
 KL_MODES = ("reward", "loss")
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RLConfig):
     steps: int = 200
     lr: float = 2e-4
     critic_lr: float = 5e-4
     prompts_per_step: int = 64  # per process, one sample each
-    max_new_tokens: int = 32
-    temperature: float = 1.0
     epochs: int = 2
-    minibatches: int = 2
-    clip_low: float = 0.2
-    clip_high: float = 0.2
     value_clip: float = 0.2  # the critic's new values stay within this of the old ones in the loss
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.02  # 0 skips the reference model
     kl_mode: str = "reward"  # "reward": -kl_coef * k1 in the token rewards; "loss": kl_coef * k3 in the loss
-    entropy_coef: float = 0.0
     whiten_advantages: bool = True
-    eval_every: int = 50
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "critic_lr", "prompts_per_step", "max_new_tokens", "temperature", "epochs",
-                       "minibatches", "value_clip")
+        check_positive(self, "critic_lr", "value_clip")
         if self.kl_mode not in KL_MODES:
             raise ValueError(f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
 
@@ -135,14 +126,8 @@ class PPOTrainer(RLTrainer):
         """One optimizer step of the policy (clipped surrogate) and of the critic (clipped value loss)."""
         cfg = self.config
         mask = batch.completion_mask.bool()
-        with self.stage("policy_forward"):
-            hidden, weight, bias = self.head_inputs(batch.input_ids, batch.attention_mask,
-                                                    batch.completion_ids.shape[1])
-        with self.stage("loss"):
-            out = linear_policy_loss(hidden, weight, batch.completion_ids, advantages, bias=bias, mask=mask,
-                                     old_logprobs=old, ref_logprobs=ref, temperature=cfg.temperature,
-                                     clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                     kl_coef=cfg.kl_coef if ref is not None else 0.0, entropy_coef=cfg.entropy_coef)
+        out = self.policy_loss(batch, advantages, old_logprobs=old, ref_logprobs=ref,
+                               kl_coef=cfg.kl_coef if ref is not None else 0.0)
         with self.stage("backward"):
             out.loss.backward()
         with self.stage("critic"):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..ops.linear_policy_loss import linear_token_logprobs_and_entropy
 from ._common import (
-    HeadInputs,
+    PolicyForward,
     Task,
     Tokenizer,
     TrainConfig,
@@ -54,14 +54,14 @@ class SFTTrainer(Trainer):
         super().__init__(config)
         self.tokenizer, self.examples, self.task, self.eval_items = tokenizer, list(examples), task, list(eval_items)
         self.model = model.to(self.procs.device)
-        self.head_inputs = self.procs.wrap(HeadInputs(self.model))
+        self.policy = self.procs.wrap(PolicyForward(self.model))
         self.optimizers = {"optimizer": torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                                           weight_decay=config.weight_decay)}
 
     def loss(self, batch: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean NLL of the responses (and their EOS) given the prompts."""
         pairs = encode_pairs(self.tokenizer, [p for p, _ in batch], [r for _, r in batch], self.procs.device)
-        hidden, weight, bias = self.head_inputs(pairs.input_ids, pairs.attention_mask, pairs.completion_ids.shape[1])
+        hidden, weight, bias = self.policy(pairs.input_ids, pairs.attention_mask, pairs.completion_ids.shape[1])
         logp, entropy = linear_token_logprobs_and_entropy(hidden, weight, pairs.completion_ids, bias=bias)
         mask = pairs.completion_mask.float()
         nll = -(logp * mask).sum() / mask.sum()
