@@ -3,6 +3,7 @@
     rlops train r1-toy --out DIR                  cold-start SFT -> GRPO -> rejection sampling + SFT -> evaluation
     rlops train sft | reward | grpo | ppo         one trainer on the built-in arithmetic task
     rlops bench [--ops ...] [--quick] [--out DIR] GPU benchmarks of the fused ops (bench/README.md)
+    rlops profile [--estimate] [--model ...]      memory of one GRPO / PPO step, stage by stage
 
 Each subcommand has its own --help.
 """
@@ -139,9 +140,21 @@ def _train_one(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
+def _profile(argv: list[str]) -> int:
+    import torch
+
+    # Measured on CPU, the fused ops run their Triton kernels in the interpreter (see rlops.profile).
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .profile import main
+
+    return main(argv, prog="rlops profile")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "trainers on the built-in arithmetic task: r1-toy, sft, reward, grpo, ppo"),
     "bench": (_bench, "GPU benchmarks of the fused ops against eager, torch.compile, Liger, ..."),
+    "profile": (_profile, "memory of one GRPO / PPO step per stage and loss implementation (--estimate: no GPU)"),
 }
 
 

@@ -184,9 +184,11 @@ class _LinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_out):
-        scaled = [None if g is None else (g * grad_loss).to(dtype)
-                  for g, dtype in zip(ctx.grads, ctx.dtypes, strict=True)]
-        ctx.grads = None
+        grads, ctx.grads = ctx.grads, None
+        scaled = []
+        for g, dtype in zip(grads, ctx.dtypes, strict=True):
+            # In place, then one cast: the float32 weight gradient is not copied again (V x H floats).
+            scaled.append(None if g is None else g.mul_(grad_loss).to(dtype))
         return (*scaled,) + (None,) * 18
 
 

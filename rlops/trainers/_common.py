@@ -97,6 +97,8 @@ class RLConfig(TrainConfig):
     # fused-linear: rlops.linear_policy_loss on hidden states (no logits); fused: rlops.policy_loss on
     # the logits; eager: the same loss in eager PyTorch as TRL writes it (a baseline, for comparison).
     loss_impl: str = "fused-linear"
+    backend: str = "auto"  # of the fused ops: auto (Triton on CUDA, the reference on CPU), triton, torch
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward instead of keeping it
     eval_every: int = 50  # steps between held-out evaluations (and at the end)
 
     def __post_init__(self) -> None:
@@ -169,12 +171,22 @@ class PolicyForward(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int) -> tuple[Tensor | None, ...]:
         positions = position_ids(attention_mask)
         if self.logits:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             logits_to_keep=completion_len + 1)
-            return (out.logits[:, :-1],)
+            # Without the last token no logits need slicing off (whose backward would copy all of them).
+            out = self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                             position_ids=positions[:, :-1], logits_to_keep=completion_len, use_cache=False)
+            return (out.logits,)
         inputs = hf.lm_head_inputs(self.model, input_ids, attention_mask, logits_to_keep=completion_len,
-                                   position_ids=positions)
+                                   position_ids=positions, use_cache=False)
         return inputs.hidden, inputs.weight, inputs.bias
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Hugging Face gradient checkpointing of each decoder layer (non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -516,6 +528,8 @@ class RLTrainer(Trainer):
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if config.gradient_checkpointing:
+            enable_checkpointing(self.model)
         self.policy = self.procs.wrap(PolicyForward(self.model, logits=config.loss_impl != "fused-linear"))
 
     def prompts(self, step: int) -> list[Any]:
@@ -533,11 +547,12 @@ class RLTrainer(Trainer):
         impl, temperature, tokens = self.config.loss_impl, self.config.temperature, rollout.completion_ids
         outs = PolicyForward(model, logits=impl != "fused-linear")(rollout.input_ids, rollout.attention_mask,
                                                                    tokens.shape[1])
+        backend = self.config.backend
         if impl == "fused-linear":
-            return linear_token_logprobs_and_entropy(outs[0], outs[1], tokens, bias=outs[2],
-                                                     temperature=temperature)[0]
+            return linear_token_logprobs_and_entropy(outs[0], outs[1], tokens, bias=outs[2], temperature=temperature,
+                                                     backend=backend)[0]
         if impl == "fused":
-            return token_logprobs(outs[0], tokens, temperature)
+            return token_logprobs(outs[0], tokens, temperature, backend=backend)
         return baselines.trl_selective_log_softmax(outs[0] / temperature, tokens).float()
 
     def policy_loss(self, batch: Rollout, advantages: Tensor, **options: Any) -> PolicyLossOutput:
@@ -549,9 +564,10 @@ class RLTrainer(Trainer):
                    "clip_high": cfg.clip_high, "entropy_coef": cfg.entropy_coef, **options}
         with self.stage("loss"):
             if cfg.loss_impl == "fused-linear":
-                return linear_policy_loss(outs[0], outs[1], batch.completion_ids, advantages, bias=outs[2], **options)
+                return linear_policy_loss(outs[0], outs[1], batch.completion_ids, advantages, bias=outs[2],
+                                          backend=cfg.backend, **options)
             if cfg.loss_impl == "fused":
-                return policy_loss(outs[0], batch.completion_ids, advantages, **options)
+                return policy_loss(outs[0], batch.completion_ids, advantages, backend=cfg.backend, **options)
             return baselines.eager_policy_loss_output(outs[0], batch.completion_ids, advantages, **options)
 
     def evaluate(self) -> dict[str, float]:

@@ -61,11 +61,13 @@ class GRPOTrainer(RLTrainer):
                                device=self.procs.device)
         correct = [self.task.correct(t, x) for t, x in zip(rollout.texts, items, strict=True)]
         advantages = group_advantages(rewards, group_size=cfg.group_size, scale_by_std=cfg.scale_by_std)
-        with self.stage("old_logprobs"):
-            # One optimizer step on fresh samples is on-policy: the ratio is 1, no old log-probs needed.
-            old = self.logprobs(self.model, rollout) if cfg.epochs * cfg.minibatches > 1 else None
-        with self.stage("reference_logprobs"):
-            ref = None if self.reference is None else self.logprobs(self.reference, rollout)
+        old = ref = None
+        if cfg.epochs * cfg.minibatches > 1:  # else one step on fresh samples: on-policy, the ratio is 1
+            with self.stage("old_logprobs"):
+                old = self.logprobs(self.model, rollout)
+        if self.reference is not None:
+            with self.stage("reference_logprobs"):
+                ref = self.logprobs(self.reference, rollout)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
         totals: dict[str, float] = {}
         for _ in range(cfg.epochs):

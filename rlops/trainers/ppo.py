@@ -23,7 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from ..advantages import gae, kl_shaped_rewards, masked_whiten
-from ._common import RLConfig, RLTrainer, Rollout, Task, Tokenizer, check_positive, clip_and_step, minibatches
+from ._common import (
+    RLConfig,
+    RLTrainer,
+    Rollout,
+    Task,
+    Tokenizer,
+    check_positive,
+    clip_and_step,
+    enable_checkpointing,
+    minibatches,
+)
 from .value_head import ValueModel
 
 KL_MODES = ("reward", "loss")
@@ -69,6 +79,8 @@ class PPOTrainer(RLTrainer):
         super().__init__(model, tokenizer, task, items, config, eval_items)
         device = self.procs.device
         self.critic = (critic or ValueModel.from_causal_lm(self.model)).to(device)
+        if config.gradient_checkpointing:
+            enable_checkpointing(self.critic.decoder)
         self.reward_model = None if reward_model is None else reward_model.to(device).eval().requires_grad_(False)
         self.critic_ddp = self.procs.wrap(self.critic)
         self.optimizers = {
@@ -99,11 +111,12 @@ class PPOTrainer(RLTrainer):
             ref = old if self.reference is None else self.logprobs(self.reference, rollout)
         with self.stage("values"), torch.no_grad():
             old_values = critic_values(self.critic, rollout)
-        shaped = cfg.kl_mode == "reward" and self.reference is not None
-        rewards = kl_shaped_rewards(scores, old, ref, mask, cfg.kl_coef if shaped else 0.0)
-        advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        with self.stage("advantages"):
+            shaped = cfg.kl_mode == "reward" and self.reference is not None
+            rewards = kl_shaped_rewards(scores, old, ref, mask, cfg.kl_coef if shaped else 0.0)
+            advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
         loss_ref = ref if cfg.kl_mode == "loss" and self.reference is not None else None
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
         totals: dict[str, float] = {}

@@ -19,7 +19,8 @@ class ValueModel(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.config = decoder.config
-        self.head = nn.Linear(decoder.config.hidden_size, 1)
+        weight = next(decoder.parameters())
+        self.head = nn.Linear(decoder.config.hidden_size, 1, dtype=weight.dtype, device=weight.device)
         # Small but not zero: a zero head would give the decoder no gradient until the head moves.
         nn.init.normal_(self.head.weight, std=1 / (decoder.config.hidden_size + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
@@ -27,12 +28,12 @@ class ValueModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, model: nn.Module) -> ValueModel:
         """A value model on a copy of model's decoder (the critic or reward model starts from the policy)."""
-        return cls(copy.deepcopy(model.get_decoder())).to(next(model.parameters()).device)
+        return cls(copy.deepcopy(model.get_decoder()))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) float32 values, one per position (the value of the prefix ending there)."""
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids(attention_mask))
+                           position_ids=position_ids(attention_mask), use_cache=False)
         return self.head(out.last_hidden_state).squeeze(-1).float()
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
