@@ -59,6 +59,18 @@ def row_layout(x: torch.Tensor) -> RowLayout:
     return RowLayout(x, n_rows, inner, s_outer, s_inner)
 
 
+def byte_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask of any dtype as uint8 (a free view of a bool mask)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+
+
+def cuda_ops():
+    """torch.ops.rlops_cuda, the CUDA C++ twins of these kernels (csrc/), loaded or built on first use."""
+    from .. import _cuda
+
+    return _cuda.ops()
+
+
 def block_v(vocab: int) -> int:
     return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import byte_mask, cuda_ops
+
 MAX_BLOCK_T = 1024
 
 
@@ -87,8 +89,8 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, bootstrap: torch.Tensor | None,
-            gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the GAE kernel.
+            gamma: float, lam: float, backend: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the GAE kernel (backend "triton", or "cuda" for its twin in csrc/).
 
     rewards, values (B, T) float (any float dtype, any row stride); mask (B, T) bool or 0/1;
     bootstrap (B,) float or None. Returns float32 (advantages, returns), each (B, T),
@@ -99,7 +101,12 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, boo
     n_rows, n_time = rewards.shape
     adv = torch.empty((n_rows, n_time), dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
-    if adv.numel():
+    if adv.numel() and backend == "cuda":
+        # The CUDA kernel reads float32 (an O(B*T) cast, small beside the scan) and a uint8 mask.
+        r, v = (_unit_stride(x.to(torch.float32)) for x in (rewards, values))
+        boot = None if bootstrap is None else bootstrap.reshape(-1).to(torch.float32).contiguous()
+        cuda_ops().gae(r, v, _unit_stride(byte_mask(mask)), boot, adv, ret, gamma, lam)
+    elif adv.numel():
         r, v, m = _unit_stride(rewards), _unit_stride(values), _unit_stride(mask)
         boot = adv if bootstrap is None else bootstrap.reshape(-1).contiguous()
         _gae_kernel[(n_rows,)](

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_v, row_layout, row_start, softmax_row_stats
+from ._common import block_v, cuda_ops, row_layout, row_start, softmax_row_stats
 from .token_stats import ref_layout
 
 N_OUT = 10
@@ -138,11 +138,9 @@ def _policy_loss_fwd_kernel(
         tl.store(out_ptr + 9 * N + row, g_kl)
 
 
-def _per_token(x: torch.Tensor | None, shape: torch.Size, placeholder: torch.Tensor) -> torch.Tensor:
+def _per_token(x: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
     """A per-token input broadcast to (B, T), as the contiguous float32 (N,) vector the kernel reads."""
-    if x is None:
-        return placeholder  # never read: its HAS_* switch is off
-    return x.to(torch.float32).expand(shape).reshape(-1).contiguous()
+    return None if x is None else x.to(torch.float32).expand(shape).reshape(-1).contiguous()
 
 
 def policy_loss_fwd(
@@ -162,8 +160,10 @@ def policy_loss_fwd(
     kl_kind: int = 0,
     entropy_weights: torch.Tensor | None = None,
     kl_ratio_weighted: bool = False,
+    backend: str = "triton",
 ) -> torch.Tensor:
-    """Launches the forward kernel; returns float32 out (10, B, T) in the row order of ROW.
+    """Launches the forward kernel (backend "triton", or "cuda" for its twin in csrc/); returns
+    float32 out (10, B, T) in the row order of ROW.
 
     logits (B, T, V); tokens, weights (B, T); advantages, old_logprobs, ref_logprobs and
     is_weights broadcastable to (B, T), such as (B, 1); ref_logits (B, T, V) when kl_kind is 4
@@ -181,17 +181,24 @@ def policy_loss_fwd(
     out = torch.empty((N_OUT, *tokens.shape), dtype=torch.float32, device=logits.device)
     n = rows.n_rows
     if n:
-        shape = tokens.shape
-        w = weights.to(torch.float32).reshape(-1).contiguous()
         vocab = logits.shape[-1]
+        w = weights.to(torch.float32).reshape(-1).contiguous()
+        per_token = [_per_token(x, tokens.shape) for x in
+                     (entropy_weights, advantages, old_logprobs, ref_logprobs, is_weights)]
+        scalars = (1.0 / temperature, clip_low, clip_high, dual_clip, kl_coef)
+        kl_ratio = kl_ratio_weighted and kl_kind != 0
+        if backend == "cuda":
+            ent_w, adv, old, ref_logp, isw = per_token
+            cuda_ops().policy_loss_fwd(
+                rows.tensor, None if ref_logits is None else ref_rows.tensor, tokens.reshape(-1).to(torch.int64), w,
+                ent_w, adv, old, ref_logp, isw, out, n, vocab, *rows[2:], *ref_rows[2:], *scalars, kl_kind, kl_ratio)
+            return out
+        # Absent inputs are never read (their HAS_* switch is off): any tensor stands in.
+        ent_w, adv, old, ref_logp, isw = (w if x is None else x for x in per_token)
         _policy_loss_fwd_kernel[(n,)](
-            rows.tensor, ref_rows.tensor, tokens.reshape(-1), w, _per_token(entropy_weights, shape, w),
-            _per_token(advantages, shape, w), _per_token(old_logprobs, shape, w),
-            _per_token(ref_logprobs, shape, w), _per_token(is_weights, shape, w), out,
-            n, vocab, rows.inner, rows.stride_outer, rows.stride_inner,
-            ref_rows.inner, ref_rows.stride_outer, ref_rows.stride_inner,
-            1.0 / temperature, clip_low, clip_high, dual_clip, kl_coef,
+            rows.tensor, ref_rows.tensor, tokens.reshape(-1), w, ent_w, adv, old, ref_logp, isw, out,
+            n, vocab, *rows[2:], *ref_rows[2:], *scalars,
             HAS_OLD=old_logprobs is not None, HAS_ISW=is_weights is not None, HAS_ENT=entropy_weights is not None,
-            KL_KIND=kl_kind, KL_RATIO=kl_ratio_weighted and kl_kind != 0, BLOCK_V=block_v(vocab), num_warps=8,
+            KL_KIND=kl_kind, KL_RATIO=kl_ratio, BLOCK_V=block_v(vocab), num_warps=8,
         )
     return out

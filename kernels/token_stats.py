@@ -17,7 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RowLayout, block_v, row_layout, row_start, softmax_row_grad, softmax_row_stats
+from ._common import (
+    RowLayout,
+    block_v,
+    byte_mask,
+    cuda_ops,
+    row_layout,
+    row_start,
+    softmax_row_grad,
+    softmax_row_stats,
+)
 
 N_STATS = 5  # rows of the stats buffer: logp, entropy, kl, lse, lse_ref
 N_GRADS = 3  # rows of the upstream gradient buffer: logp, entropy, kl
@@ -95,8 +104,9 @@ def token_stats_fwd(
     temperature: float = 1.0,
     ref_logits: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
-    """Launches the forward kernel.
+    """Launches the forward kernel (backend "triton", or "cuda" for its twin in csrc/).
 
     logits (..., V) float16/bfloat16/float32/float64 with any row strides; tokens (...) integer
     ids in [0, V); ref_logits (..., V) optional, for the exact KL; mask (...) optional, rows
@@ -110,8 +120,12 @@ def token_stats_fwd(
     if rows.n_rows:
         vocab = logits.shape[-1]
         if mask is not None:
-            mask = mask.reshape(-1)
-            mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+            mask = byte_mask(mask.reshape(-1))
+        if backend == "cuda":
+            cuda_ops().token_stats_fwd(
+                rows.tensor, None if ref_logits is None else ref_rows.tensor, tokens.reshape(-1).to(torch.int64),
+                mask, stats, rows.n_rows, vocab, *rows[2:], *ref_rows[2:], 1.0 / temperature)
+            return stats
         _token_stats_fwd_kernel[(rows.n_rows,)](
             rows.tensor, ref_rows.tensor, tokens.reshape(-1), mask if mask is not None else tokens, stats,
             rows.n_rows, vocab, rows.inner, rows.stride_outer, rows.stride_inner,
@@ -129,8 +143,9 @@ def token_stats_bwd(
     temperature: float = 1.0,
     ref_logits: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
-    """Launches the backward kernel: d logits from per-row upstream gradients.
+    """Launches the backward kernel (backend "triton" or "cuda"): d logits from per-row upstream gradients.
 
     stats: float32 (5, ...) from `token_stats_fwd` (the first five rows of a larger buffer are
     fine); grads: float32 (3, ...) upstream gradients of logp, entropy and kl. Returns a tensor
@@ -153,6 +168,12 @@ def token_stats_bwd(
     if n:
         stats = stats.reshape(-1, n)[:N_STATS].contiguous()
         grads = grads.reshape(N_GRADS, n).to(torch.float32).contiguous()
+        if backend == "cuda":
+            cuda_ops().token_stats_bwd(
+                rows.tensor, None if ref_logits is None else ref_rows.tensor, tokens.reshape(-1).to(torch.int64),
+                stats, grads, out, n, vocab, *rows[2:], *ref_rows[2:], dx_stride_outer, dx_stride_inner,
+                1.0 / temperature)
+            return out
         _token_stats_bwd_kernel[(n,)](
             rows.tensor, ref_rows.tensor, tokens.reshape(-1), stats, grads, out,
             n, vocab, rows.inner, rows.stride_outer, rows.stride_inner,

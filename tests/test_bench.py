@@ -58,7 +58,7 @@ def test_quick_benchmark_writes_json_table_and_plots(tmp_path: Path) -> None:
     for op in providers:
         assert (tmp_path / f"{json_path.stem}-{op}.png").stat().st_size > 0
     # Providers that cannot run here say why.
-    assert "rlops-cuda N=64 V=1000: skipped: backend='cuda' needs the rlops._C extension" in out.stdout
+    assert "rlops-cuda N=64 V=1000: skipped: backend='cuda' is unavailable: PyTorch" in out.stdout
     assert "torch-compile N=64 V=1000: skipped: torch.compile is compared on CUDA only" in out.stdout
 
 

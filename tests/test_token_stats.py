@@ -39,9 +39,10 @@ def _tokens(shape: tuple[int, ...], vocab: int, seed: int = 1) -> torch.Tensor:
     return t.to(DEVICE)
 
 
-def _grad_weights(shape: tuple[int, ...], seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def _grad_weights(shape: tuple[int, ...], seed: int = 2, device: torch.device = DEVICE
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(DEVICE), torch.randn(shape, generator=g).to(DEVICE)
+    return torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
 
 
 def _run(fn: Callable, base: torch.Tensor, tokens: torch.Tensor, temperature: float,
@@ -65,11 +66,12 @@ def _triton(x, t, tau):
 
 def _check(base: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
            view: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, grads: str = "both",
-           extreme: bool = False) -> None:
-    w_logp, w_ent = _grad_weights(tokens.shape)
+           extreme: bool = False, fn: Callable = _triton) -> None:
+    """fn(logits, tokens, temperature) -> (logp, entropy), values and gradients, against the float64 reference."""
+    w_logp, w_ent = _grad_weights(tokens.shape, device=base.device)
     w_logp = None if grads == "entropy" else w_logp
     w_ent = None if grads == "logp" else w_ent
-    logp, ent, grad = _run(_triton, base, tokens, temperature, view, w_logp, w_ent)
+    logp, ent, grad = _run(fn, base, tokens, temperature, view, w_logp, w_ent)
     r_logp, r_ent, r_grad = _run(reference.token_logprobs_and_entropy, base, tokens, temperature, view,
                                  w_logp, w_ent, cast=torch.float64)
     assert logp.dtype == ent.dtype == torch.float32
@@ -333,7 +335,7 @@ def test_bad_backend() -> None:
     x, tokens = _logits((2, 3, 50), torch.float32), _tokens((2, 3), 50)
     with pytest.raises(ValueError, match="backend must be one of"):
         rlops.token_logprobs(x, tokens, backend="gpu")
-    with pytest.raises(NotImplementedError, match="backend='cuda'"):
+    with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
         rlops.token_logprobs(x, tokens, backend="cuda")
 
 

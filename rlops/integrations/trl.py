@@ -63,7 +63,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     if backend == "torch":
         logp = _reference_logprobs(logits, index, temperature).float()
         return logp if row_mask is None else logp.masked_fill(row_mask == 0, 0.0)
-    return token_stats_op(logits, index, None, row_mask, temperature, False)[0]
+    return token_stats_op(logits, index, None, row_mask, temperature, False, backend)[0]
 
 
 def _select_k(logits: Tensor, index: Tensor, temperature: float, row_mask: Tensor | None) -> Tensor:

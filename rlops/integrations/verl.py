@@ -66,7 +66,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
     inplace = inplace_backward and logits.requires_grad and not logits.is_leaf
     if backend == "torch":
         return reference.token_logprobs(logits, labels).float()
-    return token_stats_op(logits, labels, None, None, temperature, inplace)[0]
+    return token_stats_op(logits, labels, None, None, temperature, inplace, backend)[0]
 
 
 def entropy_from_logits(logits: Tensor, *, backend: str = "auto") -> Tensor:

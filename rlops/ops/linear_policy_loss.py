@@ -115,7 +115,7 @@ class _LinearStats(torch.autograd.Function):
     """Per-token stats (5, N) of softmax((hidden @ weight.T + bias) / tau); the backward recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, temperature, chunk):
+    def forward(ctx, hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, temperature, chunk, backend):
         from ..kernels import token_stats_fwd
 
         n = hidden.shape[0]
@@ -123,9 +123,10 @@ class _LinearStats(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             ref = None if ref_hidden is None else _project(ref_hidden, ref_weight, ref_bias, s, e)
-            stats[:, s:e] = token_stats_fwd(_project(hidden, weight, bias, s, e), tokens[s:e], temperature, ref)
+            stats[:, s:e] = token_stats_fwd(_project(hidden, weight, bias, s, e), tokens[s:e], temperature, ref,
+                                            backend=backend)
         ctx.save_for_backward(hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, stats)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.backend = temperature, chunk, backend
         ctx.mark_non_differentiable(stats[3:])
         return stats
 
@@ -140,11 +141,12 @@ class _LinearStats(torch.autograd.Function):
             e = min(s + ctx.chunk, n)
             logits = _project(hidden, weight, bias, s, e)
             ref = None if ref_hidden is None else _project(ref_hidden, ref_weight, ref_bias, s, e)
-            token_stats_bwd(logits, tokens[s:e], stats[:, s:e], grad_stats[:3, s:e], ctx.temperature, ref, out=logits)
+            token_stats_bwd(logits, tokens[s:e], stats[:, s:e], grad_stats[:3, s:e], ctx.temperature, ref, out=logits,
+                            backend=ctx.backend)
             _push_through_head(logits, hidden[s:e], weight, grads, s, e)
         grad_hidden, grad_weight, grad_bias = grads
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype)) + (None,) * 6
+                None if grad_bias is None else grad_bias.to(bias.dtype)) + (None,) * 7
 
 
 class _LinearPolicyLoss(torch.autograd.Function):
@@ -153,7 +155,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, weights, entropy_weights, advantages, old_logprobs, ref_logprobs,
                 is_weights, ref_hidden, ref_weight, ref_bias, temperature, clip_low, clip_high, dual_clip, kl_coef,
-                kl_kind, kl_ratio_weighted, chunk):
+                kl_kind, kl_ratio_weighted, chunk, backend):
         from ..kernels import ROW, policy_loss_fwd, token_stats_bwd
 
         n = hidden.shape[0]
@@ -171,11 +173,11 @@ class _LinearPolicyLoss(torch.autograd.Function):
                 logits[None], tokens[None, s:e], weights[None, s:e], advantages[None, s:e], rows(old_logprobs, s, e),
                 rows(ref_logprobs, s, e), None if ref is None else ref[None], rows(is_weights, s, e), temperature,
                 clip_low, clip_high, dual_clip, kl_coef, kl_kind, rows(entropy_weights, s, e),
-                kl_ratio_weighted)[:, 0]
+                kl_ratio_weighted, backend)[:, 0]
             out[:, s:e] = chunk_out
             if any(g is not None for g in grads):
                 token_stats_bwd(logits, tokens[s:e], chunk_out, chunk_out[ROW["g_logp"]:ROW["g_kl"] + 1],
-                                temperature, ref, out=logits)
+                                temperature, ref, out=logits, backend=backend)
                 _push_through_head(logits, hidden[s:e], weight, grads, s, e)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -189,7 +191,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
         for g, dtype in zip(grads, ctx.dtypes, strict=True):
             # In place, then one cast: the float32 weight gradient is not copied again (V x H floats).
             scaled.append(None if g is None else g.mul_(grad_loss).to(dtype))
-        return (*scaled,) + (None,) * 18
+        return (*scaled,) + (None,) * 19
 
 
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, names: tuple[str, str, str]) -> int:
@@ -260,11 +262,12 @@ def linear_token_logprobs_and_entropy(
     temperature = check_positive_float("temperature", temperature)
     n = tokens.numel()
     chunk = _chunk(chunk_size, n, hidden, vocab, False)
-    if resolve_backend(backend, hidden) == "torch":
+    backend = resolve_backend(backend, hidden, "linear_policy_loss")
+    if backend == "torch":
         logp, entropy, _ = reference.linear_token_stats(hidden, weight, tokens, bias, temperature, chunk_size=chunk)
         return logp.float(), entropy.float()
     stats = _LinearStats.apply(hidden.reshape(n, -1), weight, bias, tokens.reshape(-1), None, None, None,
-                               temperature, chunk)
+                               temperature, chunk, backend)
     return stats[0].view(tokens.shape), stats[1].view(tokens.shape)
 
 
@@ -335,7 +338,7 @@ def linear_policy_loss(
                                               as_rows(ref_logprobs), as_rows(is_weights))
     kl_used = resolve_kl(kl_coef, kl_estimator, ref_logprobs, ref_hidden is not None,
                          "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
-    backend = resolve_backend(backend, hidden)
+    backend = resolve_backend(backend, hidden, "linear_policy_loss")
     old_logprobs, ref_logprobs, is_weights = as_rows(old_logprobs), as_rows(ref_logprobs), as_rows(is_weights)
     ref_logprobs = ref_logprobs if kl_used in SAMPLED_KL else None
     full_kl = kl_used == "full"
@@ -351,7 +354,7 @@ def linear_policy_loss(
                    kl_ratio_weighted=kl_ratio_weighted)
     ref_head = (ref_weight, ref_bias) if full_kl else (None, None)
 
-    if backend == "triton" and ratio_level == "token":
+    if backend != "torch" and ratio_level == "token":
         from ..kernels import KL_KINDS, ROW
 
         def gather(x: Tensor | None) -> Tensor | None:
@@ -365,7 +368,7 @@ def linear_policy_loss(
             h, weight, bias, tokens_2d.reshape(-1)[rows], gather(weights), gather(ent_weights), gather(advantages),
             gather(old_logprobs), gather(ref_logprobs), gather(is_weights), rh, *ref_head, temperature, clip_low,
             clip_high, math.inf if dual_clip is None else float(dual_clip), kl_coef, KL_KINDS[kl_used],
-            kl_ratio_weighted, chunk)
+            kl_ratio_weighted, chunk, backend)
 
         def scatter(name: str) -> Tensor:
             full = torch.zeros(n_rows * n_time, dtype=torch.float32, device=hidden.device)
@@ -375,7 +378,8 @@ def linear_policy_loss(
         result = PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
                                   clip_high=clip_high, dual_clip=dual_clip)
     else:
-        stats = _reference_linear_stats if backend == "torch" else _fused_linear_stats
+        stats = (_reference_linear_stats if backend == "torch"
+                 else functools.partial(_fused_linear_stats, backend=backend))
         stats_fn = functools.partial(_counted_rows_stats, stats=stats, head=(weight, bias), ref_head=ref_head,
                                      rows=rows, chunk=chunk)
         result = composed_loss(hidden_3d, tokens_2d, advantages, mask, old_logprobs, ref_logprobs, ref_hidden_3d,
@@ -397,9 +401,10 @@ def _reference_linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None,
 
 def _fused_linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
                         ref_hidden: Tensor | None, ref_weight: Tensor | None, ref_bias: Tensor | None,
-                        temperature: float, chunk: int) -> Tensor:
+                        temperature: float, chunk: int, *, backend: str) -> Tensor:
     """(5, n) stats from the fused kernels; rows 0-2 are logp, entropy, exact KL."""
-    return _LinearStats.apply(hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, temperature, chunk)
+    return _LinearStats.apply(hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, temperature, chunk,
+                              backend)
 
 
 def _counted_rows_stats(hidden: Tensor, tokens: Tensor, temperature: float, ref_hidden: Tensor | None, *,

@@ -39,26 +39,28 @@ def policy_loss_op(
     old_logprobs: Tensor | None, ref_logprobs: Tensor | None, ref_logits: Tensor | None,
     is_weights: Tensor | None, entropy_weights: Tensor | None, temperature: float, clip_low: float,
     clip_high: float, dual_clip: float, kl_coef: float, kl_kind: int, kl_ratio_weighted: bool, inplace_grad: bool,
+    backend: str,
 ) -> Tensor:
-    """float32 (10, B, T) per-token outputs of the fused kernel, in the row order of
-    rlops.kernels.policy_loss.ROW; differentiable through the "loss" row."""
+    """float32 (10, B, T) per-token outputs of the fused kernel (Triton, or its CUDA twin with backend
+    "cuda"), in the row order of rlops.kernels.policy_loss.ROW; differentiable through the "loss" row."""
     from ..kernels import policy_loss_fwd
 
     return policy_loss_fwd(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
                            is_weights, temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-                           entropy_weights, kl_ratio_weighted)
+                           entropy_weights, kl_ratio_weighted, backend)
 
 
 @policy_loss_op.register_fake
 def _(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits, is_weights, entropy_weights,
-      temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind, kl_ratio_weighted, inplace_grad) -> Tensor:
+      temperature, clip_low, clip_high, dual_clip, kl_coef, kl_kind, kl_ratio_weighted, inplace_grad,
+      backend) -> Tensor:
     return logits.new_empty((10, *tokens.shape), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, tokens, *_ = inputs
-    ref_logits, temperature, inplace_grad = inputs[6], inputs[9], inputs[16]
-    save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad)
+    ref_logits, temperature, inplace_grad, backend = inputs[6], inputs[9], inputs[16], inputs[17]
+    save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad, backend)
 
 
 def _backward(ctx, grad_out: Tensor):
@@ -68,7 +70,7 @@ def _backward(ctx, grad_out: Tensor):
     # Rows g_logp, g_entropy, g_kl hold d loss_t / d (logp, entropy, kl); the chain rule scales
     # them by each token's upstream gradient.
     grads = out[ROW["g_logp"]:ROW["g_kl"] + 1] * grad_out[ROW["loss"]]
-    return (grad_to_logits(ctx, grads),) + (None,) * 16
+    return (grad_to_logits(ctx, grads),) + (None,) * 17
 
 
 policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -232,11 +234,11 @@ def policy_loss(
     if inplace_grad and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_grad=True writes the gradient over logits, which must be produced by an "
                          "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
-    backend = resolve_backend(backend, logits)
+    backend = resolve_backend(backend, logits, "policy_loss")
     ref_logprobs = ref_logprobs if kl_used in SAMPLED_KL else None
     ref_logits = ref_logits if kl_used == "full" else None
 
-    if backend == "triton" and ratio_level == "token":
+    if backend != "torch" and ratio_level == "token":
         from ..kernels.policy_loss import KL_KINDS, ROW
 
         weights = aggregation_weights(mask, loss_agg, norm_len)
@@ -244,13 +246,14 @@ def policy_loss(
         out = policy_loss_op(logits, tokens, weights, advantages, old_logprobs, ref_logprobs, ref_logits,
                              is_weights, entropy_weights(mask, entropy_coef, entropy_agg or loss_agg, norm_len),
                              temperature, clip_low, clip_high, dual, kl_coef, KL_KINDS[kl_used], kl_ratio_weighted,
-                             inplace_grad)
+                             inplace_grad, backend)
         loss = out[ROW["loss"]].sum()
         per_token = [out[ROW[name]].detach() for name in ("logp", "entropy", "kl", "ratio")]
         return PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
                                 clip_high=clip_high, dual_clip=dual_clip)
-    # On the triton backend (GSPO) the vocabulary work is the fused statistics kernel.
-    stats_fn = None if backend == "torch" else functools.partial(_fused_stats, mask=mask, inplace_grad=inplace_grad)
+    # On the kernel backends (GSPO) the vocabulary work is the fused statistics kernel.
+    stats_fn = None if backend == "torch" else functools.partial(_fused_stats, mask=mask, inplace_grad=inplace_grad,
+                                                                 backend=backend)
     return composed_loss(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, ref_logits, is_weights,
                          stats_fn, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                          dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
@@ -300,9 +303,9 @@ def composed_loss(logits: Tensor, tokens: Tensor, advantages: Tensor, mask: Tens
 
 
 def _fused_stats(logits: Tensor, tokens: Tensor, temperature: float, ref_logits: Tensor | None, *,
-                 mask: Tensor, inplace_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The reference's stats_fn on the triton backend: (logp, entropy, exact KL or None)."""
-    stats = token_stats_op(logits, tokens, ref_logits, mask, temperature, inplace_grad)
+                 mask: Tensor, inplace_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The reference's stats_fn on the kernel backends: (logp, entropy, exact KL or None)."""
+    stats = token_stats_op(logits, tokens, ref_logits, mask, temperature, inplace_grad, backend)
     return stats[0], stats[1], None if ref_logits is None else stats[2]
 
 

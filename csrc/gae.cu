@@ -1,0 +1,107 @@
+// Generalised advantage estimation as a reverse scan over time (SPEC.md section 5).
+// CUDA twin of kernels/gae.py: per row, two linear recurrences h_t = b_t + a_t h_{t+1} run
+// from the end (the value at the next valid position E, then the advantage A), with masked
+// positions carrying both through (rlops_math.h gives the maps).
+//
+// One block per row walks tiles of kTile steps from the end. Each thread owns kItems
+// consecutive steps: it composes their maps serially, a warp-shuffle scan and a pass over the
+// warps' totals give each thread the composed map of every later step in the tile, and the
+// tile's total map carries E and A into the tile on its left. A row of T steps is T / kTile
+// dependent tile steps instead of T serial ones.
+#include "launch.h"
+#include "rlops_math.h"
+
+namespace rlops {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kItems = 8;
+constexpr int kTile = kThreads * kItems;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ Affine shfl_down(const Affine& f, int offset) {
+  return Affine{__shfl_down_sync(kFullMask, f.a, offset), __shfl_down_sync(kFullMask, f.b, offset)};
+}
+
+// own: this thread's composed map. Returns in `later` the map of every later step in the
+// tile (the threads to the right) and in `tile` the map of the whole tile.
+__device__ __forceinline__ void block_suffix_scan(Affine own, Affine& later, Affine& tile) {
+  __shared__ Affine warp_total[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  Affine suffix = own;  // lanes lane..31 of this warp
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    Affine o = shfl_down(suffix, offset);
+    if (lane + offset < 32) suffix = then(o, suffix);
+  }
+  Affine in_warp = shfl_down(suffix, 1);  // lanes lane+1..31
+  if (lane == 31) in_warp = identity_map();
+  if (lane == 0) warp_total[warp] = suffix;
+  __syncthreads();
+  Affine right = identity_map();  // warps after this one
+  tile = identity_map();
+#pragma unroll
+  for (int w = kWarps - 1; w >= 0; --w) {
+    if (w > warp) right = then(right, warp_total[w]);
+    tile = then(tile, warp_total[w]);
+  }
+  later = then(right, in_warp);
+  __syncthreads();  // warp_total is rewritten by the next scan
+}
+
+__global__ void __launch_bounds__(kThreads) gae_kernel(GaeArgs a) {
+  const int64_t row = blockIdx.x, T = a.n_time;
+  const float* r = a.rewards + row * a.r_stride;
+  const float* v = a.values + row * a.v_stride;
+  const uint8_t* m = a.mask + row * a.m_stride;
+  float* adv_out = a.adv + row * T;
+  float* ret_out = a.ret + row * T;
+  const float gamma = a.gamma, gamma_lam = a.gamma * a.lam;
+  float next_value = a.bootstrap != nullptr ? a.bootstrap[row] : 0.f;  // E entering the tile from the right
+  float next_adv = 0.f;
+
+  const int64_t n_tiles = (T + kTile - 1) / kTile;
+  for (int64_t tile_idx = 0; tile_idx < n_tiles; ++tile_idx) {
+    // The leftmost tile may start before 0: those steps are masked and write nothing.
+    const int64_t base = T - (tile_idx + 1) * kTile + threadIdx.x * kItems;
+    bool valid[kItems + 1];
+    float value[kItems + 1], reward[kItems];
+#pragma unroll
+    for (int j = 0; j <= kItems; ++j) {
+      const int64_t t = base + j;
+      const bool here = t >= 0 && t < T;
+      valid[j] = here && m[t] != 0;
+      value[j] = here ? v[t] : 0.f;
+      if (j < kItems) reward[j] = here ? r[t] : 0.f;
+    }
+
+    Affine later, tile;
+    block_suffix_scan(gae_value_map<kItems>(valid, value), later, tile);
+    float delta[kItems];
+    gae_deltas<kItems>(apply(later, next_value), valid, value, reward, gamma, delta);
+    next_value = apply(tile, next_value);
+
+    block_suffix_scan(gae_advantage_map<kItems>(valid, delta, gamma_lam), later, tile);
+    float adv[kItems], ret[kItems];
+    gae_outputs<kItems>(apply(later, next_adv), valid, value, delta, gamma_lam, adv, ret);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (base + j >= 0) {
+        adv_out[base + j] = adv[j];
+        ret_out[base + j] = ret[j];
+      }
+    }
+    next_adv = apply(tile, next_adv);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_gae(const GaeArgs& a, cudaStream_t stream) {
+  if (a.n_rows == 0 || a.n_time == 0) return cudaSuccess;
+  gae_kernel<<<static_cast<unsigned>(a.n_rows), kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace rlops

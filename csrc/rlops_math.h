@@ -1,0 +1,285 @@
+// The arithmetic of the CUDA kernels, for one element, one token or one time step.
+//
+// Everything here is __host__ __device__ and free of CUDA headers, so the same functions
+// compile into the kernels (token_stats.cu, gae.cu) and into a host build that the CPU tests
+// check against rlops/reference.py in float64 (tests/csrc_host.cpp). The kernels add only
+// the parallel plumbing: vector loads, warp-shuffle merges of these states, block scans.
+// Formulas: SPEC.md sections 1-3 and 5; they mirror kernels/_common.py and
+// kernels/policy_loss.py line for line.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define RLOPS_HD __host__ __device__ __forceinline__
+#define RLOPS_UNROLL _Pragma("unroll")
+#else
+#define RLOPS_HD inline
+#define RLOPS_UNROLL
+#endif
+
+namespace rlops {
+
+// Lowest finite float32: a running max that starts here (not at -inf) rescales by exp(0),
+// not exp(nan), while a row has seen only -inf logits.
+constexpr float kLowest = -3.4028234663852886e38f;
+constexpr float kLogRatioClamp = 20.0f;
+constexpr float kK3Max = 10.0f;
+enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kKlFull = 4 };
+
+RLOPS_HD float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);  // ex2.approx, as Triton's tl.exp
+#else
+  return expf(x);
+#endif
+}
+
+// Online softmax statistics of one row of z = x / tau, as a mergeable state:
+// m the running max, s = sum exp(z - m), t = sum exp(z - m) (z - m). t is kept relative to
+// m so that the entropy log(s) - t / s has no cancellation between lse and E[z].
+// With a reference row y: mr, sr = its max and sum exp(y - mr), c = sum exp(z - m) (z - y).
+struct RowState {
+  float m, s, t, mr, sr, c;
+};
+
+RLOPS_HD RowState empty_state() { return RowState{kLowest, 0.f, 0.f, kLowest, 0.f, 0.f}; }
+
+// Rescales st to the new maxima m_new (policy) and mr_new (reference, with HAS_REF).
+template <bool HAS_REF>
+RLOPS_HD void rescale(RowState& st, float m_new, float mr_new) {
+  float shift = st.m - m_new;
+  float alpha = exp_(shift);
+  // s == 0 means nothing seen yet; shift may then be -inf and shift * s would be NaN.
+  st.t = alpha * (st.t + (st.s > 0.f ? shift * st.s : 0.f));
+  st.s *= alpha;
+  st.m = m_new;
+  if (HAS_REF) {
+    st.c *= alpha;
+    st.sr *= exp_(st.mr - mr_new);
+    st.mr = mr_new;
+  }
+}
+
+// Adds K logits z (and reference logits y when HAS_REF), already scaled by 1 / tau.
+template <int K, bool HAS_REF>
+RLOPS_HD void add(RowState& st, const float* z, const float* y) {
+  float m_new = st.m, mr_new = st.mr;
+RLOPS_UNROLL
+  for (int i = 0; i < K; ++i) {
+    m_new = fmaxf(m_new, z[i]);
+    if (HAS_REF) mr_new = fmaxf(mr_new, y[i]);
+  }
+  rescale<HAS_REF>(st, m_new, mr_new);
+RLOPS_UNROLL
+  for (int i = 0; i < K; ++i) {
+    float zm = z[i] - m_new;
+    float e = exp_(zm);
+    st.s += e;
+    // -inf logits have e = 0 and zm = -inf: they add 0, not NaN.
+    if (e > 0.f) {
+      st.t += e * zm;
+      if (HAS_REF) st.c += e * (z[i] - y[i]);
+    }
+    if (HAS_REF) st.sr += exp_(y[i] - mr_new);
+  }
+}
+
+// The state of the union of two disjoint sets of elements.
+template <bool HAS_REF>
+RLOPS_HD RowState merge(RowState a, RowState b) {
+  float m = fmaxf(a.m, b.m), mr = fmaxf(a.mr, b.mr);
+  rescale<HAS_REF>(a, m, mr);
+  rescale<HAS_REF>(b, m, mr);
+  return RowState{m, a.s + b.s, a.t + b.t, a.mr, a.sr + b.sr, a.c + b.c};
+}
+
+// Per-row statistics: the first five rows of the stats layout (kernels/token_stats.py).
+struct RowStats {
+  float lse, entropy, lse_ref, kl;
+};
+
+RLOPS_HD RowStats finish(const RowState& st, bool has_ref) {
+  float log_s = logf(st.s);
+  RowStats r{st.m + log_s, log_s - st.t / st.s, 0.f, 0.f};
+  if (has_ref) {
+    r.lse_ref = st.mr + logf(st.sr);
+    r.kl = st.c / st.s + r.lse_ref - r.lse;
+  }
+  return r;
+}
+
+// The clipped policy loss of one token from its log-prob, entropy and exact KL (SPEC 2-3).
+struct PolicyParams {
+  float clip_low, clip_high, dual_clip, kl_coef;  // dual_clip = inf disables the cap
+  int kl_kind;
+  bool has_old, has_isw, has_ent, kl_ratio;
+};
+
+struct TokenInputs {
+  float w;      // aggregation weight (0 = masked)
+  float ent_w;  // entropy coefficient times the token's weight in the entropy term
+  float adv, old_logp, ref_logp, isw;
+};
+
+// Rows 2 and 5-9 of the policy kernel's output (rows 0, 1, 3, 4 are the row statistics).
+struct PolicyOut {
+  float kl, ratio, loss, g_logp, g_entropy, g_kl;
+};
+
+RLOPS_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const TokenInputs& in,
+                                const PolicyParams& p) {
+  // Importance ratio; torch.clamp passes the gradient at the bounds, so the same here.
+  float diff = p.has_old ? logp - in.old_logp : 0.f;
+  float log_r = clampf(diff, -kLogRatioClamp, kLogRatioClamp);
+  float d_log_r = (diff >= -kLogRatioClamp && diff <= kLogRatioClamp) ? 1.f : 0.f;
+  float ratio = exp_(log_r);
+
+  // Clipped surrogate: the gradient flows through the unclipped branch when it is the max.
+  float pg_unclipped = -in.adv * ratio;
+  float pg_clipped = -in.adv * clampf(ratio, 1.f - p.clip_low, 1.f + p.clip_high);
+  float pg = fmaxf(pg_unclipped, pg_clipped);
+  float d_pg = (pg_unclipped >= pg_clipped ? pg_unclipped : 0.f) * d_log_r;
+  float cap = -in.adv * p.dual_clip;
+  if (in.adv < 0.f && pg > cap) {
+    pg = cap;
+    d_pg = 0.f;
+  }
+  if (p.has_isw) {
+    pg *= in.isw;
+    d_pg *= in.isw;
+  }
+
+  // KL to the reference from the sampled token's log-probs (d = ref_logp - logp).
+  float kl = kl_full, d_kl = 0.f;
+  float d = in.ref_logp - logp;
+  if (p.kl_kind == kK1) {
+    kl = -d;
+    d_kl = 1.f;
+  } else if (p.kl_kind == kK2) {
+    kl = 0.5f * d * d;
+    d_kl = -d;
+  } else if (p.kl_kind == kK3) {
+    float dc = clampf(d, -kLogRatioClamp, kLogRatioClamp);
+    float exp_dc = exp_(dc);
+    float raw = exp_dc - dc - 1.f;
+    kl = fminf(raw, kK3Max);
+    bool live = d >= -kLogRatioClamp && d <= kLogRatioClamp && raw <= kK3Max;
+    d_kl = live ? 1.f - exp_dc : 0.f;
+  } else if (p.kl_kind == kKlNone) {
+    kl = 0.f;
+  }
+
+  float kl_term = kl, kl_scale = 1.f;
+  if (p.kl_ratio && p.kl_kind != kKlNone) {
+    // DeepSeek-V3.2's unbiased KL: d(kl * r)/d logp = r * d kl/d logp + kl * r * d log_r/d logp
+    d_kl = ratio * d_kl + kl * ratio * d_log_r;
+    kl_scale = ratio;
+    kl_term = kl * ratio;
+  }
+  PolicyOut o;
+  o.kl = kl;  // the KL itself: the exact KL's gradient p (log p - log q - KL) needs it
+  o.ratio = ratio;
+  o.loss = in.w * (pg + p.kl_coef * kl_term);
+  o.g_entropy = p.has_ent ? -in.ent_w : 0.f;
+  o.loss += o.g_entropy * entropy;
+  o.g_logp = in.w * (d_pg + p.kl_coef * d_kl);
+  o.g_kl = p.kl_kind == kKlFull ? in.w * p.kl_coef * kl_scale : 0.f;
+  return o;
+}
+
+// What the backward needs of one row: its statistics and the upstream gradients of logp,
+// entropy and the exact KL.
+struct GradRow {
+  float lse, entropy, lse_ref, kl, g_logp, g_entropy, g_kl, inv_tau;
+};
+
+// d/dx of g_logp * logp + g_entropy * H + g_kl * KL(p || q) at one logit x (z = x / tau):
+//   (g_logp (1[v == a] - p) - g_entropy p (log p + H) + g_kl p (log p - log q - KL)) / tau
+template <bool HAS_REF>
+RLOPS_HD float logit_grad(float z, float y, bool is_token, const GradRow& g) {
+  float log_p = z - g.lse;
+  float p = exp_(log_p);
+  // Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
+  if (!(p > 0.f)) log_p = 0.f;
+  float coef = g.g_logp + g.g_entropy * (log_p + g.entropy);
+  if (HAS_REF) coef -= g.g_kl * (log_p - (p > 0.f ? y - g.lse_ref : 0.f) - g.kl);
+  float dz = (is_token ? g.g_logp : 0.f) - p * coef;
+  return dz * g.inv_tau;
+}
+
+// GAE (SPEC 5) as two reverse linear recurrences h_t = b_t + a_t h_{t+1}; an affine map per
+// step, composed associatively so that a block of threads scans them in parallel.
+struct Affine {
+  float a, b;
+};
+
+RLOPS_HD Affine identity_map() { return Affine{1.f, 0.f}; }
+
+// The map that applies `right` (the later time steps) first, then `left`.
+RLOPS_HD Affine then(const Affine& right, const Affine& left) {
+  return Affine{left.a * right.a, left.b + left.a * right.b};
+}
+
+RLOPS_HD float apply(const Affine& f, float h) { return f.b + f.a * h; }
+
+// E_t = m_{t+1} V_{t+1} + (1 - m_{t+1}) E_{t+1}: the value at the next valid position.
+RLOPS_HD Affine next_value_map(bool valid_next, float value_next) {
+  return valid_next ? Affine{0.f, value_next} : Affine{1.f, 0.f};
+}
+
+// A_t = m_t (delta_t + gamma lam A_{t+1}) + (1 - m_t) A_{t+1}.
+RLOPS_HD Affine advantage_map(bool valid, float delta, float gamma_lam) {
+  return valid ? Affine{gamma_lam, delta} : Affine{1.f, 0.f};
+}
+
+// One thread's K consecutive steps of a GAE tile, in four phases around two block scans.
+// valid[0..K] and value[0..K] hold the thread's steps plus the step after its last one.
+
+// Phase 1: the composed map of the thread's steps for E.
+template <int K>
+RLOPS_HD Affine gae_value_map(const bool* valid, const float* value) {
+  Affine own = identity_map();
+  RLOPS_UNROLL
+  for (int j = K - 1; j >= 0; --j) own = then(own, next_value_map(valid[j + 1], value[j + 1]));
+  return own;
+}
+
+// Phase 2: given E after the thread's last step (e_after), the TD errors delta_t.
+template <int K>
+RLOPS_HD void gae_deltas(float e_after, const bool* valid, const float* value, const float* reward, float gamma,
+                         float* delta) {
+  float h = e_after;
+  RLOPS_UNROLL
+  for (int j = K - 1; j >= 0; --j) {
+    h = apply(next_value_map(valid[j + 1], value[j + 1]), h);
+    delta[j] = reward[j] + gamma * h - value[j];
+  }
+}
+
+// Phase 3: the composed map of the thread's steps for A.
+template <int K>
+RLOPS_HD Affine gae_advantage_map(const bool* valid, const float* delta, float gamma_lam) {
+  Affine own = identity_map();
+  RLOPS_UNROLL
+  for (int j = K - 1; j >= 0; --j) own = then(own, advantage_map(valid[j], delta[j], gamma_lam));
+  return own;
+}
+
+// Phase 4: given A after the thread's last step (a_after), advantages and returns (0 where masked).
+template <int K>
+RLOPS_HD void gae_outputs(float a_after, const bool* valid, const float* value, const float* delta,
+                          float gamma_lam, float* adv, float* ret) {
+  float h = a_after;
+  RLOPS_UNROLL
+  for (int j = K - 1; j >= 0; --j) {
+    h = apply(advantage_map(valid[j], delta[j], gamma_lam), h);
+    adv[j] = valid[j] ? h : 0.f;
+    ret[j] = valid[j] ? h + value[j] : 0.f;
+  }
+}
+
+}  // namespace rlops

@@ -1,0 +1,267 @@
+"""The CUDA C++ backend (csrc/) on a machine without a GPU.
+
+- `nvcc`-marked tests compile every source: the kernels for sm_80 and sm_90 (no register
+  spills), the PyTorch binding and the module against the installed torch headers. They
+  are skipped only where nvcc is absent.
+- The other tests run the public API with backend="cuda" end to end on CPU tensors, with
+  torch.ops.rlops_cuda replaced by tests/csrc_emulator.py: the kernels' own arithmetic
+  (csrc/rlops_math.h) compiled for the host and driven in the kernels' thread layout, against
+  the float64 reference. On a GPU machine the GPU suite runs the real backend instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import csrc_emulator
+import pytest
+import test_linear_policy_loss as linear_tests
+import test_policy_loss as policy_tests
+import test_token_stats as stats_tests
+import torch
+from test_advantages import GAE_CASES, _close, _gae_inputs, verl_style_gae
+
+import rlops
+import rlops.kernels.gae
+import rlops.kernels.policy_loss
+import rlops.kernels.token_stats
+from rlops import _cuda
+from rlops.ops import _backend
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+KERNEL_SOURCES = ["token_stats.cu", "gae.cu"]
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("nvcc")
+    if found is None and CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        found = str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return found
+
+
+NVCC = _nvcc()
+
+
+def _compile(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("source", KERNEL_SOURCES)
+def test_kernels_compile_without_spills(source: str, arch: str, tmp_path: Path) -> None:
+    obj = tmp_path / f"{source}.sm_{arch}.o"
+    done = _compile([NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                     "-Xptxas", "-v", "-Werror", "all-warnings", f"-I{CSRC}", str(CSRC / source), "-o", str(obj)])
+    assert obj.stat().st_size > 0
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
+    assert spills and not any(spills), f"register spills in {source} for sm_{arch}:\n{done.stderr}"
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", ["ops.cpp", "module.cpp"])
+def test_binding_compiles(source: str, tmp_path: Path) -> None:
+    torch_include = Path(torch.__file__).resolve().parent / "include"
+    # nvcc hands .cpp files to the host compiler with CUDA's include path added. CPU wheels of
+    # PyTorch ship the c10/cuda headers without the generated cuda_cmake_macros.h, which only
+    # sets the Windows DLL export switch; the flag stands in for it.
+    _compile([NVCC, "-c", "-std=c++17", "-Xcompiler", "-Wall,-Werror=return-type,-Wno-unknown-pragmas",
+              "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{torch_include}",
+              f"-I{torch_include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
+              f"-I{CSRC}", str(CSRC / source), "-o", str(tmp_path / f"{source}.o")])
+    assert (tmp_path / f"{source}.o").stat().st_size > 0
+
+
+def test_setup_builds_the_sources_that_exist() -> None:
+    tree = ast.parse((CSRC.parent / "setup.py").read_text())
+    assigned = {node.targets[0].id: node.value for node in tree.body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    sources = ast.literal_eval(assigned["CUDA_SOURCES"])
+    assert set(sources) == {f"csrc/{name}" for name in ("module.cpp", *_cuda.SOURCES)}
+    assert all((CSRC.parent / path).is_file() for path in sources)
+
+
+# ---- the arithmetic, end to end through the public API with backend="cuda" -------------------
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory: pytest.TempPathFactory):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the GPU suite runs the real CUDA backend")
+    lib = csrc_emulator.build(tmp_path_factory.mktemp("csrc_host"))
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    return lib
+
+
+@pytest.fixture
+def emulated(monkeypatch: pytest.MonkeyPatch, host_lib) -> csrc_emulator.HostOps:
+    ops = csrc_emulator.HostOps(host_lib)
+    for module in (rlops.kernels.token_stats, rlops.kernels.policy_loss, rlops.kernels.gae):
+        monkeypatch.setattr(module, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(_backend, "cuda_backend_unavailable", lambda x=None: None)
+    return ops
+
+
+def _cuda_stats(x, t, tau):
+    return rlops.token_logprobs_and_entropy(x, t, tau, backend="cuda")
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 4097])
+def test_token_stats(vocab: int, dtype: torch.dtype) -> None:
+    base = stats_tests._logits((2, 3, vocab), dtype)
+    stats_tests._check(base, stats_tests._tokens((2, 3), vocab), 0.8, fn=_cuda_stats)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, view", [
+    ((3, 6, 203), lambda x: x[:, :-1]),  # odd V: rows start at every alignment
+    ((5, 3, 200), lambda x: x.transpose(0, 1)),
+    ((4, 5, 256), lambda x: x[..., 3:203]),
+    ((3, 4, 400), lambda x: x[..., ::2]),
+])
+def test_token_stats_layouts(shape: tuple[int, ...], view, dtype: torch.dtype) -> None:
+    probe = view(stats_tests._logits(shape, dtype))
+    stats_tests._check(stats_tests._logits(shape, dtype), stats_tests._tokens(probe.shape[:-1], probe.shape[-1]),
+                       1.3, view=view, fn=_cuda_stats)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("grads", ["logp", "entropy"])
+def test_token_stats_gradient_paths(grads: str) -> None:
+    base = stats_tests._logits((3, 4, 333), torch.float32)
+    stats_tests._check(base, stats_tests._tokens((3, 4), 333), grads=grads, fn=_cuda_stats)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("scale", [1e-4, 3000.0])
+def test_token_stats_extreme_scales_and_minus_inf(scale: float) -> None:
+    base = stats_tests._logits((3, 4, 300), torch.float32, scale=scale)
+    base[..., 250:] = float("-inf")
+    base[0, 0, :128] = float("-inf")
+    tokens = 128 + stats_tests._tokens((3, 4), 250 - 128)
+    stats_tests._check(base, tokens, extreme=True, fn=_cuda_stats)
+
+
+def _cuda_policy(logits, tokens, advantages, **kw):
+    return rlops.policy_loss(logits, tokens, advantages, backend="cuda", **kw)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("case", list(policy_tests.CASES))
+def test_policy_loss(case: str) -> None:
+    policy_tests._check(case, torch.float32, fn=_cuda_policy, vocab=203)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("case", ["off-policy", "dual-clip", "k3", "full-kl", "everything-k3", "everything-full",
+                                  "gspo-full-kl"])
+def test_policy_loss_bf16(case: str) -> None:
+    policy_tests._check(case, torch.bfloat16, fn=_cuda_policy, vocab=203)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("kl", ["k3", "full"])
+def test_policy_loss_inplace_grad(kl: str) -> None:
+    batch = policy_tests._batch(vocab=203)
+    options = {"kl_coef": 0.1, "kl_estimator": kl, "old_logprobs": batch["old_logprobs"], "mask": batch["mask"],
+               "ref_logprobs": batch["ref_logprobs"], "ref_logits": batch["ref_logits"]}
+    grads = []
+    for inplace in (False, True):
+        leaf = batch["logits"].clone().requires_grad_(True)
+        logits = leaf * 1.0  # produced by an op, as an lm_head output is
+        out = rlops.policy_loss(logits, batch["tokens"], batch["advantages"], inplace_grad=inplace, backend="cuda",
+                                **options)
+        out.loss.backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("case", ["off-policy", "everything-k3", "everything-full", "gspo-with-kl-entropy-is"])
+def test_linear_policy_loss(case: str) -> None:
+    linear_tests._check(case, backend="cuda", chunk_size=5)
+
+
+@pytest.mark.usefixtures("emulated")
+def test_linear_policy_loss_bf16() -> None:
+    linear_tests._check("everything-full", torch.bfloat16, backend="cuda")
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("rows, time, gamma, lam, with_bootstrap", GAE_CASES)
+def test_gae(rows, time, gamma, lam, with_bootstrap) -> None:
+    rewards, values, mask, bootstrap = _gae_inputs(rows, time)
+    bootstrap = bootstrap if with_bootstrap else None
+    adv, ret = rlops.gae(rewards, values, mask, gamma=gamma, lam=lam, bootstrap=bootstrap, backend="cuda")
+    want_adv, want_ret = verl_style_gae(rewards, values, mask, gamma, lam, bootstrap)
+    _close(adv, want_adv, "advantages")
+    _close(ret, want_ret, "returns")
+    assert not adv[~mask].any() and not ret[~mask].any()
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_gae_strided_dtypes_and_padding(dtype: torch.dtype) -> None:
+    rewards, values, mask, bootstrap = _gae_inputs(6, 40, dtype=dtype)
+    r, v, m = rewards[::2, 3:], values[::2, 3:], mask[::2, 3:]
+    adv, ret = rlops.gae(r.masked_fill(~m, float("nan")), v.masked_fill(~m, float("inf")), m.float(), gamma=0.9,
+                         bootstrap=bootstrap[::2], backend="cuda")
+    want_adv, want_ret = verl_style_gae(r, v, m, 0.9, 0.95, bootstrap[::2])
+    _close(adv, want_adv, "advantages")
+    _close(ret, want_ret, "returns")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("time", [1, 8, 9, 23, 70])
+def test_gae_tiles(host_lib, threads: int, time: int) -> None:
+    # Tiles of 8, 16 and 24 steps, so that rows span many tiles and a partial leftmost one.
+    ops = csrc_emulator.HostOps(host_lib, gae_threads=threads)
+    rewards, values, mask, bootstrap = _gae_inputs(4, time, seed=time)
+    adv, ret = torch.empty(4, time), torch.empty(4, time)
+    ops.gae(rewards, values, mask.to(torch.uint8), bootstrap, adv, ret, 0.97, 0.9)
+    want_adv, want_ret = verl_style_gae(rewards, values, mask, 0.97, 0.9, bootstrap)
+    _close(adv, want_adv, "advantages")
+    _close(ret, want_ret, "returns")
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+
+def test_cuda_backend_says_why_it_cannot_run() -> None:
+    x = torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
+        rlops.token_logprobs(x, torch.zeros(2, dtype=torch.long), backend="cuda")
+    if torch.version.cuda is None:
+        assert "not a CUDA build" in _backend.cuda_backend_unavailable()
+
+
+def test_auto_follows_the_benchmark_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(_backend, "auto_table", lambda: {"Some GPU": {"gae": "cuda", "token_stats": "triton"}})
+    monkeypatch.setattr(_backend, "cuda_backend_unavailable", lambda x=None: None)
+    x = torch.zeros(1)
+    assert _backend._auto_cuda("gae", x) == "cuda"
+    assert _backend._auto_cuda("token_stats", x) == "triton"
+    assert _backend._auto_cuda("policy_loss", x) == "triton"  # not measured: Triton
+    monkeypatch.setattr(_backend, "cuda_backend_unavailable", lambda x=None: "no nvcc")
+    assert _backend._auto_cuda("gae", x) == "triton"  # measured faster but not buildable here
+
+
+def test_auto_table_is_well_formed() -> None:
+    table = _backend.auto_table.__wrapped__()
+    for gpu, ops in table.items():
+        assert isinstance(gpu, str) and set(ops) <= set(_backend.CUDA_OPS), gpu
+        assert set(ops.values()) <= {"cuda", "triton"}, gpu
