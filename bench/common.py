@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -175,7 +176,28 @@ def write_results(run: dict[str, object], out_dir: Path) -> list[Path]:
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(run, indent=1) + "\n")
     md_path.write_text(markdown_table(run))
-    return [json_path, md_path, *plots(run, out_dir, stem)]
+    written = [json_path, md_path, *plots(run, out_dir, stem)]
+    faster = faster_backends(run)
+    if faster:
+        auto_path = out_dir / f"{stem}-auto-backend.json"
+        auto_path.write_text(json.dumps({"faster": {run["device"]: faster}}, indent=1) + "\n")
+        written.append(auto_path)
+    return written
+
+
+def faster_backends(run: dict[str, object]) -> dict[str, str]:
+    """{op: "cuda" | "triton"}: the faster rlops backend per op, by the geometric mean over the
+    op's shapes of the forward+backward time ratio, for the ops where both ran without error.
+    This is what rlops/ops/auto_backend.json records per GPU for backend="auto"."""
+    times: dict[tuple[str, str], dict[str, float]] = {}
+    for r in run["records"]:
+        if r["provider"] in ("rlops-triton", "rlops-cuda") and not r.get("error") and _total_ms(r):
+            times.setdefault((r["op"], json.dumps(r["shape"], sort_keys=True)), {})[r["provider"]] = _total_ms(r)
+    log_ratios: dict[str, list[float]] = {}
+    for (op, _), by_provider in times.items():
+        if len(by_provider) == 2:
+            log_ratios.setdefault(op, []).append(math.log(by_provider["rlops-triton"] / by_provider["rlops-cuda"]))
+    return {op: "cuda" if sum(logs) > 0 else "triton" for op, logs in sorted(log_ratios.items())}
 
 
 # The framework code each op's speed-up is measured against.

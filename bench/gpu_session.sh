@@ -9,7 +9,9 @@ OUT=${OUT:-/tmp/rlops-gpu}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# With the image's CUDA torch and nvcc this also builds the CUDA backend (rlops._C).
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+python3 -c "import torch, rlops._C; print('rlops._C built')" 2>&1 | tee "$OUT/cuda_build.log"
 python3 -m pytest -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log"
 python3 -m rlops bench --out "$OUT/results" "$@" 2>&1 | tee "$OUT/bench.log"
 for extra in "" "--gradient-checkpointing"; do

@@ -75,24 +75,34 @@ void check_grid(int64_t n_rows) {
   TORCH_CHECK(n_rows <= 0x7fffffff, "rlops_cuda: at most 2**31 - 1 rows per launch, got ", n_rows);
 }
 
-void token_stats_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens, const OptTensor& mask,
-                     const Tensor& out, int64_t n_rows, int64_t vocab, int64_t inner, int64_t stride_outer,
-                     int64_t stride_inner, int64_t ref_inner, int64_t ref_stride_outer, int64_t ref_stride_inner,
-                     double inv_tau) {
+// The arguments the forward and backward launches share: the logits' and reference's rows,
+// the token ids, the sizes and 1 / temperature.
+template <typename Args>
+void set_rows(Args& a, const Tensor& x, const OptTensor& ref, const Tensor& tokens, int64_t n_rows, int64_t vocab,
+              int64_t inner, int64_t stride_outer, int64_t stride_inner, int64_t ref_inner, int64_t ref_stride_outer,
+              int64_t ref_stride_inner, double inv_tau) {
   check_grid(n_rows);
-  const c10::cuda::CUDAGuard guard(x.device());
-  StatsFwdArgs a{};
   a.dtype = dtype_of(x);
   a.x = rows_of(x, x, n_rows, vocab, inner, stride_outer, stride_inner, "logits");
   a.has_ref = ref.has_value();
   a.ref = a.has_ref ? rows_of(*ref, x, n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner, "ref_logits")
                     : a.x;
   a.tokens = vec<const int64_t>(tokens, x, at::kLong, n_rows, "tokens");
-  a.mask = opt_vec<const uint8_t>(mask, x, at::kByte, n_rows, "mask");
-  a.out = vec<float>(out, x, at::kFloat, 5 * n_rows, "out");
   a.n_rows = n_rows;
   a.vocab = vocab;
   a.inv_tau = static_cast<float>(inv_tau);
+}
+
+void token_stats_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens, const OptTensor& mask,
+                     const Tensor& out, int64_t n_rows, int64_t vocab, int64_t inner, int64_t stride_outer,
+                     int64_t stride_inner, int64_t ref_inner, int64_t ref_stride_outer, int64_t ref_stride_inner,
+                     double inv_tau) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  StatsFwdArgs a{};
+  set_rows(a, x, ref, tokens, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer,
+           ref_stride_inner, inv_tau);
+  a.mask = opt_vec<const uint8_t>(mask, x, at::kByte, n_rows, "mask");
+  a.out = vec<float>(out, x, at::kFloat, 5 * n_rows, "out");
   check_launch(launch_stats_fwd(a, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -102,22 +112,14 @@ void policy_loss_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
                      int64_t vocab, int64_t inner, int64_t stride_outer, int64_t stride_inner, int64_t ref_inner,
                      int64_t ref_stride_outer, int64_t ref_stride_inner, double inv_tau, double clip_low,
                      double clip_high, double dual_clip, double kl_coef, int64_t kl_kind, bool kl_ratio) {
-  check_grid(n_rows);
   TORCH_CHECK(kl_kind >= kKlNone && kl_kind <= kKlFull, "rlops_cuda: kl_kind must be 0-4, got ", kl_kind);
   TORCH_CHECK((kl_kind == kKlFull) == ref.has_value(), "rlops_cuda: ref_logits is needed exactly when kl_kind is 4");
   TORCH_CHECK(kl_kind < kK1 || kl_kind > kK3 || ref_logp.has_value(), "rlops_cuda: kl_kind 1-3 need ref_logprobs");
   const c10::cuda::CUDAGuard guard(x.device());
   StatsFwdArgs a{};
-  a.dtype = dtype_of(x);
-  a.x = rows_of(x, x, n_rows, vocab, inner, stride_outer, stride_inner, "logits");
-  a.has_ref = ref.has_value();
-  a.ref = a.has_ref ? rows_of(*ref, x, n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner, "ref_logits")
-                    : a.x;
-  a.tokens = vec<const int64_t>(tokens, x, at::kLong, n_rows, "tokens");
+  set_rows(a, x, ref, tokens, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer,
+           ref_stride_inner, inv_tau);
   a.out = vec<float>(out, x, at::kFloat, 10 * n_rows, "out");
-  a.n_rows = n_rows;
-  a.vocab = vocab;
-  a.inv_tau = static_cast<float>(inv_tau);
   a.policy = true;
   a.weights = vec<const float>(weights, x, at::kFloat, n_rows, "weights");
   a.ent_weights = opt_vec<const float>(ent_weights, x, at::kFloat, n_rows, "entropy_weights");
@@ -138,24 +140,16 @@ void token_stats_bwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
                      const Tensor& grads, const Tensor& dx, int64_t n_rows, int64_t vocab, int64_t inner,
                      int64_t stride_outer, int64_t stride_inner, int64_t ref_inner, int64_t ref_stride_outer,
                      int64_t ref_stride_inner, int64_t dx_stride_outer, int64_t dx_stride_inner, double inv_tau) {
-  check_grid(n_rows);
   const c10::cuda::CUDAGuard guard(x.device());
   StatsBwdArgs a{};
-  a.dtype = dtype_of(x);
-  a.x = rows_of(x, x, n_rows, vocab, inner, stride_outer, stride_inner, "logits");
-  a.has_ref = ref.has_value();
-  a.ref = a.has_ref ? rows_of(*ref, x, n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner, "ref_logits")
-                    : a.x;
+  set_rows(a, x, ref, tokens, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer,
+           ref_stride_inner, inv_tau);
   rows_of(dx, x, n_rows, vocab, inner, dx_stride_outer, dx_stride_inner, "out");  // bounds only
   a.dx = dx.data_ptr();
   a.dx_stride_outer = dx_stride_outer;
   a.dx_stride_inner = dx_stride_inner;
-  a.tokens = vec<const int64_t>(tokens, x, at::kLong, n_rows, "tokens");
   a.stats = vec<const float>(stats, x, at::kFloat, 5 * n_rows, "stats");
   a.grads = vec<const float>(grads, x, at::kFloat, 3 * n_rows, "grads");
-  a.n_rows = n_rows;
-  a.vocab = vocab;
-  a.inv_tau = static_cast<float>(inv_tau);
   check_launch(launch_stats_bwd(a, c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -18,3 +18,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def gpu_backend(request: pytest.FixtureRequest) -> str:
+    """The kernel backends of the GPU suite: Triton and the CUDA C++ backend. The CUDA one is
+    skipped only where it cannot be built (no nvcc, no prebuilt rlops._C); a failed build fails."""
+    if request.param == "cuda":
+        from rlops import _cuda
+
+        reason = _cuda.unavailable_reason()
+        if reason is not None:
+            if _cuda.can_build():
+                pytest.fail(reason)
+            pytest.skip(reason)
+    return request.param

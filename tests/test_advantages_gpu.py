@@ -12,13 +12,13 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("rows, time", [(512, 8192), (8, 32768), (3, 5000)])
-def test_gae_long_rows(rows: int, time: int) -> None:
+def test_gae_long_rows(rows: int, time: int, gpu_backend: str) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     rewards = torch.randn(rows, time, generator=g, device="cuda")
     values = torch.randn(rows, time, generator=g, device="cuda")
     mask = torch.rand(rows, time, generator=g, device="cuda") > 0.2
     bootstrap = torch.randn(rows, generator=g, device="cuda")
-    adv, ret = rlops.gae(rewards, values, mask, gamma=0.999, lam=0.95, bootstrap=bootstrap)
+    adv, ret = rlops.gae(rewards, values, mask, gamma=0.999, lam=0.95, bootstrap=bootstrap, backend=gpu_backend)
     want_adv, want_ret = baselines.verl_gae_loop(rewards.double(), values.double(), mask, 0.999, 0.95,
                                                  bootstrap.double())
     for got, want in ((adv, want_adv), (ret, want_ret)):

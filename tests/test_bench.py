@@ -86,6 +86,26 @@ def test_plots_sweep_each_varying_dimension(tmp_path: Path) -> None:
     assert table.count("| 4.00x |") == 6 and table.count("| 1.00x |") == 6
 
 
+def test_faster_backend_per_op_for_auto(tmp_path: Path) -> None:
+    records = [
+        # token_stats: CUDA 2x faster on one shape, 1.5x slower on the other: geometric mean favours CUDA.
+        _record("token_stats", "rlops-triton", {"N": 4096, "V": 32000}, 2.0, None),
+        _record("token_stats", "rlops-cuda", {"N": 4096, "V": 32000}, 1.0, None),
+        _record("token_stats", "rlops-triton", {"N": 16384, "V": 32000}, 2.0, None),
+        _record("token_stats", "rlops-cuda", {"N": 16384, "V": 32000}, 3.0, None),
+        _record("gae", "rlops-triton", {"B": 8, "T": 4096}, 1.0, None),
+        _record("gae", "rlops-cuda", {"B": 8, "T": 4096}, 1.1, None),
+        # Only one backend ran: no choice is recorded.
+        _record("policy_loss", "rlops-triton", {"N": 16384, "V": 32000}, 1.0, None),
+    ]
+    assert common.faster_backends({"records": records}) == {"gae": "triton", "token_stats": "cuda"}
+    run = {"device": "NVIDIA H100 80GB HBM3", "commit": "abc", "date": "2026-11-21T00:00:00+00:00", "torch": "2",
+           "triton": "3", "copy_bandwidth_gbps": 3000.0, "matmul_tflops": 700.0, "records": records}
+    common.write_results(run, tmp_path)
+    written = json.loads((tmp_path / "20261121T000000-abc-auto-backend.json").read_text())
+    assert written == {"faster": {"NVIDIA H100 80GB HBM3": {"gae": "triton", "token_stats": "cuda"}}}
+
+
 def test_benchmark_cases_run_under_pytest_benchmark() -> None:
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_cases.py",
                           "--benchmark-disable"], cwd=ROOT, capture_output=True,

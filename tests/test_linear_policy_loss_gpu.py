@@ -41,9 +41,10 @@ def _grads(fn, batch, cast=None):
     return out, torch.autograd.grad(loss * 0.7, leaves)
 
 
-def test_qwen_head_bf16_matches_reference() -> None:
+def test_qwen_head_bf16_matches_reference(gpu_backend: str) -> None:
     batch = _inputs(2, 1024)
-    out, grads = _grads(lambda h, w, *a, **k: rlops.linear_policy_loss(h, w, *a, **k, **OPTIONS), batch)
+    out, grads = _grads(lambda h, w, *a, **k: rlops.linear_policy_loss(h, w, *a, **k, **OPTIONS, backend=gpu_backend),
+                        batch)
     on_logits, _ = _grads(lambda h, w, *a, **k: rlops.policy_loss(F.linear(h, w), *a, **k, **OPTIONS), batch)
     _, ref_grads = _grads(lambda h, w, *a, **k: reference.policy_loss(F.linear(h, w), *a, **k, **OPTIONS), batch,
                           cast=torch.float64)
@@ -54,14 +55,14 @@ def test_qwen_head_bf16_matches_reference() -> None:
         assert_grad_close(got, want, eager)
 
 
-def test_memory_is_flat_in_tokens() -> None:
+def test_memory_is_flat_in_tokens(gpu_backend: str) -> None:
     peaks = {}
     for time in (512, 2048):  # N = 4096 and 16384
         batch = _inputs(8, time)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _grads(lambda h, w, *a, **k: rlops.linear_policy_loss(h, w, *a, **k, **OPTIONS), batch)
+        _grads(lambda h, w, *a, **k: rlops.linear_policy_loss(h, w, *a, **k, **OPTIONS, backend=gpu_backend), batch)
         torch.cuda.synchronize()
         hidden_bytes = batch["hidden"].numel() * batch["hidden"].element_size()
         # Above the inputs: the hidden gradient (proportional to N, like the hidden states) and

@@ -50,9 +50,9 @@ def _loss_and_grad(fn, batch, options, cast=None):
 
 
 @pytest.mark.parametrize("case", list(OPTIONS))
-def test_qwen_vocabulary_bf16(case: str) -> None:
+def test_qwen_vocabulary_bf16(case: str, gpu_backend: str) -> None:
     batch = _inputs(4, 1024, QWEN_VOCAB)
-    out, grad = _loss_and_grad(lambda *a, **k: rlops.policy_loss(*a, backend="triton", **k), batch, OPTIONS[case])
+    out, grad = _loss_and_grad(lambda *a, **k: rlops.policy_loss(*a, backend=gpu_backend, **k), batch, OPTIONS[case])
     ref, ref_grad = _loss_and_grad(reference.policy_loss, batch, OPTIONS[case], cast=torch.float64)
     _, eager = _loss_and_grad(baselines.eager_policy_loss, batch, OPTIONS[case])
     mask = batch["mask"]
@@ -63,13 +63,13 @@ def test_qwen_vocabulary_bf16(case: str) -> None:
     assert_grad_close(grad, ref_grad, eager)
 
 
-def test_more_than_2_pow_31_logits() -> None:
+def test_more_than_2_pow_31_logits(gpu_backend: str) -> None:
     # 16384 x 151936 logits. With seq-mean-token-sum every row's loss is its own sum / B, so the
     # first and last rows (past 2**31 elements) can be checked against a reference of those rows.
     batch = _inputs(8, 2048, QWEN_VOCAB)
     assert batch["logits"].numel() > 2**31
     options = {"kl_coef": 0.04, "kl_estimator": "k3", "entropy_coef": 0.01, "loss_agg": "seq-mean-token-sum"}
-    out, grad = _loss_and_grad(lambda *a, **k: rlops.policy_loss(*a, backend="triton", **k), batch, options)
+    out, grad = _loss_and_grad(lambda *a, **k: rlops.policy_loss(*a, backend=gpu_backend, **k), batch, options)
     for row in (0, 7):
         sub = {k: v[row:row + 1] for k, v in batch.items()}
         leaf = sub["logits"].double().requires_grad_(True)
@@ -91,7 +91,7 @@ def test_more_than_2_pow_31_logits() -> None:
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_extra_memory_under_one_percent_of_logits(inplace: bool) -> None:
+def test_extra_memory_under_one_percent_of_logits(inplace: bool, gpu_backend: str) -> None:
     batch = _inputs(8, 2048, QWEN_VOCAB)
     base = batch.pop("logits").requires_grad_(True)
     logits = base * 1.0  # an lm_head output: not a leaf
@@ -100,7 +100,8 @@ def test_extra_memory_under_one_percent_of_logits(inplace: bool) -> None:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out = rlops.policy_loss(logits, batch["tokens"], batch["advantages"], kl_coef=0.04, inplace_grad=inplace, **kw)
+    out = rlops.policy_loss(logits, batch["tokens"], batch["advantages"], kl_coef=0.04, inplace_grad=inplace,
+                            backend=gpu_backend, **kw)
     (grad,) = torch.autograd.grad(out.loss, logits)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - (0 if inplace else logits_bytes)

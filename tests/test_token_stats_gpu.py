@@ -36,10 +36,10 @@ def _value_and_grad(fn, logits: torch.Tensor, tokens: torch.Tensor, w: torch.Ten
     return logp.detach(), ent.detach(), grad
 
 
-def _compare(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+def _compare(logits: torch.Tensor, tokens: torch.Tensor, gpu_backend: str) -> None:
     w = torch.randn((2, *tokens.shape), device="cuda")
     logp, ent, grad = _value_and_grad(
-        lambda x, t: rlops.token_logprobs_and_entropy(x, t, backend="triton"), logits, tokens, w)
+        lambda x, t: rlops.token_logprobs_and_entropy(x, t, backend=gpu_backend), logits, tokens, w)
     r_logp, r_ent, r_grad = _value_and_grad(
         reference.token_logprobs_and_entropy, logits, tokens, w, cast=torch.float64)
     assert_values_close(logp, r_logp, FP32_TOL, "logp")
@@ -51,26 +51,26 @@ def _compare(logits: torch.Tensor, tokens: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_qwen_vocabulary(dtype: torch.dtype) -> None:
-    _compare(*_inputs((4, 512, QWEN_VOCAB), dtype))
+def test_qwen_vocabulary(dtype: torch.dtype, gpu_backend: str) -> None:
+    _compare(*_inputs((4, 512, QWEN_VOCAB), dtype), gpu_backend)
 
 
-def test_vocabulary_beyond_grid_limit() -> None:
-    _compare(*_inputs((64, 2 * 65_536 + 17), torch.float32))
+def test_vocabulary_beyond_grid_limit(gpu_backend: str) -> None:
+    _compare(*_inputs((64, 2 * 65_536 + 17), torch.float32), gpu_backend)
 
 
-def test_causal_shift_view_at_real_size() -> None:
+def test_causal_shift_view_at_real_size(gpu_backend: str) -> None:
     logits, tokens = _inputs((2, 1025, QWEN_VOCAB), torch.bfloat16)
-    _compare(logits[:, :-1], tokens[:, 1:])
+    _compare(logits[:, :-1], tokens[:, 1:], gpu_backend)
 
 
-def test_more_than_2_pow_31_elements() -> None:
+def test_more_than_2_pow_31_elements(gpu_backend: str) -> None:
     # 16384 x 151936 = 2.49e9 elements: row offsets past 2**31 must not wrap around.
     logits, tokens = _inputs((8, 2048, QWEN_VOCAB), torch.bfloat16)
     assert logits.numel() > 2**31
     w = torch.randn((2, *tokens.shape), device="cuda")
     logp, ent, grad = _value_and_grad(
-        lambda x, t: rlops.token_logprobs_and_entropy(x, t, backend="triton"), logits, tokens, w)
+        lambda x, t: rlops.token_logprobs_and_entropy(x, t, backend=gpu_backend), logits, tokens, w)
     # Rows are independent: compare the first and the last rows (past 2**31) with the reference.
     for rows in (slice(0, 1), slice(-1, None)):
         sub_logits, sub_tokens, sub_w = logits[rows, -64:], tokens[rows, -64:], w[:, rows, -64:]
