@@ -47,9 +47,12 @@ def auto_table() -> dict[str, dict[str, str]]:
 
 
 def _auto_cuda(op: str | None, x: torch.Tensor) -> str:
-    choice = auto_table().get(torch.cuda.get_device_name(x.device), {}).get(op or "", "triton")
-    if choice == "cuda" and cuda_backend_unavailable() is None:
-        return "cuda"
+    table = auto_table()
+    # Every op call passes here: the device-name query is made only once some GPU has a measured choice.
+    if table:
+        choice = table.get(torch.cuda.get_device_name(x.device), {}).get(op or "", "triton")
+        if choice == "cuda" and cuda_backend_unavailable() is None:
+            return "cuda"
     return "triton" if TRITON_AVAILABLE else "torch"
 
 
