@@ -102,7 +102,7 @@ void token_stats_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
   set_rows(a, x, ref, tokens, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer,
            ref_stride_inner, inv_tau);
   a.mask = opt_vec<const uint8_t>(mask, x, at::kByte, n_rows, "mask");
-  a.out = vec<float>(out, x, at::kFloat, 5 * n_rows, "out");
+  a.out = vec<float>(out, x, at::kFloat, kStatsRows * n_rows, "out");
   check_launch(launch_stats_fwd(a, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -119,7 +119,7 @@ void policy_loss_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
   StatsFwdArgs a{};
   set_rows(a, x, ref, tokens, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer,
            ref_stride_inner, inv_tau);
-  a.out = vec<float>(out, x, at::kFloat, 10 * n_rows, "out");
+  a.out = vec<float>(out, x, at::kFloat, kPolicyRows * n_rows, "out");
   a.policy = true;
   a.weights = vec<const float>(weights, x, at::kFloat, n_rows, "weights");
   a.ent_weights = opt_vec<const float>(ent_weights, x, at::kFloat, n_rows, "entropy_weights");
@@ -148,8 +148,8 @@ void token_stats_bwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
   a.dx = dx.data_ptr();
   a.dx_stride_outer = dx_stride_outer;
   a.dx_stride_inner = dx_stride_inner;
-  a.stats = vec<const float>(stats, x, at::kFloat, 5 * n_rows, "stats");
-  a.grads = vec<const float>(grads, x, at::kFloat, 3 * n_rows, "grads");
+  a.stats = vec<const float>(stats, x, at::kFloat, kStatsRows * n_rows, "stats");
+  a.grads = vec<const float>(grads, x, at::kFloat, kGradRows * n_rows, "grads");
   check_launch(launch_stats_bwd(a, c10::cuda::getCurrentCUDAStream()));
 }
 

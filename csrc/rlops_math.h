@@ -27,6 +27,14 @@ constexpr float kLowest = -3.4028234663852886e38f;
 constexpr float kLogRatioClamp = 20.0f;
 constexpr float kK3Max = 10.0f;
 enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kKlFull = 4 };
+// Rows of the float32 per-token output (rlops/constants.py, POLICY_ROWS): the statistics
+// kernel writes the first kStatsRows, the policy loss all kPolicyRows; the last three are the
+// upstream gradients (d loss / d logp, entropy, exact KL) that the backward reads.
+enum OutRow : int {
+  kRowLogp = 0, kRowEntropy = 1, kRowKl = 2, kRowLse = 3, kRowLseRef = 4,
+  kRowRatio = 5, kRowLoss = 6, kRowGLogp = 7, kRowGEntropy = 8, kRowGKl = 9,
+  kStatsRows = 5, kPolicyRows = 10, kGradRows = 3
+};
 
 RLOPS_HD float exp_(float x) {
 #if defined(__CUDA_ARCH__)

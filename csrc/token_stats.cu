@@ -141,7 +141,7 @@ __device__ __forceinline__ RowState block_merge(RowState st) {
 template <typename T, bool HAS_REF, bool POLICY>
 __global__ void __launch_bounds__(kThreads) stats_fwd_kernel(StatsFwdArgs a) {
   const int64_t row = blockIdx.x, N = a.n_rows, V = a.vocab;
-  const int n_out = POLICY ? 10 : 5;
+  const int n_out = POLICY ? kPolicyRows : kStatsRows;
   float* out = a.out + row;
   bool valid = POLICY ? a.weights[row] != 0.f : (a.mask == nullptr || a.mask[row] != 0);
   if (!valid) {
@@ -173,11 +173,11 @@ __global__ void __launch_bounds__(kThreads) stats_fwd_kernel(StatsFwdArgs a) {
   const int64_t tok = a.tokens[row];
   const bool in_vocab = tok >= 0 && tok < V;
   const float logp = in_vocab ? to_float(x[tok]) * inv_tau - rs.lse : NAN;
-  out[0] = logp;
-  out[N] = rs.entropy;
-  out[2 * N] = rs.kl;
-  out[3 * N] = rs.lse;
-  out[4 * N] = rs.lse_ref;
+  out[kRowLogp * N] = logp;
+  out[kRowEntropy * N] = rs.entropy;
+  out[kRowKl * N] = rs.kl;
+  out[kRowLse * N] = rs.lse;
+  out[kRowLseRef * N] = rs.lse_ref;
   if constexpr (POLICY) {
     PolicyParams p{a.clip_low, a.clip_high, a.dual_clip, a.kl_coef, a.kl_kind,
                    a.old_logp != nullptr, a.isw != nullptr, a.ent_weights != nullptr, a.kl_ratio};
@@ -188,12 +188,12 @@ __global__ void __launch_bounds__(kThreads) stats_fwd_kernel(StatsFwdArgs a) {
                    a.ref_logp != nullptr ? a.ref_logp[row] : 0.f,
                    p.has_isw ? a.isw[row] : 1.f};
     PolicyOut o = policy_token(logp, rs.entropy, rs.kl, in, p);
-    out[2 * N] = o.kl;
-    out[5 * N] = o.ratio;
-    out[6 * N] = o.loss;
-    out[7 * N] = o.g_logp;
-    out[8 * N] = o.g_entropy;
-    out[9 * N] = o.g_kl;
+    out[kRowKl * N] = o.kl;
+    out[kRowRatio * N] = o.ratio;
+    out[kRowLoss * N] = o.loss;
+    out[kRowGLogp * N] = o.g_logp;
+    out[kRowGEntropy * N] = o.g_entropy;
+    out[kRowGKl * N] = o.g_kl;
   }
 }
 
@@ -205,8 +205,10 @@ __global__ void __launch_bounds__(kThreads) stats_bwd_kernel(StatsBwdArgs a) {
                              row_offset(row, a.ref.inner, a.ref.stride_outer, a.ref.stride_inner)
                        : x;
   T* dx = static_cast<T*>(a.dx) + row_offset(row, a.x.inner, a.dx_stride_outer, a.dx_stride_inner);
-  const GradRow g{a.stats[3 * N + row], a.stats[N + row], a.stats[4 * N + row], a.stats[2 * N + row],
-                  a.grads[row],         a.grads[N + row], a.grads[2 * N + row], a.inv_tau};
+  // Upstream gradient row k is that of statistics row k (logp, entropy, the exact KL).
+  const GradRow g{a.stats[kRowLse * N + row],      a.stats[kRowEntropy * N + row], a.stats[kRowLseRef * N + row],
+                  a.stats[kRowKl * N + row],       a.grads[kRowLogp * N + row],    a.grads[kRowEntropy * N + row],
+                  a.grads[kRowKl * N + row],       a.inv_tau};
   int64_t head = head_len<T>(dx, V);
   if (g.g_logp == 0.f && g.g_entropy == 0.f && g.g_kl == 0.f) {
     // A masked token: zeros, without reading its logits.

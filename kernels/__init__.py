@@ -1,16 +1,17 @@
 """Triton kernels and their launchers (installed as `rlops.kernels`).
 
-No autograd here and no device query at import: the layer above (`rlops.ops`) wraps these
-launchers in autograd-aware custom ops. Importing this package imports Triton; with
-TRITON_INTERPRET=1 set before that import, the kernels run on CPU tensors in Triton's
-interpreter.
+Triton only: no autograd, no backend dispatch, no device query at import. The layer above
+(`rlops.ops`) wraps these launchers in autograd-aware custom ops and chooses between them
+and their CUDA twins (rlops/_cuda.py, same launcher signatures). Importing this package
+imports Triton; with TRITON_INTERPRET=1 set before that import, the kernels run on CPU
+tensors in Triton's interpreter.
 """
 
 from ._common import is_interpreted
 from .gae import gae_fwd
-from .policy_loss import KL_KINDS, ROW, policy_loss_fwd
-from .token_stats import _token_stats_fwd_kernel, token_stats_bwd, token_stats_fwd
+from .policy_loss import policy_loss_fwd
+from .token_stats import _token_stats_fwd_kernel, logits_grad, token_stats_fwd
 
 INTERPRETED = is_interpreted(_token_stats_fwd_kernel)
 
-__all__ = ["INTERPRETED", "KL_KINDS", "ROW", "gae_fwd", "policy_loss_fwd", "token_stats_bwd", "token_stats_fwd"]
+__all__ = ["INTERPRETED", "gae_fwd", "logits_grad", "policy_loss_fwd", "token_stats_fwd"]

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import byte_mask, cuda_ops
+from rlops._layout import unit_stride
 
 MAX_BLOCK_T = 1024
 
@@ -37,10 +37,19 @@ def _first(x, lane):
     return tl.sum(tl.where(lane == 0, x, 0.0), 0)
 
 
+@triton.heuristics({"HAS_BOOT": lambda args: args["boot_ptr"] is not None})
 @triton.jit
 def _gae_kernel(
+    # data pointers: rewards, values, mask, bootstrap values (None: HAS_BOOT follows); float32
+    # advantages and returns (B, T)
     r_ptr, v_ptr, m_ptr, boot_ptr, adv_ptr, ret_ptr,
-    T, r_stride, v_stride, m_stride, gamma, lam,
+    # sizes
+    T,
+    # strides (rows; unit stride over time)
+    r_stride, v_stride, m_stride,
+    # scalars
+    gamma, lam,
+    # switches
     HAS_BOOT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Reads rewards, values and mask once and writes float32 advantages and returns once."""
@@ -83,14 +92,9 @@ def _gae_kernel(
         next_adv = _first(adv, lane)
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    x = x.view(torch.uint8) if x.dtype == torch.bool else x
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
 def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, bootstrap: torch.Tensor | None,
-            gamma: float, lam: float, backend: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the GAE kernel (backend "triton", or "cuda" for its twin in csrc/).
+            gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the GAE kernel.
 
     rewards, values (B, T) float (any float dtype, any row stride); mask (B, T) bool or 0/1;
     bootstrap (B,) float or None. Returns float32 (advantages, returns), each (B, T),
@@ -101,17 +105,13 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, boo
     n_rows, n_time = rewards.shape
     adv = torch.empty((n_rows, n_time), dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
-    if adv.numel() and backend == "cuda":
-        # The CUDA kernel reads float32 (an O(B*T) cast, small beside the scan) and a uint8 mask.
-        r, v = (_unit_stride(x.to(torch.float32)) for x in (rewards, values))
-        boot = None if bootstrap is None else bootstrap.reshape(-1).to(torch.float32).contiguous()
-        cuda_ops().gae(r, v, _unit_stride(byte_mask(mask)), boot, adv, ret, gamma, lam)
-    elif adv.numel():
-        r, v, m = _unit_stride(rewards), _unit_stride(values), _unit_stride(mask)
-        boot = adv if bootstrap is None else bootstrap.reshape(-1).contiguous()
+    if adv.numel():
+        r, v, m = unit_stride(rewards), unit_stride(values), unit_stride(mask)
         _gae_kernel[(n_rows,)](
-            r, v, m, boot, adv, ret, n_time, r.stride(0), v.stride(0), m.stride(0), gamma, lam,
-            HAS_BOOT=bootstrap is not None, BLOCK_T=min(max(triton.next_power_of_2(n_time), 16), MAX_BLOCK_T),
-            num_warps=4,
+            # data pointers
+            r, v, m, None if bootstrap is None else bootstrap.reshape(-1).contiguous(), adv, ret,
+            # sizes, strides, scalars
+            n_time, r.stride(0), v.stride(0), m.stride(0), gamma, lam,
+            BLOCK_T=min(max(triton.next_power_of_2(n_time), 16), MAX_BLOCK_T), num_warps=4,
         )
     return adv, ret

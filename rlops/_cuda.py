@@ -1,4 +1,5 @@
-"""The CUDA C++ backend (csrc/): `torch.ops.rlops_cuda`, from the prebuilt `rlops._C` or built on first use.
+"""The CUDA C++ backend (csrc/): `torch.ops.rlops_cuda`, from the prebuilt `rlops._C` or built on
+first use, and its launchers, with the signatures of rlops.kernels' Triton launchers.
 
 `setup.py` builds `rlops._C` when it finds a CUDA build of PyTorch and nvcc (see its
 docstring). Without it, the first op run with backend="cuda" compiles csrc/ through
@@ -13,6 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
+
+from ._layout import byte_mask, grad_strides, per_token, ref_layout, row_layout, unit_stride
+from .constants import N_GRADS, N_POLICY_ROWS, N_STATS
+from .options import Epilogue, TokenInputs
 
 SOURCES = ("ops.cpp", "token_stats.cu", "gae.cu")
 _state: dict[str, str | None] = {}
@@ -94,3 +99,77 @@ def ops():
     if reason is not None:
         raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
     return torch.ops.rlops_cuda
+
+
+# --------------------------------------------------------------------------------------
+# Launchers: the signatures of rlops.kernels' Triton launchers, over torch.ops.rlops_cuda
+# --------------------------------------------------------------------------------------
+
+
+def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None) -> dict[str, object]:
+    """The row-layout arguments every vocabulary op of csrc/ops.cpp takes, by name."""
+    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+    return dict(x=rows.tensor, ref=None if ref_logits is None else ref_rows.tensor, n_rows=rows.n_rows,
+                vocab=logits.shape[-1], inner=rows.inner, stride_outer=rows.stride_outer,
+                stride_inner=rows.stride_inner, ref_inner=ref_rows.inner, ref_stride_outer=ref_rows.stride_outer,
+                ref_stride_inner=ref_rows.stride_inner)
+
+
+def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                    ref_logits: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """rlops.kernels.token_stats_fwd on the CUDA kernel."""
+    stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
+    if tokens.numel():
+        ops().token_stats_fwd(**_rows_args(logits, ref_logits), tokens=tokens.reshape(-1).to(torch.int64),
+                              mask=None if mask is None else byte_mask(mask.reshape(-1)), out=stats,
+                              inv_tau=1.0 / temperature)
+    return stats
+
+
+def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, grads: torch.Tensor,
+                temperature: float, ref_logits: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """rlops.kernels.logits_grad on the CUDA kernel."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
+    args = _rows_args(logits, ref_logits)
+    dx_stride_outer, dx_stride_inner = grad_strides(out, logits, row_layout(logits))
+    n = args["n_rows"]
+    if n:
+        ops().token_stats_bwd(**args, tokens=tokens.reshape(-1).to(torch.int64),
+                              stats=stats.reshape(-1, n)[:N_STATS].contiguous(),
+                              grads=grads.reshape(N_GRADS, n).to(torch.float32).contiguous(), dx=out,
+                              dx_stride_outer=dx_stride_outer, dx_stride_inner=dx_stride_inner,
+                              inv_tau=1.0 / temperature)
+    return out
+
+
+def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
+                    inputs: TokenInputs, epilogue: Epilogue) -> torch.Tensor:
+    """rlops.kernels.policy_loss_fwd on the CUDA kernel."""
+    from .kernels.policy_loss import check_launch
+
+    check_launch(logits, tokens, ref_logits, inputs, epilogue)
+    out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
+    if tokens.numel():
+        v = TokenInputs(*(per_token(x, tokens.shape) for x in inputs))
+        ops().policy_loss_fwd(
+            **_rows_args(logits, ref_logits), tokens=tokens.reshape(-1).to(torch.int64), out=out,
+            weights=v.agg_weights, ent_weights=v.entropy_coefs, adv=v.advantages, old_logp=v.old_logprobs,
+            ref_logp=v.ref_logprobs, isw=v.is_weights, inv_tau=1.0 / epilogue.temperature, clip_low=epilogue.clip_low,
+            clip_high=epilogue.clip_high, dual_clip=epilogue.dual_clip, kl_coef=epilogue.kl_coef,
+            kl_kind=epilogue.kl_kind, kl_ratio=epilogue.kl_ratio_weighted)
+    return out
+
+
+def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, bootstrap: torch.Tensor | None,
+            gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rlops.kernels.gae_fwd on the CUDA kernel, which reads float32 values and a uint8 mask (an
+    O(B*T) cast, small beside the scan)."""
+    adv = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    ret = torch.empty_like(adv)
+    if adv.numel():
+        r, v = (unit_stride(x.to(torch.float32)) for x in (rewards, values))
+        boot = None if bootstrap is None else bootstrap.reshape(-1).to(torch.float32).contiguous()
+        ops().gae(rewards=r, values=v, mask=unit_stride(byte_mask(mask)), bootstrap=boot, adv=adv, ret=ret,
+                  gamma=gamma, lam=lam)
+    return adv, ret

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
+from . import torch_backend
 from ._validation import check_choice, check_float, check_float_tensor, check_mask, check_tensor
 from .ops.gae import gae_dispatch
 
@@ -45,7 +45,7 @@ def gae(
         mask: (B, T) bool or 0/1, 1 = a response token; None = all.
         gamma, lam: discount and GAE lambda, in [0, 1].
         bootstrap: (B,) float value of the state after the last valid token, or None (0).
-        backend: "auto" (the reverse-scan Triton kernel on CUDA, a reference loop on CPU),
+        backend: "auto" (the reverse-scan Triton kernel on CUDA, the PyTorch backend's loop on CPU),
             "triton", "cuda" or "torch".
 
     Returns:
@@ -63,7 +63,7 @@ def gae(
         bootstrap = check_float_tensor("bootstrap", bootstrap, rewards, [shape[:1]], f"(B,) = {shape[:1]}")
         bootstrap = bootstrap.detach()
     gamma, lam = _unit_interval("gamma", gamma), _unit_interval("lam", lam)
-    return gae_dispatch(rewards.detach(), values.detach(), mask, bootstrap, gamma, lam, backend)
+    return gae_dispatch(rewards.detach(), values.detach(), mask, bootstrap, (gamma, lam), backend)
 
 
 def group_advantages(
@@ -175,7 +175,7 @@ def kl_shaped_rewards(
     check_choice("estimator", estimator, ("k1", "k2", "k3"))
     lp = torch.where(m, logprobs.detach().to(torch.float32), 0.0)
     ref = torch.where(m, ref_logprobs.detach().to(torch.float32), 0.0)
-    rewards = torch.where(m, -kl_coef * reference.kl_penalty(lp, ref, estimator), 0.0)
+    rewards = torch.where(m, -kl_coef * torch_backend.kl_penalty(lp, ref, estimator), 0.0)
     positions = torch.arange(shape[1], device=m.device).expand(shape)
     last = torch.where(m, positions, -1).amax(-1)  # -1: no valid token
     has_token = last >= 0

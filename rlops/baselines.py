@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .torch_backend import TokenStats
+
 if TYPE_CHECKING:
     from .ops.policy_loss import PolicyLossOutput
 
@@ -73,39 +75,43 @@ def eager_token_stats(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
     raise ValueError(f"style must be 'trl' or 'verl', got {style!r}")
 
 
-def _eager_stats(logits: Tensor, tokens: Tensor, temperature: float,
-                 ref_logits: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _eager_stats(logits: Tensor, tokens: Tensor, temperature: float, ref_logits: Tensor | None) -> TokenStats:
     """Token statistics as eager code computes them: in the logits' own dtype."""
     logp, entropy = eager_token_stats(logits, tokens, temperature)
     if ref_logits is None:
-        return logp, entropy, None
+        return TokenStats(logp, entropy, None)
     logp_all = F.log_softmax(logits / temperature, dim=-1)
     logq_all = F.log_softmax(ref_logits / temperature, dim=-1)
-    return logp, entropy, (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+    return TokenStats(logp, entropy, (logp_all.exp() * (logp_all - logq_all)).sum(-1))
 
 
 def eager_policy_loss(logits: Tensor, tokens: Tensor, advantages: Tensor, **options: object) -> Tensor:
-    """The SPEC policy loss (options as rlops.policy_loss) with eager low-precision token statistics.
+    """The SPEC policy loss (tensors and options as rlops.policy_loss) with eager low-precision token statistics.
 
     This is the yardstick of SPEC section 6 for half-precision logits: the vocabulary work in
     the logits' dtype, as TRL and verl do it, then the O(B*T) loss in float32.
     """
-    from . import reference
-
-    return reference.policy_loss(logits, tokens, advantages, stats_fn=_eager_stats, **options).loss
+    return eager_policy_loss_output(logits, tokens, advantages, **options).loss
 
 
-def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor, *, mask: Tensor | None = None,
-                             old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
-                             is_weights: Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
-                             dual_clip: float | None = None, **options: object) -> PolicyLossOutput:
+def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor, *, ref_logits: Tensor | None = None,
+                             **tensors_and_options: object) -> PolicyLossOutput:
     """`eager_policy_loss` with rlops.policy_loss's outputs (per-token values, metrics): the eager
-    baseline a trainer can run in place of the fused loss (rlops.trainers' loss_impl="eager")."""
-    from .ops.policy_loss import _check_inputs, composed_loss
+    baseline a trainer can run in place of the fused loss (rlops.trainers' loss_impl="eager").
+    Keywords: rlops.policy_loss's tensors (mask, old_logprobs, ref_logprobs, is_weights) and options."""
+    from . import torch_backend
+    from .ops.policy_loss import PolicyLossOutput, check_batch, check_kl_inputs
+    from .options import PolicyBatch, PolicyLossConfig
 
-    advantages, mask = _check_inputs(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, None, is_weights)
-    return composed_loss(logits, tokens, advantages, mask, old_logprobs, ref_logprobs, None, is_weights, _eager_stats,
-                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, **options)
+    tensors = {name: tensors_and_options.pop(name, None)
+               for name in ("mask", "old_logprobs", "ref_logprobs", "is_weights")}
+    config = PolicyLossConfig(**tensors_and_options)
+    batch = check_batch(logits, ref_logits, PolicyBatch(tokens, advantages, **tensors))
+    check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None, "ref_logits")
+    stats = _eager_stats(logits, tokens, config.temperature, ref_logits if config.kl_used == "full" else None)
+    inputs = torch_backend.token_inputs(batch.mask, batch.advantages, config,
+                                        (batch.old_logprobs, batch.ref_logprobs, batch.is_weights))
+    return PolicyLossOutput.of(torch_backend.policy_loss(stats, batch.mask, inputs, config), batch, config)
 
 
 def trl_grpo_loss(

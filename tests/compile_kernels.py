@@ -45,18 +45,35 @@ STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_i
 FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "gamma", "lam"}
 
 
+# Switches that triton.heuristics derives from a pointer's None-ness: off means that pointer is None.
+SWITCH_PTRS = {"HAS_MASK": "mask_ptr", "HAS_OLD": "old_ptr", "HAS_ISW": "isw_ptr",
+               "HAS_ENT": "ent_coef_ptr", "HAS_BOOT": "boot_ptr"}
+
+
+def jit_function(fn: object) -> object:
+    """The @triton.jit function under any wrappers (triton.heuristics, the interpreter's)."""
+    while not hasattr(fn, "params") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
 def case_key(fn: object, switches: dict[str, object], dtype: str, arch: int) -> str:
-    name = getattr(fn, "__name__", None) or fn.fn.__name__  # interpreter wrappers keep .fn
+    name = jit_function(fn).__name__
     flags = ",".join(f"{k}={int(v)}" for k, v in switches.items())
     return f"{name}[{flags}]/{dtype}/sm_{arch}"
 
 
 def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
               ) -> tuple[dict[str, str], dict[str, object], dict[tuple[int, ...], list]]:
+    fn = jit_function(fn)
     block_name, block = BLOCKS.get(fn.__name__, ("BLOCK_V", 4096))
     sig, constexprs, attrs = {}, {block_name: block, **switches}, {}
+    absent = {SWITCH_PTRS[k] for k, on in switches.items() if k in SWITCH_PTRS and not on}
     for i, param in enumerate(fn.params):
         name = param.name
+        if name in absent:
+            sig[name], constexprs[name] = "constexpr", None
+            continue
         if param.is_constexpr:
             sig[name] = "constexpr"
             continue
@@ -98,7 +115,7 @@ def main(archs: list[int]) -> dict[str, dict[str, object]]:
                 key = case_key(fn, switches, dtype, arch)
                 try:
                     sig, constexprs, attrs = signature(fn, dtype, switches)
-                    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+                    src = ASTSource(jit_function(fn), sig, constexprs=constexprs, attrs=attrs)
                     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
                 except Exception as e:  # reported to the test, which fails with the message
                     results[key] = {"error": f"{type(e).__name__}: {e}"}

@@ -109,7 +109,7 @@ class HostOps:
                                                                                   kl_coef)),
             *(ctypes.c_int(int(v)) for v in (kl_kind, old_logp is not None, isw is not None,
                                              ent_weights is not None, kl_ratio)), _ptr(token_out))
-        full = torch.cat([stats[:2], token_out[:1], stats[3:5], token_out[1:]])  # the rows of kernels/policy_loss.ROW
+        full = torch.cat([stats[:2], token_out[:1], stats[3:5], token_out[1:]])  # the rows of rlops.constants.ROW
         full[:, weights == 0] = 0.0
         out.view(-1)[:10 * n_rows].copy_(full.view(-1))
 

@@ -27,9 +27,6 @@ import torch
 from test_advantages import GAE_CASES, _close, _gae_inputs, verl_style_gae
 
 import rlops
-import rlops.kernels.gae
-import rlops.kernels.policy_loss
-import rlops.kernels.token_stats
 from rlops import _cuda
 from rlops.ops import _backend
 
@@ -107,8 +104,7 @@ def host_lib(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def emulated(monkeypatch: pytest.MonkeyPatch, host_lib) -> csrc_emulator.HostOps:
     ops = csrc_emulator.HostOps(host_lib)
-    for module in (rlops.kernels.token_stats, rlops.kernels.policy_loss, rlops.kernels.gae):
-        monkeypatch.setattr(module, "cuda_ops", lambda: ops)
+    monkeypatch.setattr(_cuda, "ops", lambda: ops)
     monkeypatch.setattr(_backend, "cuda_backend_unavailable", lambda x=None: None)
     return ops
 

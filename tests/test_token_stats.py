@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 import rlops
 from rlops import baselines, reference
-from rlops.kernels import token_stats_bwd, token_stats_fwd
-from rlops.kernels._common import row_layout
+from rlops._layout import row_layout
+from rlops.kernels import logits_grad as token_stats_bwd
+from rlops.kernels import token_stats_fwd
 
 HALF = (torch.bfloat16, torch.float16)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import reference
+from .. import torch_backend
 from ..ops.token_stats import token_logprobs
 
 KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's bound on the importance weight of its unbiased KL gradient
@@ -40,7 +40,7 @@ def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, log_probs_old: 
     log_ratio = log_probs.float() - log_probs_base.float()
     # OpenRLHF bounds k3's log-ratio below at -10 before the exponential, the reference at
     # +-20 (SPEC); past either bound k3 exceeds the +-10 cap, so values and gradients agree.
-    value = reference.kl_penalty(log_ratio, torch.zeros_like(log_ratio), kl_estimator).clamp(min=-10, max=10)
+    value = torch_backend.kl_penalty(log_ratio, torch.zeros_like(log_ratio), kl_estimator).clamp(min=-10, max=10)
     if not unbiased_gradient:
         return value
     weight = 1.0 if log_probs_old is None else \
@@ -104,12 +104,12 @@ class PolicyLoss(nn.Module):
         mask = torch.ones_like(log_probs) if action_mask is None else action_mask.to(log_probs.dtype)
         raw_log_ratio = log_probs - old_log_probs
         if self.policy_loss_type == "ppo":
-            log_r = reference.log_ratio(log_probs, old_log_probs, mask.bool())
+            log_r = torch_backend.log_ratio(log_probs, old_log_probs, mask.bool())
         else:
             diff = log_probs - rollout_log_probs if self.is_correction_level != "off" else raw_log_ratio
             log_r = ((diff * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(diff)
         coef, vllm_kl, filter_ratio = self._is_correction(old_log_probs, rollout_log_probs, mask)
-        loss, _, clipped_low, clipped_high = reference.clipped_surrogate(
+        loss, _, clipped_low, clipped_high = torch_backend.clipped_surrogate(
             log_r, advantages, self.clip_eps_low, self.clip_eps_high, self.dual_clip, coef)
         loss = aggregate_loss(loss, mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
         clip_ratio = _masked_mean((clipped_low | clipped_high).to(mask.dtype), mask)

@@ -30,11 +30,12 @@ from torch import Tensor
 
 from .. import hf
 from .._validation import check_choice
+from ..constants import ROW
 from ..ops._backend import BACKENDS
 from ..ops.linear_policy_loss import linear_policy_loss
 from ..ops.policy_loss import policy_loss
 from ..ops.token_stats import token_stats_op
-from ..reference import token_logprobs as _reference_logprobs
+from ..torch_backend import token_logprobs as _torch_logprobs
 
 # Loss types of TRL that SPEC.md covers, and their aggregation (dapo's is set per batch).
 LOSS_AGGS = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
@@ -61,9 +62,9 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
         return _select_k(logits, index, temperature, row_mask)
     temperature, backend = _prepare(logits, index, temperature, backend)
     if backend == "torch":
-        logp = _reference_logprobs(logits, index, temperature).float()
+        logp = _torch_logprobs(logits, index, temperature).float()
         return logp if row_mask is None else logp.masked_fill(row_mask == 0, 0.0)
-    return token_stats_op(logits, index, None, row_mask, temperature, False, backend)[0]
+    return token_stats_op(logits, index, None, row_mask, temperature, False, backend)[ROW["logp"]]
 
 
 def _select_k(logits: Tensor, index: Tensor, temperature: float, row_mask: Tensor | None) -> Tensor:

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import torch_backend
 from ..advantages import gae, group_advantages, masked_whiten
+from ..constants import ROW, SEQ_LOG_RATIO_MAX
 from ..ops.token_stats import token_logprobs_and_entropy, token_stats_op
 
 CLIP_RATIO_C = 3.0  # verl's default dual-clip bound
@@ -65,8 +66,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
     temperature, backend = _prepare(logits, labels, 1.0, backend)
     inplace = inplace_backward and logits.requires_grad and not logits.is_leaf
     if backend == "torch":
-        return reference.token_logprobs(logits, labels).float()
-    return token_stats_op(logits, labels, None, None, temperature, inplace, backend)[0]
+        return torch_backend.token_logprobs(logits, labels).float()
+    return token_stats_op(logits, labels, None, None, temperature, inplace, backend)[ROW["logp"]]
 
 
 def entropy_from_logits(logits: Tensor, *, backend: str = "auto") -> Tensor:
@@ -121,7 +122,7 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     if base not in _KL_NAMES:
         raise ValueError(f"kl_penalty {kl_penalty!r} is not covered by rlops (k1/kl, k2/mse, k3/low_var_kl and "
                          "their '+' forms are)")
-    value = reference.kl_penalty(logprob, ref_logprob, _KL_NAMES[base])
+    value = torch_backend.kl_penalty(logprob, ref_logprob, _KL_NAMES[base])
     if not kl_penalty.endswith("+") or base in ("mse", "k2"):
         return value
     backward = 0.5 * (logprob - ref_logprob).square()
@@ -146,8 +147,8 @@ def _dual_clip(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respo
     if not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {clip_ratio_c}")
     mask = response_mask.to(log_prob.dtype)
-    log_r = reference.log_ratio(log_prob, old_log_prob, response_mask.bool())
-    pg, ratio, clipped_low, clipped_high = reference.clipped_surrogate(log_r, advantages, low, high, clip_ratio_c,
+    log_r = torch_backend.log_ratio(log_prob, old_log_prob, response_mask.bool())
+    pg, ratio, clipped_low, clipped_high = torch_backend.clipped_surrogate(log_r, advantages, low, high, clip_ratio_c,
                                                                        rollout_is_weights)
     undual = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high))
     clipfrac_lower = _masked_mean(((undual > -advantages * clip_ratio_c) & (advantages < 0)).to(mask.dtype), mask)
@@ -195,8 +196,8 @@ def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     mask = response_mask.to(log_prob.dtype)
     diff = log_prob - old_log_prob
     seq = (diff * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    log_r = torch.clamp(log_prob - log_prob.detach() + seq.detach().unsqueeze(-1), max=reference.SEQ_LOG_RATIO_MAX)
-    pg, _, clipped_low, clipped_high = reference.clipped_surrogate(log_r, advantages, low, high, None,
+    log_r = torch.clamp(log_prob - log_prob.detach() + seq.detach().unsqueeze(-1), max=SEQ_LOG_RATIO_MAX)
+    pg, _, clipped_low, clipped_high = torch_backend.clipped_surrogate(log_r, advantages, low, high, None,
                                                                    rollout_is_weights)
     loss = agg_loss(pg, response_mask, loss_agg_mode, **(_config(config, "global_batch_info") or {}))
     clipfrac = _masked_mean((clipped_low | clipped_high).to(mask.dtype), mask)

@@ -1,4 +1,9 @@
-"""Backend choice for every op: "auto" | "triton" | "cuda" | "torch".
+"""Backend choice for every op, in one place: "auto" | "triton" | "cuda" | "torch".
+
+`resolve_backend` turns the caller's choice into a concrete backend; `launchers` gives the
+kernel launchers of a kernel backend (rlops.kernels for Triton, rlops._cuda for the CUDA
+twins: the same functions with the same signatures). The ops send "torch" to
+rlops.torch_backend themselves, since it computes whole ops, not kernels.
 
 "auto" runs CPU tensors on the chunked PyTorch reference and CUDA tensors on Triton, or on
 the CUDA C++ backend for the ops that auto_backend.json (written from `rlops bench` results)
@@ -13,12 +18,13 @@ import functools
 import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from .._validation import check_choice
+from ..options import BACKENDS
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
 # The ops with a CUDA twin, as named in auto_backend.json and by `rlops bench`.
 CUDA_OPS = ("token_stats", "policy_loss", "linear_policy_loss", "gae")
 
@@ -77,3 +83,14 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str | None = None) -> str
                     "tensors in Triton's interpreter when TRITON_INTERPRET=1 is set before triton is imported"
                 )
     return backend
+
+
+def launchers(backend: str) -> ModuleType:
+    """The launchers (token_stats_fwd, logits_grad, policy_loss_fwd, gae_fwd) of backend "triton" or "cuda"."""
+    if backend == "cuda":
+        from .. import _cuda
+
+        return _cuda
+    from .. import kernels
+
+    return kernels

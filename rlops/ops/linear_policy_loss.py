@@ -17,26 +17,21 @@ Masked tokens are dropped before the projection, so padding costs no matmul work
 
 # No `from __future__ import annotations` here, to match the other ops modules.
 
+import dataclasses
 import functools
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
+from .. import torch_backend
 from .._validation import check_float_tensor, check_logits, check_positive_float, check_token_ids
-from ._backend import resolve_backend
-from .policy_loss import (
-    SAMPLED_KL,
-    PolicyLossOutput,
-    aggregation_weights,
-    check_options,
-    check_per_token_inputs,
-    composed_loss,
-    entropy_weights,
-    resolve_kl,
-)
+from ..constants import GRADS, N_POLICY_ROWS, N_STATS, ROW, STAT_GRADS
+from ..options import Epilogue, Head, PolicyBatch, PolicyLossConfig, TokenInputs
+from ..torch_backend import LossTerms, TokenStats
+from ._backend import launchers, resolve_backend
+from .policy_loss import PolicyLossOutput, check_kl_inputs, check_per_token_inputs
 
 # A chunk's logits (and reference logits), hidden rows and their gradient fit in this.
 CHUNK_BYTES = 256 * 2**20
@@ -99,7 +94,7 @@ def _push_through_head(dlogits: Tensor, hidden: Tensor, weight: Tensor, grads: l
 
 def _gradient_buffers(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> list[Tensor | None]:
     want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-    acc = reference.compute_dtype(weight)
+    acc = torch_backend.compute_dtype(weight)
     return [
         torch.empty_like(hidden) if want_hidden else None,
         torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None,
@@ -107,77 +102,80 @@ def _gradient_buffers(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None) 
     ]
 
 
-def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
-    return F.linear(hidden[start:stop], weight, bias)
+def _project(hidden: Tensor, head: Head, start: int, stop: int) -> Tensor:
+    return F.linear(hidden[start:stop], head.weight, head.bias)
+
+
+@dataclass
+class _Chunks:
+    """What the chunked autograd functions need besides the differentiable hidden, weight and bias:
+    the counted rows' token ids (n,), the reference (hidden rows, head) for the exact KL, and
+    for the loss the per-token inputs (each (n,)) and the kernel epilogue."""
+
+    tokens: Tensor
+    ref: tuple[Tensor, Head] | None
+    temperature: float
+    chunk: int
+    backend: str
+    inputs: TokenInputs | None = None
+    epilogue: Epilogue | None = None
+
+    def ref_logits(self, start: int, stop: int) -> Tensor | None:
+        return None if self.ref is None else _project(self.ref[0], self.ref[1], start, stop)
 
 
 class _LinearStats(torch.autograd.Function):
-    """Per-token stats (5, N) of softmax((hidden @ weight.T + bias) / tau); the backward recomputes each chunk."""
+    """Per-token stats (N_STATS, n) of softmax((hidden @ weight.T + bias) / tau); the backward recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, temperature, chunk, backend):
-        from ..kernels import token_stats_fwd
-
-        n = hidden.shape[0]
-        stats = torch.empty((5, n), dtype=torch.float32, device=hidden.device)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            ref = None if ref_hidden is None else _project(ref_hidden, ref_weight, ref_bias, s, e)
-            stats[:, s:e] = token_stats_fwd(_project(hidden, weight, bias, s, e), tokens[s:e], temperature, ref,
-                                            backend=backend)
-        ctx.save_for_backward(hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, stats)
-        ctx.temperature, ctx.chunk, ctx.backend = temperature, chunk, backend
-        ctx.mark_non_differentiable(stats[3:])
+    def forward(ctx, hidden, weight, bias, chunks: _Chunks):
+        n, head = hidden.shape[0], Head(weight, bias)
+        stats = torch.empty((N_STATS, n), dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunks.chunk):
+            e = min(s + chunks.chunk, n)
+            stats[:, s:e] = launchers(chunks.backend).token_stats_fwd(
+                _project(hidden, head, s, e), chunks.tokens[s:e], chunks.temperature, chunks.ref_logits(s, e))
+        ctx.save_for_backward(hidden, weight, bias, stats)
+        ctx.chunks = chunks
+        ctx.mark_non_differentiable(stats[ROW["lse"]:])
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats):
-        from ..kernels import token_stats_bwd
-
-        hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, stats = ctx.saved_tensors
+        hidden, weight, bias, stats = ctx.saved_tensors
+        chunks, head = ctx.chunks, Head(weight, bias)
         grads = _gradient_buffers(ctx, hidden, weight, bias)
-        n = hidden.shape[0]
-        for s in range(0, n, ctx.chunk):
-            e = min(s + ctx.chunk, n)
-            logits = _project(hidden, weight, bias, s, e)
-            ref = None if ref_hidden is None else _project(ref_hidden, ref_weight, ref_bias, s, e)
-            token_stats_bwd(logits, tokens[s:e], stats[:, s:e], grad_stats[:3, s:e], ctx.temperature, ref, out=logits,
-                            backend=ctx.backend)
+        for s in range(0, hidden.shape[0], chunks.chunk):
+            e = min(s + chunks.chunk, hidden.shape[0])
+            logits = _project(hidden, head, s, e)
+            launchers(chunks.backend).logits_grad(logits, chunks.tokens[s:e], stats[:, s:e],
+                                                  grad_stats[STAT_GRADS, s:e], chunks.temperature,
+                                                  chunks.ref_logits(s, e), out=logits)
             _push_through_head(logits, hidden[s:e], weight, grads, s, e)
         grad_hidden, grad_weight, grad_bias = grads
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype)) + (None,) * 7
+                None if grad_bias is None else grad_bias.to(bias.dtype), None)
 
 
 class _LinearPolicyLoss(torch.autograd.Function):
-    """The token-level loss in one pass: returns (loss, out (10, N)); the gradient is computed here."""
+    """The token-level loss in one pass: returns (loss, out (N_POLICY_ROWS, n)); the gradient is computed here."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, weights, entropy_weights, advantages, old_logprobs, ref_logprobs,
-                is_weights, ref_hidden, ref_weight, ref_bias, temperature, clip_low, clip_high, dual_clip, kl_coef,
-                kl_kind, kl_ratio_weighted, chunk, backend):
-        from ..kernels import ROW, policy_loss_fwd, token_stats_bwd
-
-        n = hidden.shape[0]
+    def forward(ctx, hidden, weight, bias, chunks: _Chunks):
+        n, head = hidden.shape[0], Head(weight, bias)
         grads = _gradient_buffers(ctx, hidden, weight, bias)
-        out = torch.empty((10, n), dtype=torch.float32, device=hidden.device)
-
-        def rows(x: Tensor | None, s: int, e: int) -> Tensor | None:
-            return None if x is None else x[None, s:e]
-
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            logits = _project(hidden, weight, bias, s, e)
-            ref = None if ref_hidden is None else _project(ref_hidden, ref_weight, ref_bias, s, e)
-            chunk_out = policy_loss_fwd(
-                logits[None], tokens[None, s:e], weights[None, s:e], advantages[None, s:e], rows(old_logprobs, s, e),
-                rows(ref_logprobs, s, e), None if ref is None else ref[None], rows(is_weights, s, e), temperature,
-                clip_low, clip_high, dual_clip, kl_coef, kl_kind, rows(entropy_weights, s, e),
-                kl_ratio_weighted, backend)[:, 0]
+        out = torch.empty((N_POLICY_ROWS, n), dtype=torch.float32, device=hidden.device)
+        kernels = launchers(chunks.backend)
+        for s in range(0, n, chunks.chunk):
+            e = min(s + chunks.chunk, n)
+            logits, ref = _project(hidden, head, s, e), chunks.ref_logits(s, e)
+            chunk_out = kernels.policy_loss_fwd(
+                logits[None], chunks.tokens[None, s:e], None if ref is None else ref[None],
+                chunks.inputs.map(lambda x, s=s, e=e: x[None, s:e]), chunks.epilogue)[:, 0]
             out[:, s:e] = chunk_out
             if any(g is not None for g in grads):
-                token_stats_bwd(logits, tokens[s:e], chunk_out, chunk_out[ROW["g_logp"]:ROW["g_kl"] + 1],
-                                temperature, ref, out=logits, backend=backend)
+                kernels.logits_grad(logits, chunks.tokens[s:e], chunk_out, chunk_out[GRADS], chunks.temperature, ref,
+                                    out=logits)
                 _push_through_head(logits, hidden[s:e], weight, grads, s, e)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -191,7 +189,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
         for g, dtype in zip(grads, ctx.dtypes, strict=True):
             # In place, then one cast: the float32 weight gradient is not copied again (V x H floats).
             scaled.append(None if g is None else g.mul_(grad_loss).to(dtype))
-        return (*scaled,) + (None,) * 19
+        return (*scaled, None)
 
 
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, names: tuple[str, str, str]) -> int:
@@ -214,8 +212,6 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, names: tupl
 
 def _check_ref_head(hidden: Tensor, vocab: int, ref_hidden: Tensor | None, ref_weight: Tensor | None,
                     ref_bias: Tensor | None) -> None:
-    if ref_hidden is None and ref_weight is None and ref_bias is None:
-        return
     if ref_hidden is None or ref_weight is None:
         raise ValueError("the exact KL needs both ref_hidden and ref_weight (and ref_bias if the reference has one)")
     if ref_hidden.shape[:-1] != hidden.shape[:-1]:
@@ -251,7 +247,7 @@ def linear_token_logprobs_and_entropy(
         tokens: (...) integer ids in [0, V).
         temperature: > 0.
         chunk_size: rows per chunk (default: ~256 MiB of chunk buffers, at least 128 rows).
-        backend: "auto" (Triton kernels on CUDA, the chunked reference on CPU), "triton",
+        backend: "auto" (Triton kernels on CUDA, the PyTorch backend on CPU), "triton",
             "cuda" or "torch".
 
     Returns:
@@ -264,11 +260,11 @@ def linear_token_logprobs_and_entropy(
     chunk = _chunk(chunk_size, n, hidden, vocab, False)
     backend = resolve_backend(backend, hidden, "linear_policy_loss")
     if backend == "torch":
-        logp, entropy, _ = reference.linear_token_stats(hidden, weight, tokens, bias, temperature, chunk_size=chunk)
-        return logp.float(), entropy.float()
-    stats = _LinearStats.apply(hidden.reshape(n, -1), weight, bias, tokens.reshape(-1), None, None, None,
-                               temperature, chunk, backend)
-    return stats[0].view(tokens.shape), stats[1].view(tokens.shape)
+        stats = torch_backend.linear_token_stats(hidden, Head(weight, bias), tokens, temperature, chunk_size=chunk)
+        return stats.logp.float(), stats.entropy.float()
+    stats = _LinearStats.apply(hidden.reshape(n, -1), weight, bias,
+                               _Chunks(tokens.reshape(-1), None, temperature, chunk, backend))
+    return stats[ROW["logp"]].view(tokens.shape), stats[ROW["entropy"]].view(tokens.shape)
 
 
 def linear_policy_loss(
@@ -320,104 +316,67 @@ def linear_policy_loss(
         PolicyLossOutput (per-token outputs shaped like tokens); gradients reach hidden,
         weight and bias.
     """
-    check_options(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
-                  norm_len, ratio_level, False, entropy_agg, kl_ratio_weighted)
-    vocab = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
-    _check_ref_head(hidden, vocab, ref_hidden, ref_weight, ref_bias)
+    config = PolicyLossConfig.from_call(locals())
+    ref = None if ref_hidden is None and ref_weight is None and ref_bias is None \
+        else (ref_hidden, Head(ref_weight, ref_bias))
+    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights)
+    return run_linear_policy_loss(hidden, Head(weight, bias), ref, batch, config, chunk_size)
+
+
+def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None, Head] | None, batch: PolicyBatch,
+               config: PolicyLossConfig, chunk_size: int | None) -> PolicyLossOutput:
+    """`linear_policy_loss` on a built config and batch."""
+    vocab = _check_head(hidden, head.weight, head.bias, ("hidden", "weight", "bias"))
+    if ref is not None:
+        _check_ref_head(hidden, vocab, ref[0], *ref[1])
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, H) or (N, H), got {tuple(hidden.shape)}")
+    check_token_ids(batch.tokens, tuple(hidden.shape[:-1]), vocab, hidden, like_name="hidden")
+    # Packed (N,) tensors become one (1, N) sequence; anything else is left to the checks.
     packed = hidden.dim() == 2
-    check_token_ids(tokens, tuple(hidden.shape[:-1]), vocab, hidden, like_name="hidden")
-
-    def as_rows(x: Tensor | None) -> Tensor | None:
-        # Packed (N,) tensors become one (1, N) sequence; anything else is left to the checks.
-        return x[None] if packed and x is not None and x.dim() == 1 else x
-
-    tokens_2d = as_rows(tokens)
-    advantages, mask = check_per_token_inputs(tokens_2d, as_rows(advantages), as_rows(mask), as_rows(old_logprobs),
-                                              as_rows(ref_logprobs), as_rows(is_weights))
-    kl_used = resolve_kl(kl_coef, kl_estimator, ref_logprobs, ref_hidden is not None,
-                         "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
-    backend = resolve_backend(backend, hidden, "linear_policy_loss")
-    old_logprobs, ref_logprobs, is_weights = as_rows(old_logprobs), as_rows(ref_logprobs), as_rows(is_weights)
-    ref_logprobs = ref_logprobs if kl_used in SAMPLED_KL else None
-    full_kl = kl_used == "full"
-    hidden_3d = hidden[None] if packed else hidden
-    ref_hidden_3d = None if not full_kl else (ref_hidden[None] if packed else ref_hidden)
-    n_rows, n_time = tokens_2d.shape
+    batch = check_per_token_inputs(PolicyBatch(*(x[None] if packed and x is not None and x.dim() == 1 else x
+                                                 for x in batch)))
+    check_kl_inputs(config, batch.ref_logprobs, ref is not None,
+                    "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
+    backend = resolve_backend(config.backend, hidden, "linear_policy_loss")
     # Only the tokens that count go through the projection.
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    chunk = _chunk(chunk_size, max(rows.numel(), 1), hidden, vocab, full_kl)
-    options = dict(temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                   kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
-                   norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg,
-                   kl_ratio_weighted=kl_ratio_weighted)
-    ref_head = (ref_weight, ref_bias) if full_kl else (None, None)
-
-    if backend != "torch" and ratio_level == "token":
-        from ..kernels import KL_KINDS, ROW
-
-        def gather(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.to(torch.float32).expand(n_rows, n_time).reshape(-1)[rows]
-
-        h = hidden_3d.reshape(n_rows * n_time, -1)[rows]
-        rh = None if ref_hidden_3d is None else ref_hidden_3d.reshape(n_rows * n_time, -1)[rows]
-        weights = aggregation_weights(mask, loss_agg, norm_len)
-        ent_weights = entropy_weights(mask, entropy_coef, entropy_agg or loss_agg, norm_len)
-        loss, out = _LinearPolicyLoss.apply(
-            h, weight, bias, tokens_2d.reshape(-1)[rows], gather(weights), gather(ent_weights), gather(advantages),
-            gather(old_logprobs), gather(ref_logprobs), gather(is_weights), rh, *ref_head, temperature, clip_low,
-            clip_high, math.inf if dual_clip is None else float(dual_clip), kl_coef, KL_KINDS[kl_used],
-            kl_ratio_weighted, chunk, backend)
-
-        def scatter(name: str) -> Tensor:
-            full = torch.zeros(n_rows * n_time, dtype=torch.float32, device=hidden.device)
-            return full.index_copy_(0, rows, out[ROW[name]]).view(tokens.shape)
-
-        per_token = [scatter(name) for name in ("logp", "entropy", "kl", "ratio")]
-        result = PolicyLossOutput(loss, *per_token, mask=mask, advantages=advantages, clip_low=clip_low,
-                                  clip_high=clip_high, dual_clip=dual_clip)
+    counted = batch.mask.reshape(-1).nonzero().squeeze(1)
+    full_kl = config.kl_used == "full"
+    chunks = _Chunks(batch.tokens.reshape(-1)[counted],
+                  (ref[0].reshape(-1, ref[0].shape[-1])[counted], ref[1]) if full_kl else None, config.temperature,
+                  _chunk(chunk_size, max(counted.numel(), 1), hidden, vocab, full_kl), backend)
+    inputs = torch_backend.token_inputs(batch.mask, batch.advantages, config,
+                                        (batch.old_logprobs, batch.ref_logprobs, batch.is_weights))
+    counted_hidden = hidden.reshape(-1, hidden.shape[-1])[counted]
+    if backend != "torch" and config.ratio_level == "token":
+        shape = batch.tokens.shape
+        gathered = inputs.map(lambda x: x.to(torch.float32).expand(shape).reshape(-1)[counted])
+        loss, out = _LinearPolicyLoss.apply(counted_hidden, *head, dataclasses.replace(chunks, inputs=gathered,
+                                                                              epilogue=Epilogue.of(config)))
+        terms = LossTerms(loss, *(_scatter(out[ROW[name]], counted, shape)
+                                  for name in ("logp", "entropy", "kl", "ratio")))
     else:
-        stats = (_reference_linear_stats if backend == "torch"
-                 else functools.partial(_fused_linear_stats, backend=backend))
-        stats_fn = functools.partial(_counted_rows_stats, stats=stats, head=(weight, bias), ref_head=ref_head,
-                                     rows=rows, chunk=chunk)
-        result = composed_loss(hidden_3d, tokens_2d, advantages, mask, old_logprobs, ref_logprobs, ref_hidden_3d,
-                               is_weights, stats_fn, **options)
+        stats = _counted_stats(counted_hidden, head, chunks, batch.tokens.shape, counted)
+        terms = torch_backend.policy_loss(stats, batch.mask, inputs, config)
     if packed:
-        for name in ("logprobs", "entropy", "kl", "ratio"):
-            setattr(result, name, getattr(result, name).view(tokens.shape))
-    return result
+        terms = LossTerms(terms.loss, *(v.view(hidden.shape[:-1]) for v in terms[1:]))
+    return PolicyLossOutput.of(terms, batch, config)
 
 
-def _reference_linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
-                            ref_hidden: Tensor | None, ref_weight: Tensor | None, ref_bias: Tensor | None,
-                            temperature: float, chunk: int) -> Tensor:
-    """(3, n) logp, entropy, exact KL (0 without a reference) from the chunked reference."""
-    logp, entropy, kl = reference.linear_token_stats(hidden, weight, tokens, bias, temperature, ref_hidden,
-                                                     ref_weight, ref_bias, chunk_size=chunk)
-    return torch.stack([logp, entropy, torch.zeros_like(logp) if kl is None else kl]).to(torch.float32)
+def _scatter(values: Tensor, counted: Tensor, shape: torch.Size) -> Tensor:
+    """(n,) values of the counted rows placed in a zero (B, T) tensor (differentiable in values)."""
+    return torch.zeros(shape.numel(), dtype=values.dtype, device=values.device).index_copy(
+        0, counted, values).view(shape)
 
 
-def _fused_linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
-                        ref_hidden: Tensor | None, ref_weight: Tensor | None, ref_bias: Tensor | None,
-                        temperature: float, chunk: int, *, backend: str) -> Tensor:
-    """(5, n) stats from the fused kernels; rows 0-2 are logp, entropy, exact KL."""
-    return _LinearStats.apply(hidden, weight, bias, tokens, ref_hidden, ref_weight, ref_bias, temperature, chunk,
-                              backend)
-
-
-def _counted_rows_stats(hidden: Tensor, tokens: Tensor, temperature: float, ref_hidden: Tensor | None, *,
-                        stats, head: tuple, ref_head: tuple, rows: Tensor, chunk: int
-                        ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The reference's stats_fn: (logp, entropy, exact KL or None) as (B, T), computed on the counted
-    rows only (masked rows are never projected) and zero elsewhere."""
-    flat = hidden.reshape(-1, hidden.shape[-1])[rows]
-    ref = None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])[rows]
-    out = stats(flat, *head, tokens.reshape(-1)[rows], ref, *ref_head, temperature, chunk)
-
-    def scatter(i: int) -> Tensor:
-        return torch.zeros(tokens.numel(), dtype=torch.float32, device=hidden.device).index_copy(
-            0, rows, out[i]).view(tokens.shape)
-
-    return scatter(0), scatter(1), None if ref is None else scatter(2)
+def _counted_stats(counted_hidden: Tensor, head: Head, chunks: _Chunks, shape: torch.Size,
+                   counted: Tensor) -> TokenStats:
+    """(B, T) token statistics computed on the counted rows only (masked rows are never projected)."""
+    if chunks.backend == "torch":
+        stats = torch_backend.linear_token_stats(counted_hidden, head, chunks.tokens, chunks.temperature, chunks.ref,
+                                                 chunk_size=chunks.chunk)
+        values = [v if v is None else v.to(torch.float32) for v in stats]
+    else:
+        out = _LinearStats.apply(counted_hidden, *head, chunks)
+        values = [out[ROW["logp"]], out[ROW["entropy"]], None if chunks.ref is None else out[ROW["kl"]]]
+    return TokenStats(*(v if v is None else _scatter(v, counted, shape) for v in values))

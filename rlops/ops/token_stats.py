@@ -1,103 +1,113 @@
-"""Autograd-aware token log-probs and entropy (SPEC.md section 1), and the shared backward.
+"""Autograd-aware token log-probs and entropy (SPEC.md section 1), and the backward every op shares.
 
-The Triton launchers are registered as torch.library custom ops, so torch.compile graphs
-can hold them; the PyTorch reference serves CPU tensors under backend="auto".
+The kernel launchers are registered as torch.library custom ops, so torch.compile graphs
+can hold them; backend="torch" (and "auto" on CPU tensors) runs rlops.torch_backend.
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads real annotations.
 
+import inspect
+
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import torch_backend
 from .._validation import check_logits, check_positive_float, check_tokens
-from ._backend import resolve_backend
+from ..constants import ROW, STAT_GRADS
+from ._backend import launchers, resolve_backend
 
 
-@torch.library.custom_op("rlops::token_stats_fwd", mutates_args=())
-def token_stats_op(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask: Tensor | None,
+def _token_stats(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask: Tensor | None,
                    temperature: float, inplace_grad: bool, backend: str) -> Tensor:
-    """float32 stats (5, ...): logp, entropy, kl, lse, lse_ref (see rlops.kernels.token_stats), from
-    the Triton kernel or (backend "cuda") its CUDA twin.
+    """float32 stats (N_STATS, ...): logp, entropy, kl, lse, lse_ref (rlops/constants.py), from the
+    kernel of `backend` ("triton" or "cuda").
 
-    Differentiable through rows 0-2; with inplace_grad the backward writes the gradient over
-    `logits` and bumps its version counter, so any later reader of the logits fails loudly.
+    Differentiable through the logp, entropy and kl rows; with inplace_grad the backward writes
+    the gradient over `logits` and bumps its version counter, so any later reader of the logits
+    fails loudly.
     """
-    from ..kernels import token_stats_fwd
+    return launchers(backend).token_stats_fwd(logits, tokens, temperature, ref_logits, mask)
 
-    return token_stats_fwd(logits, tokens, temperature, ref_logits, mask, backend)
+
+token_stats_op = torch.library.custom_op("rlops::token_stats", mutates_args=())(_token_stats)
 
 
 @token_stats_op.register_fake
-def _(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask: Tensor | None,
-      temperature: float, inplace_grad: bool, backend: str) -> Tensor:
-    return logits.new_empty((5, *tokens.shape), dtype=torch.float32)
+def _(logits, tokens, ref_logits, mask, temperature, inplace_grad, backend) -> Tensor:
+    from ..constants import N_STATS
+
+    return logits.new_empty((N_STATS, *tokens.shape), dtype=torch.float32)
 
 
-@torch.library.custom_op("rlops::token_stats_bwd", mutates_args=())
-def _token_stats_bwd(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
-                     ref_logits: Tensor | None, temperature: float, backend: str) -> Tensor:
-    from ..kernels import token_stats_bwd
-
-    return token_stats_bwd(logits, tokens, stats, grads, temperature, ref_logits, backend=backend)
+@torch.library.custom_op("rlops::logits_grad", mutates_args=())
+def _logits_grad(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor, ref_logits: Tensor | None,
+                 temperature: float, backend: str) -> Tensor:
+    return launchers(backend).logits_grad(logits, tokens, stats, grads, temperature, ref_logits)
 
 
-@_token_stats_bwd.register_fake
-def _(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
-      ref_logits: Tensor | None, temperature: float, backend: str) -> Tensor:
+@_logits_grad.register_fake
+def _(logits, tokens, stats, grads, ref_logits, temperature, backend) -> Tensor:
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("rlops::token_stats_bwd_inplace", mutates_args=("logits",))
-def _token_stats_bwd_inplace(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
-                             ref_logits: Tensor | None, temperature: float, backend: str) -> None:
-    from ..kernels import token_stats_bwd
-
-    token_stats_bwd(logits, tokens, stats, grads, temperature, ref_logits, out=logits, backend=backend)
+@torch.library.custom_op("rlops::logits_grad_", mutates_args=("logits",))
+def _logits_grad_inplace(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor, ref_logits: Tensor | None,
+                         temperature: float, backend: str) -> None:
+    launchers(backend).logits_grad(logits, tokens, stats, grads, temperature, ref_logits, out=logits)
 
 
-@_token_stats_bwd_inplace.register_fake
-def _(logits: Tensor, tokens: Tensor, stats: Tensor, grads: Tensor,
-      ref_logits: Tensor | None, temperature: float, backend: str) -> None:
+@_logits_grad_inplace.register_fake
+def _(logits, tokens, stats, grads, ref_logits, temperature, backend) -> None:
     return None
 
 
-def grad_to_logits(ctx, grads: Tensor) -> Tensor:
-    """d logits from (3, ...) upstream gradients of logp, entropy and the exact KL.
+def save_for_grad(ctx, inputs: dict, stats: Tensor, temperature: float) -> None:
+    """What `grad_to_logits` needs, saved by a forward's setup_context from its named inputs."""
+    ctx.save_for_backward(inputs["logits"], inputs["tokens"], stats, inputs["ref_logits"])
+    ctx.temperature = temperature
+    ctx.inplace_grad = inputs["inplace_grad"]
+    ctx.backend = inputs["backend"]
+    # The backward returns a gradient for the logits and None for every other input, in the
+    # structure torch.library sees: a list of tensors only (no None in it) gets a list of Nones.
+    ctx.no_grads = tuple([None] * len(v) if isinstance(v, list) and v and all(isinstance(t, Tensor) for t in v)
+                         else None for v in list(inputs.values())[1:])
 
-    ctx holds logits, tokens, stats and ref_logits (saved by the forward), temperature,
-    inplace_grad and backend. With inplace_grad the gradient overwrites the logits; the custom op declares
-    that mutation, which bumps the logits' version counter.
+
+def grad_to_logits(ctx, grads: Tensor) -> tuple:
+    """The backward's return value: d logits from (N_GRADS, ...) upstream gradients of logp, entropy
+    and the exact KL, then None for every other input of the op.
+
+    With inplace_grad the gradient overwrites the logits; the custom op declares that
+    mutation, which bumps the logits' version counter.
     """
     logits, tokens, stats, ref_logits = ctx.saved_tensors
+    args = (logits, tokens, stats, grads, ref_logits, ctx.temperature, ctx.backend)
     if ctx.inplace_grad:
-        _token_stats_bwd_inplace(logits, tokens, stats, grads, ref_logits, ctx.temperature, ctx.backend)
-        return logits
-    return _token_stats_bwd(logits, tokens, stats, grads, ref_logits, ctx.temperature, ctx.backend)
+        _logits_grad_inplace(*args)
+        grad = logits
+    else:
+        grad = _logits_grad(*args)
+    return (grad, *ctx.no_grads)
 
 
-def save_for_grad(ctx, logits: Tensor, tokens: Tensor, stats: Tensor, ref_logits: Tensor | None,
-                  temperature: float, inplace_grad: bool, backend: str) -> None:
-    """What `grad_to_logits` needs, saved by a forward's setup_context."""
-    ctx.save_for_backward(logits, tokens, stats, ref_logits)
-    ctx.temperature = temperature
-    ctx.inplace_grad = inplace_grad
-    ctx.backend = backend
+def named_inputs(fn, inputs: tuple) -> dict:
+    """A custom op's inputs by the parameter names of its function `fn` (setup_context receives a tuple)."""
+    return dict(zip(inspect.signature(fn).parameters, inputs, strict=True))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, tokens, ref_logits, mask, temperature, inplace_grad, backend = inputs
-    save_for_grad(ctx, logits, tokens, output, ref_logits, temperature, inplace_grad, backend)
-    ctx.row_mask = mask
+    named = named_inputs(_token_stats, inputs)
+    save_for_grad(ctx, named, output, named["temperature"])
+    ctx.row_mask = named["mask"]
 
 
 def _backward(ctx, grad_stats: Tensor):
-    grads = grad_stats[:3]
+    grads = grad_stats[STAT_GRADS]
     if ctx.row_mask is not None:
         # The forward never read masked rows, so their saved stats are not a distribution's:
         # their outputs are constant 0, and zero upstream gradients make the kernel skip them.
         grads = torch.where(ctx.row_mask != 0, grads, 0.0)
-    return grad_to_logits(ctx, grads), None, None, None, None, None, None
+    return grad_to_logits(ctx, grads)
 
 
 token_stats_op.register_autograd(_backward, setup_context=_setup_context)
@@ -119,7 +129,7 @@ def token_logprobs_and_entropy(
             `logits[:, :-1]`) are read in place.
         tokens: (...) integer ids in [0, V), the shape of logits without its last dimension.
         temperature: > 0; the distribution is softmax(logits / temperature).
-        backend: "auto" (Triton on CUDA tensors, the PyTorch reference on CPU), "triton",
+        backend: "auto" (Triton on CUDA tensors, the PyTorch backend on CPU), "triton",
             "cuda" or "torch".
 
     Returns:
@@ -128,10 +138,10 @@ def token_logprobs_and_entropy(
     """
     temperature, backend = _prepare(logits, tokens, temperature, backend)
     if backend == "torch":
-        logp, entropy = reference.token_logprobs_and_entropy(logits, tokens, temperature)
-        return logp.float(), entropy.float()
+        stats = torch_backend.token_stats(logits, tokens, temperature)
+        return stats.logp.float(), stats.entropy.float()
     stats = token_stats_op(logits, tokens, None, None, temperature, False, backend)
-    return stats[0], stats[1]
+    return stats[ROW["logp"]], stats[ROW["entropy"]]
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, backend: str = "auto") -> Tensor:
@@ -141,5 +151,5 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, bac
     """
     temperature, backend = _prepare(logits, tokens, temperature, backend)
     if backend == "torch":
-        return reference.token_logprobs(logits, tokens, temperature).float()
-    return token_stats_op(logits, tokens, None, None, temperature, False, backend)[0]
+        return torch_backend.token_logprobs(logits, tokens, temperature).float()
+    return token_stats_op(logits, tokens, None, None, temperature, False, backend)[ROW["logp"]]

@@ -1,0 +1,87 @@
+"""How the kernel backends (Triton in kernels/, CUDA in csrc/) address their tensors.
+
+Pure PyTorch, shared by the launchers of both backends so that they read the same memory
+in the same way. Rows of a (..., V) tensor are addressed through two strides, so the usual
+causal-LM slice `logits[:, :-1]` (rows not evenly spaced) is read in place, not copied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RowLayout(NamedTuple):
+    """Row r of the flattened (N, V) view starts at (r // inner) * stride_outer + (r % inner) * stride_inner."""
+
+    tensor: torch.Tensor
+    n_rows: int
+    inner: int
+    stride_outer: int
+    stride_inner: int
+
+
+def row_layout(x: torch.Tensor) -> RowLayout:
+    """Describes the rows of x (..., V) with at most two strides; copies x only when that is impossible.
+
+    The vocabulary dimension must be unit-stride for coalesced loads; other layouts are made
+    contiguous (a copy, which no common caller triggers).
+    """
+    vocab = x.shape[-1]
+    if vocab > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    # Merge leading dimensions that are laid out back to back, dropping size-1 dimensions.
+    dims: list[list[int]] = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if len(dims) > 2:
+        return row_layout(x.contiguous())
+    n_rows = x.numel() // vocab if vocab else 0
+    if len(dims) == 0:
+        return RowLayout(x, n_rows, 1, vocab, vocab)
+    if len(dims) == 1:
+        return RowLayout(x, n_rows, n_rows, 0, dims[0][1])
+    (_, s_outer), (inner, s_inner) = dims
+    return RowLayout(x, n_rows, inner, s_outer, s_inner)
+
+
+def ref_layout(ref_logits: torch.Tensor | None, logits: torch.Tensor) -> RowLayout:
+    """The reference logits' rows, or the logits' own as a placeholder the kernel never reads."""
+    if ref_logits is None:
+        return row_layout(logits)
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must have logits' shape {tuple(logits.shape)}, got {tuple(ref_logits.shape)}")
+    return row_layout(ref_logits)
+
+
+def grad_strides(out: torch.Tensor, logits: torch.Tensor, rows: RowLayout) -> tuple[int, int]:
+    """(stride_outer, stride_inner) of the gradient rows written into out (contiguous, or logits itself)."""
+    if out.shape != logits.shape or out.dtype != logits.dtype:
+        raise ValueError(f"out must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype}")
+    if out.is_contiguous():
+        return rows.inner * logits.shape[-1], logits.shape[-1]
+    if out is logits and rows.tensor is logits:
+        return rows.stride_outer, rows.stride_inner
+    raise ValueError("out must be contiguous or be logits itself")
+
+
+def byte_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask of any dtype as uint8 (a free view of a bool mask)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+
+
+def per_token(x: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """A per-token input broadcast to `shape`, as the contiguous float32 (N,) vector the kernels read."""
+    return None if x is None else x.to(torch.float32).expand(shape).reshape(-1).contiguous()
+
+
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T) with unit stride over T (a bool mask as uint8), copied only when needed."""
+    x = x.view(torch.uint8) if x.dtype == torch.bool else x
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()

@@ -1,0 +1,32 @@
+"""Numbers and layouts that the Python backends and the Triton kernels share (SPEC.md 2-3).
+
+Defined once for Python and Triton here; csrc/rlops_math.h defines the C++ twins, and
+tests/test_constants.py holds the two equal.
+"""
+
+from __future__ import annotations
+
+# SPEC section 2: the token log-ratio is clamped to +-LOG_RATIO_CLAMP, the sequence-level
+# (GSPO) log-ratio above at SEQ_LOG_RATIO_MAX. Section 3: k3 is capped at K3_MAX and its
+# log-ratio clamped like the token ratio.
+LOG_RATIO_CLAMP = 20.0
+SEQ_LOG_RATIO_MAX = 10.0
+K3_MAX = 10.0
+
+# KL estimators as the kernels' KL_KIND switch: "none" does no KL work, "full" streams the
+# reference logits (the exact KL over the vocabulary), k1-k3 use the sampled tokens' log-probs.
+KL_KINDS = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4}
+SAMPLED_KL = ("k1", "k2", "k3")
+
+# Rows of the float32 per-token output buffers. The token-statistics kernel writes the first
+# N_STATS rows; the policy-loss kernel writes all N_POLICY_ROWS: its ratio and loss, then the
+# derivatives of the loss with respect to logp, entropy and the exact KL, which are the
+# upstream gradients (GRAD_ROWS, in that order) that the backward kernel reads.
+STATS_ROWS = ("logp", "entropy", "kl", "lse", "lse_ref")
+POLICY_ROWS = (*STATS_ROWS, "ratio", "loss", "g_logp", "g_entropy", "g_kl")
+ROW = {name: i for i, name in enumerate(POLICY_ROWS)}
+N_STATS = len(STATS_ROWS)
+N_POLICY_ROWS = len(POLICY_ROWS)
+N_GRADS = 3  # upstream gradients of logp, entropy and the exact KL
+GRADS = slice(ROW["g_logp"], ROW["g_kl"] + 1)  # those rows of the policy-loss output
+STAT_GRADS = slice(ROW["logp"], ROW["kl"] + 1)  # the statistics rows that carry a gradient

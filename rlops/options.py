@@ -1,0 +1,187 @@
+"""The one options object of the policy loss, and what the kernels receive from it.
+
+`PolicyLossConfig` holds every option of `rlops.policy_loss` (and of `linear_policy_loss`
+and the `PolicyLoss` module), validated once when it is built. Below it nothing re-lists the
+options: the kernels' scalar arguments and switches come from `Epilogue.of(config)`, the
+per-token tensors travel as one `TokenInputs`, and the PyTorch backend reads the config
+itself. Adding an option means a field here, its use in the epilogue (Triton, CUDA, PyTorch
+backend) and the docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch import Tensor
+
+from ._validation import check_choice, check_float, check_positive_float
+from .constants import KL_KINDS
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3", "full")
+RATIO_LEVELS = ("token", "sequence")
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Every option of `rlops.policy_loss` (see its docstring), checked when built.
+
+    The class methods give the published settings of common algorithms; override any field
+    with `dataclasses.replace` or keyword arguments to `PolicyLoss`.
+    """
+
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    norm_len: float | None = None
+    ratio_level: str = "token"
+    entropy_agg: str | None = None
+    kl_ratio_weighted: bool = False
+    inplace_grad: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_positive_float("temperature", self.temperature)
+        check_float("clip_low", self.clip_low, ge=0.0)
+        check_float("clip_high", self.clip_high, ge=0.0)
+        if self.dual_clip is not None:
+            check_float("dual_clip", self.dual_clip, gt=1.0)
+        check_float("kl_coef", self.kl_coef, ge=0.0)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_float("entropy_coef", self.entropy_coef)
+        check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        if self.entropy_agg is not None:
+            check_choice("entropy_agg", self.entropy_agg, LOSS_AGGS)
+        if self.norm_len is not None:
+            check_float("norm_len", self.norm_len, gt=0.0)
+        for name in ("inplace_grad", "kl_ratio_weighted"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        check_choice("backend", self.backend, BACKENDS)
+
+    @classmethod
+    def from_call(cls, arguments: dict[str, object]) -> PolicyLossConfig:
+        """The config of a public function's call: its fields picked from the call's arguments
+        (`locals()`), so that the keyword signature is not listed a second time."""
+        return cls(**{name: arguments[name] for name in CONFIG_FIELDS if name in arguments})
+
+    @property
+    def kl_used(self) -> str:
+        """The KL estimator actually computed: "none" when kl_coef is 0 (no reference input is read)."""
+        return self.kl_estimator if self.kl_coef > 0 else "none"
+
+    @property
+    def entropy_agg_used(self) -> str:
+        """The aggregation of the entropy term (loss_agg unless entropy_agg is given)."""
+        return self.entropy_agg or self.loss_agg
+
+    def replace(self, **changes: object) -> PolicyLossConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def ppo(cls, **overrides: object) -> PolicyLossConfig:
+        """PPO (Schulman et al. 2017): symmetric clip 0.2, token mean."""
+        return cls(**overrides)
+
+    @classmethod
+    def grpo(cls, **overrides: object) -> PolicyLossConfig:
+        """GRPO (DeepSeekMath): per-sequence token mean, k3 KL to the reference with beta 0.04."""
+        return cls(**{"loss_agg": "seq-mean-token-mean", "kl_coef": 0.04, "kl_estimator": "k3", **overrides})
+
+    @classmethod
+    def dapo(cls, **overrides: object) -> PolicyLossConfig:
+        """DAPO: clip-higher (0.2 / 0.28), token mean over the batch, no KL."""
+        return cls(**{"clip_low": 0.2, "clip_high": 0.28, "loss_agg": "token-mean", **overrides})
+
+    @classmethod
+    def dr_grpo(cls, **overrides: object) -> PolicyLossConfig:
+        """Dr. GRPO: sum over tokens divided by a constant length (norm_len, default T), no KL."""
+        return cls(**{"loss_agg": "seq-mean-token-sum-norm", **overrides})
+
+    @classmethod
+    def gspo(cls, **overrides: object) -> PolicyLossConfig:
+        """GSPO: sequence-level ratio with clip 3e-4 / 4e-4, per-sequence token mean."""
+        return cls(**{"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4,
+                      "loss_agg": "seq-mean-token-mean", **overrides})
+
+
+# Read once: torch.compile traces `from_call` but not dataclasses.fields().
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
+
+
+class Epilogue(NamedTuple):
+    """The scalar arguments and switches of the fused policy-loss kernels (Triton and CUDA).
+
+    A custom op carries it as a float list (`list(epilogue)`); `Epilogue.unpack` restores it.
+    """
+
+    temperature: float
+    clip_low: float
+    clip_high: float
+    dual_clip: float  # inf: no dual clip
+    kl_coef: float
+    kl_kind: int  # constants.KL_KINDS
+    kl_ratio_weighted: bool  # only with a KL term
+
+    @classmethod
+    def of(cls, config: PolicyLossConfig) -> Epilogue:
+        return cls(config.temperature, config.clip_low, config.clip_high,
+                   math.inf if config.dual_clip is None else float(config.dual_clip), config.kl_coef,
+                   KL_KINDS[config.kl_used], config.kl_ratio_weighted and config.kl_used != "none")
+
+    def pack(self) -> list[float]:
+        return [float(v) for v in self]
+
+    @classmethod
+    def unpack(cls, values: list[float]) -> Epilogue:
+        e = cls(*values)
+        return e._replace(kl_kind=int(e.kl_kind), kl_ratio_weighted=bool(e.kl_ratio_weighted))
+
+
+class TokenInputs(NamedTuple):
+    """The per-token tensors of the policy loss, each broadcastable to tokens' (B, T) or None.
+
+    agg_weights: float32 (B, T), each token's share of the aggregated loss (0 = masked: the
+    kernels skip that token). entropy_coefs: entropy_coef times each token's weight in the
+    entropy term's aggregation, or None without an entropy term. The others as
+    `rlops.policy_loss` takes them (absent ones None).
+    """
+
+    agg_weights: Tensor
+    entropy_coefs: Tensor | None
+    advantages: Tensor
+    old_logprobs: Tensor | None
+    ref_logprobs: Tensor | None
+    is_weights: Tensor | None
+
+    def map(self, fn) -> TokenInputs:
+        """fn applied to every tensor present (None stays None)."""
+        return TokenInputs(*(None if x is None else fn(x) for x in self))
+
+
+class Head(NamedTuple):
+    """An lm_head: weight (V, H) and bias (V,) or None, of the hidden states' dtype."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+class PolicyBatch(NamedTuple):
+    """The per-token tensors of a policy-loss call, as the caller passes them (see `rlops.policy_loss`)."""
+
+    tokens: Tensor
+    advantages: Tensor
+    mask: Tensor | None = None
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    is_weights: Tensor | None = None
