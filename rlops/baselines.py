@@ -109,8 +109,7 @@ def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor,
     batch = check_batch(logits, ref_logits, PolicyBatch(tokens, advantages, **tensors))
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None, "ref_logits")
     stats = _eager_stats(logits, tokens, config.temperature, ref_logits if config.kl_used == "full" else None)
-    inputs = torch_backend.token_inputs(batch.mask, batch.advantages, config,
-                                        (batch.old_logprobs, batch.ref_logprobs, batch.is_weights))
+    inputs = torch_backend.token_inputs(batch, config)
     return PolicyLossOutput.of(torch_backend.policy_loss(stats, batch.mask, inputs, config), batch, config)
 
 

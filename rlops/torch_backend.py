@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .constants import K3_MAX, LOG_RATIO_CLAMP, SAMPLED_KL, SEQ_LOG_RATIO_MAX
-from .options import Head, PolicyLossConfig, TokenInputs
+from .options import Head, PolicyBatch, PolicyLossConfig, TokenInputs
 
 # Rows per chunk are chosen so that one float32 temporary of a chunk is at most 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -272,16 +272,15 @@ def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: float | None = No
                      f"seq-mean-token-sum-norm; got {loss_agg!r}")
 
 
-def token_inputs(mask: Tensor, advantages: Tensor, config: PolicyLossConfig,
-                 sampled: tuple[Tensor | None, Tensor | None, Tensor | None]) -> TokenInputs:
-    """The per-token inputs every backend's epilogue reads: the aggregation weights from mask and
-    config, then advantages and sampled = (old_logprobs, ref_logprobs, is_weights), the reference
-    log-probs dropped unless a sampled-token KL is used."""
-    old_logprobs, ref_logprobs, is_weights = sampled
+def token_inputs(batch: PolicyBatch, config: PolicyLossConfig) -> TokenInputs:
+    """The per-token inputs every backend's epilogue reads, from a checked batch (mask bool (B, T)):
+    the aggregation weights from its mask and config, then its tensors, the reference log-probs
+    dropped unless a sampled-token KL is used."""
     entropy_coefs = None if config.entropy_coef == 0 else \
-        config.entropy_coef * aggregation_weights(mask, config.entropy_agg_used, config.norm_len)
-    return TokenInputs(aggregation_weights(mask, config.loss_agg, config.norm_len), entropy_coefs, advantages,
-                       old_logprobs, ref_logprobs if config.kl_used in SAMPLED_KL else None, is_weights)
+        config.entropy_coef * aggregation_weights(batch.mask, config.entropy_agg_used, config.norm_len)
+    return TokenInputs(aggregation_weights(batch.mask, config.loss_agg, config.norm_len), entropy_coefs,
+                       batch.advantages, batch.old_logprobs,
+                       batch.ref_logprobs if config.kl_used in SAMPLED_KL else None, batch.is_weights)
 
 
 def log_ratio(logp: Tensor, old_logp: Tensor | None, mask: Tensor, ratio_level: str = "token") -> Tensor:
