@@ -100,7 +100,8 @@ def _train(argv: list[str]) -> int:
 
 def _train_one(args: argparse.Namespace, config: Any) -> int:
     from .trainers import GRPOTrainer, PPOTrainer, RewardTrainer, SFTTrainer, ValueModel, arithmetic
-    from .trainers._common import Processes, load_pretrained
+    from .trainers.checkpoint import load_pretrained
+    from .trainers.processes import Processes
     from .trainers.r1_toy import TASK, cold_start
 
     train, heldout = arithmetic.split_problems(args.heldout, seed=config.seed)
@@ -146,7 +147,7 @@ def _profile(argv: list[str]) -> int:
     # Measured on CPU, the fused ops run their Triton kernels in the interpreter (see rlops.profile).
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .profile import main
+    from .profile_cli import main
 
     return main(argv, prog="rlops profile")
 

@@ -40,7 +40,7 @@ def test_estimate_is_within_15_percent_on_cuda(model_file: str, algo: str, impl:
 
 
 def test_profile_writes_a_timeline(model_file: str, tmp_path: Path) -> None:
-    from rlops.profile import main
+    from rlops.profile_cli import main
 
     assert main(["--model", model_file, "--algo", "grpo", "--batch", "4", "--group-size", "4", "--prompt-len", "64",
                  "--response-len", "256", "--out", str(tmp_path)]) == 0

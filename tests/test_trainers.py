@@ -27,15 +27,11 @@ from rlops.trainers import (
     ValueModel,
     arithmetic,
 )
-from rlops.trainers._common import (
-    LOSS_IMPLS,
-    clip_and_step,
-    completion_mask,
-    encode_pairs,
-    load_pretrained,
-    read_metrics,
-)
+from rlops.trainers.base import LOSS_IMPLS, clip_and_step
+from rlops.trainers.checkpoint import load_pretrained
 from rlops.trainers.r1_toy import TASK, run
+from rlops.trainers.rollout import completion_mask, encode_pairs
+from rlops.trainers.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

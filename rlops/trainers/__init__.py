@@ -5,11 +5,12 @@ Each trainer takes a model, a tokenizer, its data and a config dataclass, and ru
 process or under torchrun (DDP) unchanged.
 """
 
-from ._common import Rollout, Task, TrainConfig, evaluate, sample
+from .base import TrainConfig
 from .grpo import GRPOConfig, GRPOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .r1_toy import R1ToyConfig
 from .reward import RewardConfig, RewardTrainer
+from .rollout import Rollout, Task, evaluate, sample
 from .sft import SFTConfig, SFTTrainer
 from .value_head import ValueModel
 

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..advantages import group_advantages
-from ._common import RLConfig, RLTrainer, Rollout, Task, Tokenizer, clip_and_step, minibatches
+from ..ops.policy_loss import PolicyLossOutput
+from .base import PerSample, RLConfig, RLTrainer
+from .rollout import Rollout, Task, Tokenizer
 
 
 @dataclass
@@ -68,31 +70,15 @@ class GRPOTrainer(RLTrainer):
         if self.reference is not None:
             with self.stage("reference_logprobs"):
                 ref = self.logprobs(self.reference, rollout)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
-        totals: dict[str, float] = {}
-        for _ in range(cfg.epochs):
-            for rows in minibatches(len(items), cfg.minibatches, generator):
-                metrics = self.update(rollout.select(rows.to(self.procs.device)), advantages[rows],
-                                      None if old is None else old[rows], None if ref is None else ref[rows])
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + v / (cfg.epochs * cfg.minibatches)
+        totals = self.optimise(rollout, {"advantages": advantages, "old": old, "ref": ref}, self.minibatch_loss,
+                               kl_metric=ref is not None)
         totals.update(reward=rewards.mean().item(), accuracy=sum(correct) / len(correct),
                       response_length=rollout.completion_mask.float().sum(-1).mean().item(),
                       reward_std=rewards.view(-1, cfg.group_size).std(-1).mean().item())
         return totals
 
-    def update(self, batch: Rollout, advantages: Tensor, old: Tensor | None, ref: Tensor | None) -> dict[str, float]:
-        """One optimizer step of the clipped surrogate (+ k3 KL) on a minibatch of samples."""
+    def minibatch_loss(self, batch: Rollout, rows: PerSample) -> PolicyLossOutput:
+        """The clipped surrogate (+ k3 KL) on a minibatch of samples."""
         cfg = self.config
-        out = self.policy_loss(batch, advantages, old_logprobs=old, ref_logprobs=ref, kl_coef=cfg.kl_coef,
-                               loss_agg=cfg.loss_agg)
-        with self.stage("backward"):
-            out.loss.backward()
-        with self.stage("optimizer"):
-            norm = clip_and_step(list(self.model.parameters()), self.optimizers["optimizer"], cfg.max_grad_norm)
-        m = out.metrics
-        metrics = {"loss": out.loss.item(), "entropy": m["entropy_mean"], "clip_frac": m["clip_frac"],
-                   "grad_norm": norm}
-        if ref is not None:
-            metrics["kl"] = m["kl_mean"]
-        return metrics
+        return self.policy_loss(batch, rows["advantages"], old_logprobs=rows["old"], ref_logprobs=rows["ref"],
+                                kl_coef=cfg.kl_coef, loss_agg=cfg.loss_agg)

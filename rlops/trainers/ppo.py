@@ -23,17 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ..advantages import gae, kl_shaped_rewards, masked_whiten
-from ._common import (
-    RLConfig,
-    RLTrainer,
-    Rollout,
-    Task,
-    Tokenizer,
-    check_positive,
-    clip_and_step,
-    enable_checkpointing,
-    minibatches,
-)
+from ..ops.policy_loss import PolicyLossOutput
+from .base import PerSample, RLConfig, RLTrainer, check_positive
+from .rollout import Rollout, Task, Tokenizer, enable_checkpointing
 from .value_head import ValueModel
 
 KL_MODES = ("reward", "loss")
@@ -118,15 +110,9 @@ class PPOTrainer(RLTrainer):
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
         loss_ref = ref if cfg.kl_mode == "loss" and self.reference is not None else None
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
-        totals: dict[str, float] = {}
-        for _ in range(cfg.epochs):
-            for rows in minibatches(len(items), cfg.minibatches, generator):
-                r = rows.to(self.procs.device)
-                metrics = self.update(rollout.select(r), advantages[r], returns[r], old[r], old_values[r],
-                                      None if loss_ref is None else loss_ref[r])
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + v / (cfg.epochs * cfg.minibatches)
+        per_sample = {"advantages": advantages, "returns": returns, "old": old, "old_values": old_values,
+                      "ref": loss_ref}
+        totals = self.optimise(rollout, per_sample, self.minibatch_loss, after_backward=self.critic_update)
         n = mask.sum().clamp(min=1)
         totals.update(reward=scores.mean().item(), accuracy=sum(correct) / len(correct),
                       response_length=mask.float().sum(-1).mean().item(),
@@ -134,27 +120,23 @@ class PPOTrainer(RLTrainer):
                       value_mean=float(torch.where(mask, old_values, 0.0).sum() / n))
         return totals
 
-    def update(self, batch: Rollout, advantages: Tensor, returns: Tensor, old: Tensor, old_values: Tensor,
-               ref: Tensor | None) -> dict[str, float]:
-        """One optimizer step of the policy (clipped surrogate) and of the critic (clipped value loss)."""
-        cfg = self.config
-        mask = batch.completion_mask.bool()
-        out = self.policy_loss(batch, advantages, old_logprobs=old, ref_logprobs=ref,
-                               kl_coef=cfg.kl_coef if ref is not None else 0.0)
-        with self.stage("backward"):
-            out.loss.backward()
+    def minibatch_loss(self, batch: Rollout, rows: PerSample) -> PolicyLossOutput:
+        """The clipped surrogate (+ k3 KL when kl_mode is "loss") on a minibatch of samples."""
+        kl_coef = self.config.kl_coef if rows["ref"] is not None else 0.0
+        return self.policy_loss(batch, rows["advantages"], old_logprobs=rows["old"], ref_logprobs=rows["ref"],
+                                kl_coef=kl_coef)
+
+    def critic_update(self, batch: Rollout, rows: PerSample) -> dict[str, float]:
+        """The critic's clipped value loss on a minibatch, backpropagated (its optimizer steps with the policy's)."""
+        cfg, mask = self.config, batch.completion_mask.bool()
+        old_values, returns = rows["old_values"], rows["returns"]
         with self.stage("critic"):
             values = critic_values(self.critic_ddp, batch)
             clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
             per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
             value_loss = 0.5 * torch.where(mask, per_token, 0.0).sum() / mask.sum().clamp(min=1)
             value_loss.backward()
-        with self.stage("optimizer"):
-            norm = clip_and_step(list(self.model.parameters()), self.optimizers["policy"], cfg.max_grad_norm)
-            clip_and_step(list(self.critic.parameters()), self.optimizers["critic"], cfg.max_grad_norm)
-        m = out.metrics
-        return {"loss": out.loss.item(), "value_loss": value_loss.item(), "entropy": m["entropy_mean"],
-                "clip_frac": m["clip_frac"], "grad_norm": norm}
+        return {"value_loss": value_loss.item()}
 
     def models(self) -> dict[str, nn.Module]:
         return {**super().models(), "critic": self.critic}

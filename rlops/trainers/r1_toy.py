@@ -23,8 +23,11 @@ from typing import Any
 import torch
 
 from . import arithmetic
-from ._common import Processes, Task, evaluate, load_pretrained, read_metrics, sample, seed_everything
+from .checkpoint import load_pretrained
 from .grpo import GRPOConfig, GRPOTrainer
+from .processes import Processes, seed_everything
+from .rollout import Task, evaluate, sample
+from .runlog import plot_metrics, read_metrics
 from .sft import SFTConfig, SFTTrainer
 
 TASK: Task[arithmetic.Problem] = Task(prompt=lambda p: p.prompt, reward=arithmetic.reward,
@@ -161,8 +164,6 @@ def run(config: R1ToyConfig) -> dict[str, Any]:
 
 def _combined_metrics(out: Path) -> None:
     """out/metrics.jsonl and metrics.png: the stages' metrics one after another, numbered on."""
-    from ._common import plot_metrics
-
     lines, offset = [], 0
     for stage in STAGES:
         path = out / stage / "metrics.jsonl"

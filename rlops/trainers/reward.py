@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import Tokenizer, TrainConfig, Trainer, check_positive, clip_and_step, encode_pairs
+from .base import TrainConfig, Trainer, check_positive, clip_and_step
+from .rollout import Tokenizer, encode_pairs
 from .value_head import ValueModel
 
 Pair = tuple[str, str, str]  # (prompt, chosen, rejected)

@@ -14,18 +14,9 @@ import torch
 from torch import nn
 
 from ..ops.linear_policy_loss import linear_token_logprobs_and_entropy
-from ._common import (
-    PolicyForward,
-    Task,
-    Tokenizer,
-    TrainConfig,
-    Trainer,
-    check_positive,
-    clip_and_step,
-    encode_pairs,
-    evaluate,
-    save_model,
-)
+from .base import TrainConfig, Trainer, check_positive, clip_and_step
+from .checkpoint import save_model
+from .rollout import PolicyForward, Task, Tokenizer, encode_pairs, evaluate
 
 
 @dataclass

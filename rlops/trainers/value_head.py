@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._common import position_ids
+from .rollout import position_ids
 
 
 class ValueModel(nn.Module):

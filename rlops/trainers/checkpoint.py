@@ -1,0 +1,97 @@
+"""What a run leaves on disk besides its metrics: the resumable checkpoint, the final model
+(save_pretrained), and loading such a model back."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .rollout import Tokenizer
+
+
+class Checkpoint:
+    """out_dir/checkpoint/state.pt: models, optimizers, RNG states and the step, written
+    atomically; `load` restores them so the next step is the one the uninterrupted run takes."""
+
+    def __init__(self, out_dir: Path | None) -> None:
+        self.path = None if out_dir is None else out_dir / "checkpoint" / "state.pt"
+
+    def exists(self) -> bool:
+        return self.path is not None and self.path.exists()
+
+    def save(self, step: int, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             config: Any, extra: dict[str, Any] | None = None) -> None:
+        if self.path is None:
+            return
+        state = {
+            "step": step,
+            "models": {k: m.state_dict() for k, m in models.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config": asdict(config),
+            "extra": extra or {},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             config: Any) -> tuple[int, dict[str, Any]]:
+        """Restores everything; returns (step, extra). Refuses a checkpoint of another config."""
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        saved, now = state["config"], asdict(config)
+        changed = sorted(k for k in now if k not in _RUN_ONLY and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"{self.path} was written with a different config ({', '.join(changed)}); use a new "
+                             "out_dir or resume=False")
+        for k, m in models.items():
+            m.load_state_dict(state["models"][k])
+        for k, o in optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"], state["extra"]
+
+
+# Config fields that may change between a run and its resumption.
+_RUN_ONLY = {"out_dir", "steps", "device", "save_every", "resume", "progress"}
+
+
+def save_model(model: nn.Module, tokenizer: Tokenizer, directory: Path) -> None:
+    """model.save_pretrained + tokenizer.save_pretrained into directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """cls(**values) for the fields cls has; unknown names raise a ValueError naming them."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(names)}")
+    return cls(**values)
+
+
+def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """(model, tokenizer) from a directory rlops saved (the character tokenizer) or any Hugging
+    Face causal LM name or directory (its own tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .arithmetic import CharTokenizer
+
+    if (Path(path) / "char_tokenizer.json").is_file():
+        tokenizer: Tokenizer = CharTokenizer.from_pretrained(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path).to(device), tokenizer
