@@ -101,7 +101,7 @@ def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor,
     Keywords: rlops.policy_loss's tensors (mask, old_logprobs, ref_logprobs, is_weights) and options."""
     from . import torch_backend
     from .ops.policy_loss import PolicyLossOutput, check_batch, check_kl_inputs
-    from .options import PolicyBatch, PolicyLossConfig
+    from .options import PolicyBatch, PolicyLossConfig, TokenInputs
 
     tensors = {name: tensors_and_options.pop(name, None)
                for name in ("mask", "old_logprobs", "ref_logprobs", "is_weights")}
@@ -109,7 +109,7 @@ def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor,
     batch = check_batch(logits, ref_logits, PolicyBatch(tokens, advantages, **tensors))
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None, "ref_logits")
     stats = _eager_stats(logits, tokens, config.temperature, ref_logits if config.kl_used == "full" else None)
-    inputs = torch_backend.token_inputs(batch, config)
+    inputs = TokenInputs.of(batch, config)
     return PolicyLossOutput.of(torch_backend.policy_loss(stats, batch.mask, inputs, config), batch, config)
 
 

@@ -3,8 +3,8 @@
 `PolicyLossConfig` holds every option of `rlops.policy_loss` (and of `linear_policy_loss`
 and the `PolicyLoss` module), validated once when it is built. Below it nothing re-lists the
 options: the kernels' scalar arguments and switches come from `Epilogue.of(config)`, the
-per-token tensors travel as one `TokenInputs`, and the PyTorch backend reads the config
-itself. Adding an option means a field here, its use in the epilogue (Triton, CUDA, PyTorch
+per-token tensors, with each token's aggregation weight, travel as one `TokenInputs.of(batch,
+config)`, and the PyTorch backend reads the config itself. Adding an option means a field here, its use in the epilogue (Triton, CUDA, PyTorch
 backend) and the docs.
 """
 
@@ -15,10 +15,11 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from ._validation import check_choice, check_float, check_positive_float
-from .constants import KL_KINDS
+from .constants import KL_KINDS, SAMPLED_KL
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")
@@ -119,6 +120,29 @@ class PolicyLossConfig:
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 
+def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: float | None = None,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-token weights w (B, T) with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
+
+    w is 0 exactly where mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
+    """
+    m = mask.to(dtype)
+    n_rows, n_time = mask.shape
+    if loss_agg == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    if loss_agg == "seq-mean-token-mean":
+        per_row = m.sum(-1, keepdim=True)
+        n_valid = (per_row > 0).sum().clamp(min=1)
+        return m / per_row.clamp(min=1.0) / n_valid
+    if loss_agg == "seq-mean-token-sum":
+        return m / max(n_rows, 1)
+    if loss_agg == "seq-mean-token-sum-norm":
+        denominator = n_rows * (n_time if norm_len is None else norm_len)
+        return m / denominator if denominator > 0 else m  # an empty batch has no weights to scale
+    raise ValueError(f"loss_agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+                     f"seq-mean-token-sum-norm; got {loss_agg!r}")
+
+
 class Epilogue(NamedTuple):
     """The scalar arguments and switches of the fused policy-loss kernels (Triton and CUDA).
 
@@ -163,6 +187,15 @@ class TokenInputs(NamedTuple):
     old_logprobs: Tensor | None
     ref_logprobs: Tensor | None
     is_weights: Tensor | None
+
+    @classmethod
+    def of(cls, batch: PolicyBatch, config: PolicyLossConfig) -> TokenInputs:
+        """The inputs of a checked batch (mask bool (B, T)): aggregation weights from its mask and
+        config, then its tensors, the reference log-probs dropped unless a sampled-token KL is used."""
+        entropy_coefs = None if config.entropy_coef == 0 else \
+            config.entropy_coef * aggregation_weights(batch.mask, config.entropy_agg_used, config.norm_len)
+        return cls(aggregation_weights(batch.mask, config.loss_agg, config.norm_len), entropy_coefs, batch.advantages,
+                   batch.old_logprobs, batch.ref_logprobs if config.kl_used in SAMPLED_KL else None, batch.is_weights)
 
     def map(self, fn) -> TokenInputs:
         """fn applied to every tensor present (None stays None)."""

@@ -4,7 +4,7 @@ Arithmetic is float32 whatever the logits dtype, or float64 when the logits are 
 Vocabulary-sized work runs over chunks of rows and is recomputed chunk by chunk in the
 backward pass, so neither pass holds a float32 copy of the whole (N, V) logits; gradients
 come from autograd. The O(B*T) epilogue has the kernels' structure: per-token loss terms
-weighted by each token's share of the aggregate (`aggregation_weights`), so the sequence-level
+weighted by each token's share of the aggregate (`options.aggregation_weights`), so the sequence-level
 (GSPO) path on the kernel backends composes from here with the fused token statistics.
 
 The test oracle is rlops/reference.py, a separate float64 transcription of SPEC.md that
@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .constants import K3_MAX, LOG_RATIO_CLAMP, SAMPLED_KL, SEQ_LOG_RATIO_MAX
-from .options import Head, PolicyBatch, PolicyLossConfig, TokenInputs
+from .constants import K3_MAX, LOG_RATIO_CLAMP, SEQ_LOG_RATIO_MAX
+from .options import Head, PolicyLossConfig, TokenInputs, aggregation_weights
 
 # Rows per chunk are chosen so that one float32 temporary of a chunk is at most 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -247,40 +247,6 @@ def linear_token_stats(hidden: Tensor, head: Head, tokens: Tensor, temperature: 
 # --------------------------------------------------------------------------------------
 # Sections 2-4: ratio, clipped surrogate, KL penalty, aggregation (O(B*T) work)
 # --------------------------------------------------------------------------------------
-
-
-def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: float | None = None,
-                        dtype: torch.dtype = torch.float32) -> Tensor:
-    """Per-token weights w (B, T) with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
-
-    w is 0 exactly where mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
-    """
-    m = mask.to(dtype)
-    n_rows, n_time = mask.shape
-    if loss_agg == "token-mean":
-        return m / m.sum().clamp(min=1.0)
-    if loss_agg == "seq-mean-token-mean":
-        per_row = m.sum(-1, keepdim=True)
-        n_valid = (per_row > 0).sum().clamp(min=1)
-        return m / per_row.clamp(min=1.0) / n_valid
-    if loss_agg == "seq-mean-token-sum":
-        return m / max(n_rows, 1)
-    if loss_agg == "seq-mean-token-sum-norm":
-        denominator = n_rows * (n_time if norm_len is None else norm_len)
-        return m / denominator if denominator > 0 else m  # an empty batch has no weights to scale
-    raise ValueError(f"loss_agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum, "
-                     f"seq-mean-token-sum-norm; got {loss_agg!r}")
-
-
-def token_inputs(batch: PolicyBatch, config: PolicyLossConfig) -> TokenInputs:
-    """The per-token inputs every backend's epilogue reads, from a checked batch (mask bool (B, T)):
-    the aggregation weights from its mask and config, then its tensors, the reference log-probs
-    dropped unless a sampled-token KL is used."""
-    entropy_coefs = None if config.entropy_coef == 0 else \
-        config.entropy_coef * aggregation_weights(batch.mask, config.entropy_agg_used, config.norm_len)
-    return TokenInputs(aggregation_weights(batch.mask, config.loss_agg, config.norm_len), entropy_coefs,
-                       batch.advantages, batch.old_logprobs,
-                       batch.ref_logprobs if config.kl_used in SAMPLED_KL else None, batch.is_weights)
 
 
 def log_ratio(logp: Tensor, old_logp: Tensor | None, mask: Tensor, ratio_level: str = "token") -> Tensor:

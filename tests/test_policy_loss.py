@@ -16,7 +16,7 @@ from helpers import DEVICE, FP32_TOL, assert_grad_close, assert_values_close, fl
 
 import rlops
 from rlops import baselines, reference
-from rlops.torch_backend import aggregation_weights
+from rlops.options import aggregation_weights
 
 B, T, V = 4, 6, 300
 HALF = (torch.bfloat16, torch.float16)

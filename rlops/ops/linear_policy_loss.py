@@ -345,7 +345,7 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     chunks = _Chunks(batch.tokens.reshape(-1)[counted],
                   (ref[0].reshape(-1, ref[0].shape[-1])[counted], ref[1]) if full_kl else None, config.temperature,
                   _chunk(chunk_size, max(counted.numel(), 1), hidden, vocab, full_kl), backend)
-    inputs = torch_backend.token_inputs(batch, config)
+    inputs = TokenInputs.of(batch, config)
     counted_hidden = hidden.reshape(-1, hidden.shape[-1])[counted]
     if backend != "torch" and config.ratio_level == "token":
         shape = batch.tokens.shape

@@ -189,7 +189,7 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
                          "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
     backend = resolve_backend(config.backend, logits, "policy_loss")
     ref_logits = ref_logits if config.kl_used == "full" else None
-    inputs = torch_backend.token_inputs(batch, config)
+    inputs = TokenInputs.of(batch, config)
     if backend == "torch":
         stats = torch_backend.token_stats(logits, batch.tokens, config.temperature, ref_logits)
         terms = torch_backend.policy_loss(stats, batch.mask, inputs, config)
