@@ -136,12 +136,14 @@ struct PolicyOut {
   float kl, ratio, loss, g_logp, g_entropy, g_kl;
 };
 
-RLOPS_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+// x clamped to [lo, hi], NaN kept NaN (fminf/fmaxf alone would turn a NaN into a bound).
+RLOPS_HD float clampf(float x, float lo, float hi) { return x != x ? x : fminf(fmaxf(x, lo), hi); }
 
 RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const TokenInputs& in,
                                 const PolicyParams& p) {
-  // Importance ratio; torch.clamp passes the gradient at the bounds, so the same here.
-  float diff = p.has_old ? logp - in.old_logp : 0.f;
+  // Importance ratio; torch.clamp passes the gradient at the bounds, so the same here. On
+  // policy, old = logp.detach(): the difference is 0, or NaN for a NaN logp (SPEC: NaN in, NaN out).
+  float diff = p.has_old ? logp - in.old_logp : (logp == logp ? 0.f : logp);
   float log_r = clampf(diff, -kLogRatioClamp, kLogRatioClamp);
   float d_log_r = (diff >= -kLogRatioClamp && diff <= kLogRatioClamp) ? 1.f : 0.f;
   float ratio = exp_(log_r);
@@ -174,7 +176,7 @@ RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const 
     float dc = clampf(d, -kLogRatioClamp, kLogRatioClamp);
     float exp_dc = exp_(dc);
     float raw = exp_dc - dc - 1.f;
-    kl = fminf(raw, kK3Max);
+    kl = raw != raw ? raw : fminf(raw, kK3Max);
     bool live = d >= -kLogRatioClamp && d <= kLogRatioClamp && raw <= kK3Max;
     d_kl = live ? 1.f - exp_dc : 0.f;
   } else if (p.kl_kind == kKlNone) {

@@ -43,6 +43,12 @@ EPILOGUE_FIRST = tl.constexpr(ROW["ratio"])
 
 
 @triton.jit
+def _clamp(x, lo, hi):
+    """x clamped to [lo, hi], NaN kept NaN (min/max alone would turn a NaN into a bound)."""
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
+@triton.jit
 def _sampled_kl(logp, ref_logp_ptr, row, kl, KL_KIND: tl.constexpr):
     """(kl, d kl / d logp) from the sampled token's log-probs (d = ref_logp - logp); the exact KL
     (KL_FULL) passes through with its gradient handled by the backward kernel."""
@@ -56,10 +62,10 @@ def _sampled_kl(logp, ref_logp_ptr, row, kl, KL_KIND: tl.constexpr):
         d_kl = -d
     if KL_KIND == KL_K3:
         d = tl.load(ref_logp_ptr + row) - logp
-        dc = tl.minimum(tl.maximum(d, -CLAMP), CLAMP)
+        dc = _clamp(d, -CLAMP, CLAMP)
         exp_dc = tl.exp(dc)
         raw = exp_dc - dc - 1.0
-        kl = tl.minimum(raw, K3_CAP)
+        kl = tl.where(raw != raw, raw, tl.minimum(raw, K3_CAP))
         live = (d >= -CLAMP) & (d <= CLAMP) & (raw <= K3_CAP)
         d_kl = tl.where(live, 1.0 - exp_dc, 0.0)
     return kl, d_kl
@@ -105,18 +111,19 @@ def _policy_loss_fwd_kernel(
         lse, entropy, lse_ref, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, KL_KIND == KL_FULL, BLOCK_V)
         logp = sampled_logp(x_row, tokens_ptr, row, V, lse, inv_tau)
 
-        # Importance ratio; torch.clamp passes the gradient at the bounds, so the same here.
-        diff = tl.zeros([], tl.float32)
+        # Importance ratio; torch.clamp passes the gradient at the bounds, so the same here. On
+        # policy, old = logp.detach(): the difference is 0, or NaN for a NaN logp (SPEC: NaN in, NaN out).
+        diff = tl.where(logp == logp, 0.0, logp)
         if HAS_OLD:
             diff = logp - tl.load(old_ptr + row)
-        log_r = tl.minimum(tl.maximum(diff, -CLAMP), CLAMP)
+        log_r = _clamp(diff, -CLAMP, CLAMP)
         d_log_r = tl.where((diff >= -CLAMP) & (diff <= CLAMP), 1.0, 0.0)
         ratio = tl.exp(log_r)
 
         # Clipped surrogate: the gradient flows through the unclipped branch when it is the max.
         adv = tl.load(adv_ptr + row)
         pg_unclipped = -adv * ratio
-        pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+        pg_clipped = -adv * _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
         pg = tl.maximum(pg_unclipped, pg_clipped)
         d_pg = tl.where(pg_unclipped >= pg_clipped, pg_unclipped, 0.0) * d_log_r
         cap = -adv * dual_clip  # dual_clip = inf disables the cap

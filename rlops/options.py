@@ -3,9 +3,10 @@
 `PolicyLossConfig` holds every option of `rlops.policy_loss` (and of `linear_policy_loss`
 and the `PolicyLoss` module), validated once when it is built. Below it nothing re-lists the
 options: the kernels' scalar arguments and switches come from `Epilogue.of(config)`, the
-per-token tensors, with each token's aggregation weight, travel as one `TokenInputs.of(batch,
-config)`, and the PyTorch backend reads the config itself. Adding an option means a field here, its use in the epilogue (Triton, CUDA, PyTorch
-backend) and the docs.
+per-token tensors, with each token's aggregation weight, travel as one
+`TokenInputs.of(batch, config)`, and the PyTorch backend reads the config itself. Adding an
+option means a field here, its use in the epilogue (Triton, CUDA, PyTorch backend) and the
+docs.
 """
 
 from __future__ import annotations

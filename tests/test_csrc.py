@@ -163,6 +163,13 @@ def test_policy_loss(case: str) -> None:
 
 
 @pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("case", [c for c, (_, options) in policy_tests.CASES.items()
+                                  if options.get("ratio_level") != "sequence"])
+def test_policy_loss_nan_in_a_counted_input_gives_nan(case: str) -> None:
+    policy_tests.check_nan_propagates(case, fn=_cuda_policy)
+
+
+@pytest.mark.usefixtures("emulated")
 @pytest.mark.parametrize("case", ["off-policy", "dual-clip", "k3", "full-kl", "everything-k3", "everything-full",
                                   "gspo-full-kl"])
 def test_policy_loss_bf16(case: str) -> None:

@@ -367,3 +367,17 @@ def test_equals_liger_fused_linear_grpo(loss_type: str, beta: float) -> None:
     assert_values_close(ours.loss, theirs.detach(), float32_tol(theirs.detach()), f"Liger {loss_type} loss")
     for a, b in zip(mine, leaves, strict=True):
         assert_grad_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_empty_batch_gives_zero_loss(backend: str, ratio_level: str) -> None:
+    """B = 0 (an empty minibatch): loss 0 and empty or zero gradients on both backends, no reshape error."""
+    hidden = torch.randn(0, 3, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(13, 8, device=DEVICE, requires_grad=True)
+    tokens = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
+    out = rlops.linear_policy_loss(hidden, weight, tokens, torch.randn(0, device=DEVICE), ratio_level=ratio_level,
+                                   backend=backend)
+    assert out.loss.item() == 0.0 and out.logprobs.shape == (0, 3)
+    out.loss.backward()
+    assert hidden.grad.shape == (0, 3, 8) and not weight.grad.any()

@@ -152,6 +152,41 @@ def test_matches_reference_fp32(case: str) -> None:
     _check(case, torch.float32)
 
 
+def check_nan_propagates(case: str, fn: Callable = _fused) -> None:
+    """A NaN in any counted input of the case (a logit of a counted token, or a per-token input at
+    a counted token) gives a NaN loss; the same NaN at a masked token changes nothing (SPEC: NaN
+    in counted inputs gives NaN, never a finite number). Forward only: the loss is the claim."""
+    entries, options = CASES[case]
+    batch = _batch(vocab=37)
+
+    def loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = _inputs(b, entries)
+        return fn(b["logits"], b["tokens"], kwargs.pop("advantages", b["advantages"]), **kwargs, **options).loss
+
+    clean = loss(batch)
+    # Row 0 counts every token, row 2 none; a per-row input (":row", ":flat") is read at column 0.
+    per_token = [(0, 1), (1, int((~batch["mask"][1]).nonzero()[0]))]
+    for name, _, form in (e.partition(":") for e in ("logits", *entries)):
+        if name == "ref_logits" and options.get("kl_estimator") != "full":
+            continue
+        counted, masked = [(0, 0), (2, 0)] if form else per_token
+        for where, want_nan in ((counted, True), (masked, False)):
+            poisoned = dict(batch)
+            poisoned[name] = batch[name].clone()
+            poisoned[name][where] = float("nan")  # a whole row of logits, or one token's value
+            got = loss(poisoned)
+            if want_nan:
+                assert got.isnan(), f"NaN {name} at a counted token gave loss {got.item()}"
+            else:
+                assert got == clean, f"NaN {name} at a masked token changed the loss"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_nan_in_a_counted_input_gives_nan(case: str, backend: str) -> None:
+    check_nan_propagates(case, lambda *a, **k: rlops.policy_loss(*a, backend=backend, **k))
+
+
 @pytest.mark.parametrize("case", ["off-policy", "dual-clip", "k3", "full-kl", "gspo-full-kl", "everything-k3",
                                   "everything-full"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
