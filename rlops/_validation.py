@@ -42,9 +42,10 @@ def check_tokens(tokens: object, logits: torch.Tensor, name: str = "tokens") -> 
     return check_token_ids(tokens, tuple(logits.shape[:-1]), logits.shape[-1], logits, name)
 
 
-def check_token_ids(tokens: object, shape: tuple[int, ...], vocab: int, like: torch.Tensor,
+def check_token_ids(tokens: object, shape: tuple[int, ...], vocab: int | None, like: torch.Tensor,
                     name: str = "tokens", like_name: str = "logits") -> torch.Tensor:
-    """Checks integer ids of the given shape, on like's device, inside [0, vocab)."""
+    """Checks integer ids of the given shape, on like's device, inside [0, vocab) (vocab None: the
+    range is checked later, by `check_token_range` against a mask)."""
     tokens = check_tensor(name, tokens)
     if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
         raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {tokens.dtype}")
@@ -52,12 +53,22 @@ def check_token_ids(tokens: object, shape: tuple[int, ...], vocab: int, like: to
         raise ValueError(f"{name} must have the shape of {like_name} without its last dimension, "
                          f"{tuple(shape)}, got {tuple(tokens.shape)}")
     check_same_device(name, tokens, like, like_name)
-    if tokens.numel() and not _compiling():
-        lo, hi = (int(v) for v in torch.aminmax(tokens))
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}), found id {bad}")
+    if vocab is not None:
+        check_token_range(tokens, vocab, name)
     return tokens
+
+
+def check_token_range(tokens: torch.Tensor, vocab: int, name: str = "tokens",
+                      counted: torch.Tensor | None = None) -> None:
+    """Ids inside [0, vocab), only where `counted` (a bool mask of tokens' shape) is True when given:
+    a masked token is never read, so padding ids such as Hugging Face's -100 may stand there."""
+    if not tokens.numel() or _compiling():
+        return
+    ids = tokens if counted is None else torch.where(counted, tokens, 0)
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= vocab:
+        where = "" if counted is None else " where the mask is 1 (any id may pad where it is 0)"
+        raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}){where}, found id {lo if lo < 0 else hi}")
 
 
 def check_same_device(name: str, x: torch.Tensor, like: torch.Tensor, like_name: str = "logits") -> None:

@@ -108,6 +108,7 @@ def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor,
     config = PolicyLossConfig(**tensors_and_options)
     batch = check_batch(logits, ref_logits, PolicyBatch(tokens, advantages, **tensors))
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None, "ref_logits")
+    tokens = torch.where(batch.mask, batch.tokens, 0)  # eager code reads every row: no padding ids there
     stats = _eager_stats(logits, tokens, config.temperature, ref_logits if config.kl_used == "full" else None)
     inputs = TokenInputs.of(batch, config)
     return PolicyLossOutput.of(torch_backend.policy_loss(stats, batch.mask, inputs, config), batch, config)

@@ -381,3 +381,19 @@ def test_empty_batch_gives_zero_loss(backend: str, ratio_level: str) -> None:
     assert out.loss.item() == 0.0 and out.logprobs.shape == (0, 3)
     out.loss.backward()
     assert hidden.grad.shape == (0, 3, 8) and not weight.grad.any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_padding_ids_only_where_masked(backend: str) -> None:
+    """Masked tokens are never projected: any id may pad them; a counted -100 is refused."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(2, 4, 8, generator=g).to(DEVICE), torch.randn(13, 8, generator=g).to(DEVICE)
+    tokens = torch.randint(0, 13, (2, 4), generator=g).to(DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool, device=DEVICE)
+    adv = torch.randn(2, 4, generator=g).to(DEVICE)
+    clean = rlops.linear_policy_loss(hidden, weight, tokens, adv, mask=mask, backend=backend).loss
+    padded = rlops.linear_policy_loss(hidden, weight, tokens.masked_fill(~mask, -100), adv, mask=mask,
+                                      backend=backend).loss
+    assert torch.equal(clean, padded)
+    with pytest.raises(ValueError, match=r"tokens must lie in .* where the mask is 1"):
+        rlops.linear_policy_loss(hidden, weight, tokens.masked_fill(mask, -100), adv, mask=mask, backend=backend)

@@ -257,9 +257,25 @@ def test_padding_values_never_leak(ratio_level: str, backend: str) -> None:
     padded["old_logprobs"] = batch["old_logprobs"].masked_fill(pad, float("-inf"))
     padded["ref_logprobs"] = batch["ref_logprobs"].masked_fill(pad, float("inf"))
     padded["is_weights"] = batch["is_weights"].masked_fill(pad, float("nan"))
+    padded["tokens"] = batch["tokens"].masked_fill(pad, -100)  # Hugging Face's label padding
     out, grad = _run(rlops.policy_loss, padded, entries, options)
     assert torch.equal(out.loss, clean_out.loss)
     assert torch.equal(grad, clean_grad)
+
+
+@pytest.mark.parametrize("fn", [_fused, baselines.eager_policy_loss_output,
+                                lambda *a, **k: rlops.policy_loss(*a, backend="torch", **k)])
+def test_padding_ids_only_where_masked(fn: Callable) -> None:
+    """-100 (or any id) may pad a masked token; at a counted token it is refused, naming tokens."""
+    batch = _batch()
+    padded = dict(batch, tokens=batch["tokens"].masked_fill(~batch["mask"], -100))
+    clean, _ = _run(fn, batch, OLD, {})
+    out, _ = _run(fn, padded, OLD, {})
+    assert torch.equal(out.loss, clean.loss)
+    bad = dict(batch, tokens=batch["tokens"].clone())
+    bad["tokens"][0, 1] = -100  # row 0 counts every token
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, V\) = \[0, 300\) where the mask is 1"):
+        _run(fn, bad, OLD, {})
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

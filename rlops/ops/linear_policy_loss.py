@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import torch_backend
-from .._validation import check_float_tensor, check_logits, check_positive_float, check_token_ids
+from .._validation import (
+    check_float_tensor,
+    check_logits,
+    check_positive_float,
+    check_token_ids,
+    check_token_range,
+)
 from ..constants import GRADS, N_POLICY_ROWS, N_STATS, ROW, STAT_GRADS
 from ..options import Epilogue, Head, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..torch_backend import LossTerms, TokenStats
@@ -331,11 +337,12 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
         _check_ref_head(hidden, vocab, ref[0], *ref[1])
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, H) or (N, H), got {tuple(hidden.shape)}")
-    check_token_ids(batch.tokens, tuple(hidden.shape[:-1]), vocab, hidden, like_name="hidden")
+    check_token_ids(batch.tokens, tuple(hidden.shape[:-1]), None, hidden, like_name="hidden")
     # Packed (N,) tensors become one (1, N) sequence; anything else is left to the checks.
     packed = hidden.dim() == 2
     batch = check_per_token_inputs(PolicyBatch(*(x[None] if packed and x is not None and x.dim() == 1 else x
                                                  for x in batch)))
+    check_token_range(batch.tokens, vocab, counted=batch.mask)  # masked tokens are never projected
     check_kl_inputs(config, batch.ref_logprobs, ref is not None,
                     "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
     backend = resolve_backend(config.backend, hidden, "linear_policy_loss")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import torch_backend
-from .._validation import check_float_tensor, check_logits, check_mask, check_tokens
+from .._validation import check_float_tensor, check_logits, check_mask, check_token_ids, check_token_range
 from ..constants import GRADS, ROW, SAMPLED_KL
 from ..options import Epilogue, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..torch_backend import LossTerms, TokenStats
@@ -191,7 +191,9 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
     ref_logits = ref_logits if config.kl_used == "full" else None
     inputs = TokenInputs.of(batch, config)
     if backend == "torch":
-        stats = torch_backend.token_stats(logits, batch.tokens, config.temperature, ref_logits)
+        # The PyTorch backend reads every row: padding ids at masked tokens are replaced by 0 there.
+        tokens = torch.where(batch.mask, batch.tokens, 0)
+        stats = torch_backend.token_stats(logits, tokens, config.temperature, ref_logits)
         terms = torch_backend.policy_loss(stats, batch.mask, inputs, config)
     elif config.ratio_level == "sequence":
         # The vocabulary work is the fused statistics kernel; the O(B*T) epilogue couples each row.
@@ -219,16 +221,19 @@ def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_r
 
 
 def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch) -> PolicyBatch:
-    """Checks the tensor arguments; returns the batch with advantages (B, T) or (B, 1) and mask bool (B, T)."""
-    check_logits(logits)
+    """Checks the tensor arguments; returns the batch with advantages (B, T) or (B, 1) and mask bool (B, T).
+    Token ids are checked where the mask is 1 only: any id (such as -100) may pad a masked token."""
+    vocab = check_logits(logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
-    check_tokens(batch.tokens, logits)
+    check_token_ids(batch.tokens, tuple(logits.shape[:-1]), None, logits)
     if ref_logits is not None:
         check_logits(ref_logits, "ref_logits")
         check_float_tensor("ref_logits", ref_logits, logits, [tuple(logits.shape)],
                            f"logits' shape {tuple(logits.shape)}")
-    return check_per_token_inputs(batch)
+    batch = check_per_token_inputs(batch)
+    check_token_range(batch.tokens, vocab, counted=batch.mask)
+    return batch
 
 
 def check_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
