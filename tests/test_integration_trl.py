@@ -223,3 +223,38 @@ def test_selective_log_softmax_and_entropy_equal_trl(temperature: float, backend
     assert_values_close(rlops_trl.selective_log_softmax(logits, top_k, temperature, backend=backend),
                         trl_utils.selective_log_softmax(logits, top_k, temperature))
     assert_values_close(rlops_trl.entropy_from_logits(logits, backend=backend), trl_utils.entropy_from_logits(logits))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_selective_log_softmax_top_k_row_mask_of_index_shape_equals_trl(backend: str) -> None:
+    """TRL's row_mask has index's shape, (..., K) too, and masks entry by entry."""
+    from trl.trainer import utils as trl_utils
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 50, generator=g).to(DEVICE)
+    top_k = torch.randint(0, 50, (3, 5, 4), generator=g).to(DEVICE)
+    entry_mask = (torch.rand(3, 5, 4, generator=g) > 0.3).to(DEVICE)
+    assert_values_close(rlops_trl.selective_log_softmax(logits, top_k, 0.8, entry_mask, backend=backend),
+                        trl_utils.selective_log_softmax(logits, top_k, 0.8, entry_mask))
+    rows = entry_mask[..., 0]  # a mask of the rows, broadcast over the K ids
+    assert_values_close(rlops_trl.selective_log_softmax(logits, top_k, 0.8, rows, backend=backend),
+                        trl_utils.selective_log_softmax(logits, top_k, 0.8, rows[..., None].expand_as(top_k)))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(("index_shape", "bad", "error", "match"), [
+    ((3, 5), {"index": 50}, ValueError, r"index must lie in \[0, V\) = \[0, 50\)"),
+    ((3, 5, 4), {"index": 50}, ValueError, r"index must lie in \[0, V\) = \[0, 50\)"),
+    ((3, 5, 4), {"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+    ((3, 5), {"row_mask": (3, 4)}, ValueError, "row_mask must have shape"),
+    ((3, 5, 4), {"row_mask": (3, 4)}, ValueError, "row_mask must have shape"),
+    ((3, 5, 4), {"index_dtype": torch.float32}, TypeError, "index must be an integer tensor"),
+])
+def test_selective_log_softmax_refuses_bad_input_naming_it(index_shape, bad, error, match, backend: str) -> None:
+    logits = torch.randn(3, 5, 50, device=DEVICE)
+    index = torch.randint(0, 50, index_shape, device=DEVICE).to(bad.get("index_dtype", torch.long))
+    if "index" in bad:
+        index[0, 0] = bad["index"]
+    row_mask = torch.ones(bad["row_mask"], dtype=torch.bool, device=DEVICE) if "row_mask" in bad else None
+    with pytest.raises(error, match=match):
+        rlops_trl.selective_log_softmax(logits, index, bad.get("temperature", 1.0), row_mask, backend=backend)

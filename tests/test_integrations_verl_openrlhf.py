@@ -483,3 +483,14 @@ def test_openrlhf_log_probs_from_logits(dtype: torch.dtype) -> None:
         want = theirs(logits.double(), labels, temperature)
         assert torch.equal(kept, logits), "the caller's logits are left untouched"
         assert_values_close(got, want)  # float32 arithmetic on the (rounded) input
+
+
+@pytest.mark.parametrize("fn", [lambda x, y: r_verl.logprobs_from_logits(x, y, backend="triton"),
+                                lambda x, y: r_openrlhf.log_probs_from_logits(x, y, backend="triton")])
+def test_log_prob_drop_ins_name_labels(fn) -> None:
+    """The drop-ins' errors name their own argument, labels, not rlops's tokens."""
+    logits = torch.randn(2, 3, 10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, V\) = \[0, 10\)"):
+        fn(logits, torch.full((2, 3), 10, device=DEVICE))
+    with pytest.raises(ValueError, match="labels must have the shape of logits"):
+        fn(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import torch_backend
-from ..ops.token_stats import token_logprobs
+from ..ops.token_stats import named_token_logprobs
 
 KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's bound on the importance weight of its unbiased KL gradient
 
@@ -27,7 +27,7 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1
     Float32 of labels' shape (OpenRLHF returns the logits' dtype for half-precision logits).
     backend: as `rlops.token_logprobs`.
     """
-    return token_logprobs(logits, labels, temperature, backend=backend)
+    return named_token_logprobs(logits, labels, temperature, backend, "labels")
 
 
 def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, log_probs_old: Tensor | None = None,

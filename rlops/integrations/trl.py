@@ -29,7 +29,15 @@ import torch
 from torch import Tensor
 
 from .. import hf
-from .._validation import check_choice
+from .._validation import (
+    check_choice,
+    check_logits,
+    check_mask,
+    check_positive_float,
+    check_shape,
+    check_tensor,
+    check_token_ids,
+)
 from ..constants import ROW
 from ..ops._backend import BACKENDS
 from ..ops.linear_policy_loss import linear_policy_loss
@@ -50,21 +58,38 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
                           row_mask: Tensor | None = None, *, backend: str = "auto") -> Tensor:
     """TRL's `selective_log_softmax`: log_softmax(logits / temperature) gathered at `index`.
 
-    logits (..., V); index (...) or (..., K); row_mask (...) of index's leading shape, rows with 0
-    return 0 (and are not read). Float32 output of index's shape, differentiable. One index per
-    row runs the fused kernel; K indices per row fall back to a chunked PyTorch evaluation.
+    logits (..., V); index (...) or (..., K) integer ids in [0, V); row_mask of index's shape
+    (or, with K ids per row, logits' leading shape (...)): entries with 0 return 0 (rows that
+    are 0 are not read). Float32 output of index's shape, differentiable. One index per row
+    runs the fused kernel; K indices per row fall back to a chunked PyTorch evaluation.
     backend: as `rlops.token_logprobs`.
     """
     from ..ops.token_stats import _prepare
 
-    if index.dim() == logits.dim():  # (..., K): several ids per row
+    check_logits(logits)
+    if isinstance(index, Tensor) and index.dim() == logits.dim():  # (..., K): several ids per row
         check_choice("backend", backend, BACKENDS)
+        temperature = check_positive_float("temperature", temperature)
+        check_token_ids(index, (*logits.shape[:-1], index.shape[-1]), logits.shape[-1], logits, "index")
+        row_mask = _row_mask(row_mask, index, [tuple(index.shape), tuple(logits.shape[:-1])])
+        if row_mask is not None and row_mask.dim() < index.dim():
+            row_mask = row_mask.unsqueeze(-1)
         return _select_k(logits, index, temperature, row_mask)
-    temperature, backend = _prepare(logits, index, temperature, backend)
+    temperature, backend = _prepare(logits, index, temperature, backend, "index")
+    row_mask = _row_mask(row_mask, index, [tuple(index.shape)])
     if backend == "torch":
         logp = _torch_logprobs(logits, index, temperature).float()
-        return logp if row_mask is None else logp.masked_fill(row_mask == 0, 0.0)
+        return logp if row_mask is None else logp.masked_fill(~row_mask, 0.0)
     return token_stats_op(logits, index, None, row_mask, temperature, False, backend)[ROW["logp"]]
+
+
+def _row_mask(row_mask: Tensor | None, index: Tensor, shapes: list[tuple[int, ...]]) -> Tensor | None:
+    """TRL's row_mask as bool, checked against the shapes it may have (index's first)."""
+    if row_mask is None:
+        return None
+    row_mask = check_tensor("row_mask", row_mask)
+    check_shape("row_mask", row_mask, shapes, " or ".join(map(str, shapes)) + " (index's shape)")
+    return check_mask(row_mask, tuple(row_mask.shape), index, "row_mask", "index")
 
 
 def _select_k(logits: Tensor, index: Tensor, temperature: float, row_mask: Tensor | None) -> Tensor:
@@ -73,7 +98,7 @@ def _select_k(logits: Tensor, index: Tensor, temperature: float, row_mask: Tenso
     parts = [torch.log_softmax(chunk.float() / temperature, dim=-1).gather(-1, i)
              for chunk, i in zip(rows.split(128), idx.split(128), strict=True)]
     out = torch.cat(parts).view(index.shape)
-    return out if row_mask is None else out.masked_fill((row_mask == 0).unsqueeze(-1), 0.0)
+    return out if row_mask is None else out.masked_fill(~row_mask, 0.0)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128, *, backend: str = "auto") -> Tensor:

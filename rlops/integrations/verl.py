@@ -63,7 +63,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
     """
     from ..ops.token_stats import _prepare
 
-    temperature, backend = _prepare(logits, labels, 1.0, backend)
+    temperature, backend = _prepare(logits, labels, 1.0, backend, "labels")
     inplace = inplace_backward and logits.requires_grad and not logits.is_leaf
     if backend == "torch":
         return torch_backend.token_logprobs(logits, labels).float()

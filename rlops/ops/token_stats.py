@@ -113,9 +113,12 @@ def _backward(ctx, grad_stats: Tensor):
 token_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _prepare(logits: Tensor, tokens: Tensor, temperature: float, backend: str) -> tuple[float, str]:
+def _prepare(logits: Tensor, tokens: Tensor, temperature: float, backend: str,
+             tokens_name: str = "tokens") -> tuple[float, str]:
+    """Checked (temperature, concrete backend); tokens_name is the caller's name for the ids (a
+    drop-in's `labels` or `index`), so that an error names the argument the caller passed."""
     check_logits(logits)
-    check_tokens(tokens, logits)
+    check_tokens(tokens, logits, tokens_name)
     return check_positive_float("temperature", temperature), resolve_backend(backend, logits, "token_stats")
 
 
@@ -149,7 +152,13 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, bac
 
     Arguments as `token_logprobs_and_entropy`; the drop-in for `selective_log_softmax`.
     """
-    temperature, backend = _prepare(logits, tokens, temperature, backend)
+    return named_token_logprobs(logits, tokens, temperature, backend, "tokens")
+
+
+def named_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, backend: str,
+                         tokens_name: str) -> Tensor:
+    """`token_logprobs`, its errors naming the ids `tokens_name` (the drop-ins' `labels`)."""
+    temperature, backend = _prepare(logits, tokens, temperature, backend, tokens_name)
     if backend == "torch":
         return torch_backend.token_logprobs(logits, tokens, temperature).float()
     return token_stats_op(logits, tokens, None, None, temperature, False, backend)[ROW["logp"]]
