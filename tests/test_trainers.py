@@ -289,3 +289,18 @@ def test_rlops_train_grpo_and_ppo_commands(tmp_path: Path) -> None:
 def test_bad_configs_are_refused(cls: type, bad: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cls(**bad)
+
+
+def test_resume_survives_a_torn_last_metrics_line(tmp_path: Path) -> None:
+    """A run killed while writing metrics.jsonl leaves half a line: resuming drops it (and the
+    steps past the checkpoint); a malformed line anywhere else is an error, not skipped data."""
+    from rlops.trainers.runlog import RunLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    RunLog(tmp_path, total=5, start=1, enabled=True, desc="test", progress=False).close()
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.4}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(path)

@@ -34,10 +34,11 @@ class RunLog:
         self.started = time.perf_counter()
 
     def _truncate(self, start: int) -> None:
-        """Drops lines past the step being resumed from (a run that went on after its checkpoint)."""
+        """Drops lines past the step being resumed from (a run that went on after its checkpoint),
+        and a torn last line (a run killed while writing it)."""
         if self.path is None or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= start]
+        kept = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= start]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -62,8 +63,17 @@ class RunLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The records of a metrics.jsonl, one dict per step."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl, one dict per step; a torn last line (a run killed while
+    writing it) is skipped, a malformed line anywhere else raises."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 def plot_metrics(jsonl: Path, png: Path) -> bool:
