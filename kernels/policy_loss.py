@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import per_token, ref_layout, row_layout
+from rlops._layout import check_policy_launch, per_token, ref_layout, row_layout
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, ROW
 from rlops.options import Epilogue, TokenInputs
 
@@ -156,17 +156,6 @@ def _policy_loss_fwd_kernel(
         store_rows(out_ptr, N, row, EPILOGUE_FIRST, ratio, loss, w * (d_pg + kl_coef * d_kl), g_entropy, g_kl)
 
 
-def check_launch(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
-                 inputs: TokenInputs, epilogue: Epilogue) -> None:
-    """The launch contract of the policy-loss kernels (Triton and CUDA), checked before either runs."""
-    if tokens.shape != logits.shape[:-1] or inputs.agg_weights.shape != tokens.shape:
-        raise ValueError(f"tokens and agg_weights must have shape {tuple(logits.shape[:-1])}")
-    if (epilogue.kl_kind == KL_KINDS["full"]) != (ref_logits is not None):
-        raise ValueError("ref_logits is needed exactly when the KL kind is 'full' (the exact KL)")
-    if epilogue.kl_kind in (KL_KINDS["k1"], KL_KINDS["k2"], KL_KINDS["k3"]) and inputs.ref_logprobs is None:
-        raise ValueError("the sampled-token KL kinds (k1, k2, k3) need ref_logprobs")
-
-
 def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
                     inputs: TokenInputs, epilogue: Epilogue) -> torch.Tensor:
     """Launches the forward kernel; returns float32 out (N_POLICY_ROWS, B, T) in the row order of constants.ROW.
@@ -175,7 +164,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
     each broadcastable to (B, T) (agg_weights exactly (B, T)); ref_logits (B, T, V) exactly
     when epilogue.kl_kind is the exact KL.
     """
-    check_launch(logits, tokens, ref_logits, inputs, epilogue)
+    check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
     rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import torch
 
-from ._layout import byte_mask, grad_strides, per_token, ref_layout, row_layout, unit_stride
+from ._layout import (
+    RowLayout,
+    byte_mask,
+    check_policy_launch,
+    grad_strides,
+    per_token,
+    ref_layout,
+    row_layout,
+    unit_stride,
+)
 from .constants import N_GRADS, N_POLICY_ROWS, N_STATS
 from .options import Epilogue, TokenInputs
 
@@ -106,9 +115,11 @@ def ops():
 # --------------------------------------------------------------------------------------
 
 
-def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None) -> dict[str, object]:
-    """The row-layout arguments every vocabulary op of csrc/ops.cpp takes, by name."""
-    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None,
+               rows: RowLayout | None = None) -> dict[str, object]:
+    """The row-layout arguments every vocabulary op of csrc/ops.cpp takes, by name (rows: logits'
+    layout when the caller has it already)."""
+    rows, ref_rows = rows or row_layout(logits), ref_layout(ref_logits, logits)
     return dict(x=rows.tensor, ref=None if ref_logits is None else ref_rows.tensor, n_rows=rows.n_rows,
                 vocab=logits.shape[-1], inner=rows.inner, stride_outer=rows.stride_outer,
                 stride_inner=rows.stride_inner, ref_inner=ref_rows.inner, ref_stride_outer=ref_rows.stride_outer,
@@ -131,8 +142,9 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """rlops.kernels.logits_grad on the CUDA kernel."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
-    args = _rows_args(logits, ref_logits)
-    dx_stride_outer, dx_stride_inner = grad_strides(out, logits, row_layout(logits))
+    rows = row_layout(logits)
+    args = _rows_args(logits, ref_logits, rows)
+    dx_stride_outer, dx_stride_inner = grad_strides(out, logits, rows)
     n = args["n_rows"]
     if n:
         ops().token_stats_bwd(**args, tokens=tokens.reshape(-1).to(torch.int64),
@@ -146,9 +158,7 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
 def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
                     inputs: TokenInputs, epilogue: Epilogue) -> torch.Tensor:
     """rlops.kernels.policy_loss_fwd on the CUDA kernel."""
-    from .kernels.policy_loss import check_launch
-
-    check_launch(logits, tokens, ref_logits, inputs, epilogue)
+    check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if tokens.numel():
         v = TokenInputs(*(per_token(x, tokens.shape) for x in inputs))

@@ -7,9 +7,14 @@ causal-LM slice `logits[:, :-1]` (rows not evenly spaced) is read in place, not 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+from .constants import KL_KINDS
+
+if TYPE_CHECKING:
+    from .options import Epilogue, TokenInputs
 
 
 class RowLayout(NamedTuple):
@@ -85,3 +90,14 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
     """x (B, T) with unit stride over T (a bool mask as uint8), copied only when needed."""
     x = x.view(torch.uint8) if x.dtype == torch.bool else x
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def check_policy_launch(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
+                        inputs: TokenInputs, epilogue: Epilogue) -> None:
+    """The launch contract of the policy-loss kernels (Triton and CUDA), checked before either runs."""
+    if tokens.shape != logits.shape[:-1] or inputs.agg_weights.shape != tokens.shape:
+        raise ValueError(f"tokens and agg_weights must have shape {tuple(logits.shape[:-1])}")
+    if (epilogue.kl_kind == KL_KINDS["full"]) != (ref_logits is not None):
+        raise ValueError("ref_logits is needed exactly when the KL kind is 'full' (the exact KL)")
+    if epilogue.kl_kind in (KL_KINDS["k1"], KL_KINDS["k2"], KL_KINDS["k3"]) and inputs.ref_logprobs is None:
+        raise ValueError("the sampled-token KL kinds (k1, k2, k3) need ref_logprobs")

@@ -87,9 +87,6 @@ class PolicyLossConfig:
         """The aggregation of the entropy term (loss_agg unless entropy_agg is given)."""
         return self.entropy_agg or self.loss_agg
 
-    def replace(self, **changes: object) -> PolicyLossConfig:
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def ppo(cls, **overrides: object) -> PolicyLossConfig:
         """PPO (Schulman et al. 2017): symmetric clip 0.2, token mean."""
@@ -121,13 +118,12 @@ class PolicyLossConfig:
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 
-def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: float | None = None,
-                        dtype: torch.dtype = torch.float32) -> Tensor:
-    """Per-token weights w (B, T) with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
+def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: float | None = None) -> Tensor:
+    """Per-token weights w (B, T) float32 with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
 
     w is 0 exactly where mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
     """
-    m = mask.to(dtype)
+    m = mask.to(torch.float32)
     n_rows, n_time = mask.shape
     if loss_agg == "token-mean":
         return m / m.sum().clamp(min=1.0)

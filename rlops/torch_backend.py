@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .constants import K3_MAX, LOG_RATIO_CLAMP, SEQ_LOG_RATIO_MAX
-from .options import Head, PolicyLossConfig, TokenInputs, aggregation_weights
+from .options import Head, PolicyLossConfig, TokenInputs
 
 # Rows per chunk are chosen so that one float32 temporary of a chunk is at most 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -290,15 +290,6 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
         dc = torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return torch.clamp(torch.exp(dc) - dc - 1.0, max=K3_MAX)
     raise ValueError(f"kl_estimator must be one of k1, k2, k3 here (full needs ref_logits), got {estimator!r}")
-
-
-def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean", norm_len: float | None = None) -> Tensor:
-    """Scalar loss_agg aggregate of a (B, T) per-token loss over a (B, T) bool mask (SPEC section 4).
-
-    An empty mask gives 0 with zero gradient; masked values, however non-finite, do not reach it.
-    """
-    weights = aggregation_weights(mask, loss_agg, norm_len, per_token.dtype)
-    return (weights * torch.where(mask, per_token, 0.0)).sum()
 
 
 def policy_loss(stats: TokenStats, mask: Tensor, inputs: TokenInputs, config: PolicyLossConfig) -> LossTerms:

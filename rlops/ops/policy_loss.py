@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import torch_backend
 from .._validation import check_float_tensor, check_logits, check_mask, check_token_ids, check_token_range
-from ..constants import GRADS, ROW, SAMPLED_KL
+from ..constants import GRADS, N_POLICY_ROWS, ROW, SAMPLED_KL
 from ..options import Epilogue, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
@@ -43,8 +43,6 @@ policy_loss_op = torch.library.custom_op("rlops::policy_loss", mutates_args=())(
 
 @policy_loss_op.register_fake
 def _(logits, tokens, ref_logits, token_inputs, epilogue, inplace_grad, backend) -> Tensor:
-    from ..constants import N_POLICY_ROWS
-
     return logits.new_empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32)
 
 

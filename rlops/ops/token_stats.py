@@ -6,6 +6,7 @@ can hold them; backend="torch" (and "auto" on CPU tensors) runs rlops.torch_back
 
 # No `from __future__ import annotations`: torch.library.custom_op reads real annotations.
 
+import functools
 import inspect
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .. import torch_backend
 from .._validation import check_logits, check_positive_float, check_tokens
-from ..constants import ROW, STAT_GRADS
+from ..constants import N_STATS, ROW, STAT_GRADS
 from ._backend import launchers, resolve_backend
 
 
@@ -34,8 +35,6 @@ token_stats_op = torch.library.custom_op("rlops::token_stats", mutates_args=())(
 
 @token_stats_op.register_fake
 def _(logits, tokens, ref_logits, mask, temperature, inplace_grad, backend) -> Tensor:
-    from ..constants import N_STATS
-
     return logits.new_empty((N_STATS, *tokens.shape), dtype=torch.float32)
 
 
@@ -90,9 +89,15 @@ def grad_to_logits(ctx, grads: Tensor) -> tuple:
     return (grad, *ctx.no_grads)
 
 
+@functools.cache
+def _parameter_names(fn) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
 def named_inputs(fn, inputs: tuple) -> dict:
-    """A custom op's inputs by the parameter names of its function `fn` (setup_context receives a tuple)."""
-    return dict(zip(inspect.signature(fn).parameters, inputs, strict=True))
+    """A custom op's inputs by the parameter names of its function `fn` (setup_context receives a
+    tuple); the names are read once per function, not on every forward."""
+    return dict(zip(_parameter_names(fn), inputs, strict=True))
 
 
 def _setup_context(ctx, inputs, output) -> None:
