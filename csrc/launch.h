@@ -41,7 +41,7 @@ struct StatsBwdArgs {
   Dtype dtype;
   Rows x, ref;
   const int64_t* tokens;
-  const float* stats;  // (5, N): logp, entropy, kl, lse, lse_ref
+  const float* stats;  // (kStatsRows, N): logp, entropy, kl, max, log_sum, lse_gap
   const float* grads;  // (3, N): d/d logp, d/d entropy, d/d kl
   void* dx;            // rows at (r / x.inner) * dx_stride_outer + (r % x.inner) * dx_stride_inner
   int64_t dx_stride_outer, dx_stride_inner;

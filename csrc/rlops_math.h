@@ -29,11 +29,13 @@ constexpr float kK3Max = 10.0f;
 enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kKlFull = 4 };
 // Rows of the float32 per-token output (rlops/constants.py, POLICY_ROWS): the statistics
 // kernel writes the first kStatsRows, the policy loss all kPolicyRows; the last three are the
-// upstream gradients (d loss / d logp, entropy, exact KL) that the backward reads.
+// upstream gradients (d loss / d logp, entropy, exact KL) that the backward reads. The
+// log-sum-exp is stored as its parts max and log_sum, the reference's as lse_gap = lse - lse_ref
+// (rlops/constants.py says why).
 enum OutRow : int {
-  kRowLogp = 0, kRowEntropy = 1, kRowKl = 2, kRowLse = 3, kRowLseRef = 4,
-  kRowRatio = 5, kRowLoss = 6, kRowGLogp = 7, kRowGEntropy = 8, kRowGKl = 9,
-  kStatsRows = 5, kPolicyRows = 10, kGradRows = 3
+  kRowLogp = 0, kRowEntropy = 1, kRowKl = 2, kRowMax = 3, kRowLogSum = 4, kRowLseGap = 5,
+  kRowRatio = 6, kRowLoss = 7, kRowGLogp = 8, kRowGEntropy = 9, kRowGKl = 10,
+  kStatsRows = 6, kPolicyRows = 11, kGradRows = 3
 };
 
 RLOPS_HD float exp_(float x) {
@@ -44,53 +46,56 @@ RLOPS_HD float exp_(float x) {
 #endif
 }
 
-// Online softmax statistics of one row of z = x / tau, as a mergeable state:
-// m the running max, s = sum exp(z - m), t = sum exp(z - m) (z - m). t is kept relative to
-// m so that the entropy log(s) - t / s has no cancellation between lse and E[z].
-// With a reference row y: mr, sr = its max and sum exp(y - mr), c = sum exp(z - m) (z - y).
+// Online softmax statistics of one row of z = x / tau, as a mergeable state, in the logits'
+// own units: only differences from the max are scaled, since x - m is exact near the max and
+// x / tau would round by ~3e-5 at |x / tau| ~ 1e3. m the running max of x, s = sum exp((x - m)
+// scale), t = sum exp((x - m) scale) (x - m); t is kept relative to m so that the entropy
+// log(s) - scale t / s has no cancellation between lse and E[z]. With a reference row y: mr, sr
+// = its max and sum exp((y - mr) scale), c = sum exp((x - m) scale) (x - y). scale = 1 / tau
+// travels with the state (it is not merged).
 struct RowState {
-  float m, s, t, mr, sr, c;
+  float m, s, t, mr, sr, c, scale;
 };
 
-RLOPS_HD RowState empty_state() { return RowState{kLowest, 0.f, 0.f, kLowest, 0.f, 0.f}; }
+RLOPS_HD RowState empty_state(float scale) { return RowState{kLowest, 0.f, 0.f, kLowest, 0.f, 0.f, scale}; }
 
 // Rescales st to the new maxima m_new (policy) and mr_new (reference, with HAS_REF).
 template <bool HAS_REF>
 RLOPS_HD void rescale(RowState& st, float m_new, float mr_new) {
   float shift = st.m - m_new;
-  float alpha = exp_(shift);
+  float alpha = exp_(shift * st.scale);
   // s == 0 means nothing seen yet; shift may then be -inf and shift * s would be NaN.
   st.t = alpha * (st.t + (st.s > 0.f ? shift * st.s : 0.f));
   st.s *= alpha;
   st.m = m_new;
   if (HAS_REF) {
     st.c *= alpha;
-    st.sr *= exp_(st.mr - mr_new);
+    st.sr *= exp_((st.mr - mr_new) * st.scale);
     st.mr = mr_new;
   }
 }
 
-// Adds K logits z (and reference logits y when HAS_REF), already scaled by 1 / tau.
+// Adds K logits x (and reference logits y when HAS_REF), as loaded (not divided by tau).
 template <int K, bool HAS_REF>
-RLOPS_HD void add(RowState& st, const float* z, const float* y) {
+RLOPS_HD void add(RowState& st, const float* x, const float* y) {
   float m_new = st.m, mr_new = st.mr;
 RLOPS_UNROLL
   for (int i = 0; i < K; ++i) {
-    m_new = fmaxf(m_new, z[i]);
+    m_new = fmaxf(m_new, x[i]);
     if (HAS_REF) mr_new = fmaxf(mr_new, y[i]);
   }
   rescale<HAS_REF>(st, m_new, mr_new);
 RLOPS_UNROLL
   for (int i = 0; i < K; ++i) {
-    float zm = z[i] - m_new;
-    float e = exp_(zm);
+    float xm = x[i] - m_new;
+    float e = exp_(xm * st.scale);
     st.s += e;
-    // -inf logits have e = 0 and zm = -inf: they add 0, not NaN.
+    // -inf logits have e = 0 and xm = -inf: they add 0, not NaN.
     if (e > 0.f) {
-      st.t += e * zm;
-      if (HAS_REF) st.c += e * (z[i] - y[i]);
+      st.t += e * xm;
+      if (HAS_REF) st.c += e * (x[i] - y[i]);
     }
-    if (HAS_REF) st.sr += exp_(y[i] - mr_new);
+    if (HAS_REF) st.sr += exp_((y[i] - mr_new) * st.scale);
   }
 }
 
@@ -100,23 +105,28 @@ RLOPS_HD RowState merge(RowState a, RowState b) {
   float m = fmaxf(a.m, b.m), mr = fmaxf(a.mr, b.mr);
   rescale<HAS_REF>(a, m, mr);
   rescale<HAS_REF>(b, m, mr);
-  return RowState{m, a.s + b.s, a.t + b.t, a.mr, a.sr + b.sr, a.c + b.c};
+  return RowState{m, a.s + b.s, a.t + b.t, a.mr, a.sr + b.sr, a.c + b.c, a.scale};
 }
 
-// Per-row statistics: the first five rows of the stats layout (kernels/token_stats.py).
+// Per-row statistics (the stats rows but logp): lse = m / tau + log_s kept as its parts, and
+// lse_gap = lse - lse_ref formed from parts, so that neither carries the rounding of a
+// log-sum-exp at the logits' magnitude; KL(p || q) = scale c / s - lse_gap.
 struct RowStats {
-  float lse, entropy, lse_ref, kl;
+  float m, log_s, entropy, lse_gap, kl;
 };
 
 RLOPS_HD RowStats finish(const RowState& st, bool has_ref) {
   float log_s = logf(st.s);
-  RowStats r{st.m + log_s, log_s - st.t / st.s, 0.f, 0.f};
+  RowStats r{st.m, log_s, log_s - st.scale * st.t / st.s, 0.f, 0.f};
   if (has_ref) {
-    r.lse_ref = st.mr + logf(st.sr);
-    r.kl = st.c / st.s + r.lse_ref - r.lse;
+    r.lse_gap = (st.m - st.mr) * st.scale + (log_s - logf(st.sr));
+    r.kl = st.scale * st.c / st.s - r.lse_gap;
   }
   return r;
 }
+
+// log p of a token whose logit is x: (x - m) / tau - log_s, with x - m exact near the max.
+RLOPS_HD float token_logp(float x, float inv_tau, const RowStats& r) { return (x - r.m) * inv_tau - r.log_s; }
 
 // The clipped policy loss of one token from its log-prob, entropy and exact KL (SPEC 2-3).
 struct PolicyParams {
@@ -131,7 +141,7 @@ struct TokenInputs {
   float adv, old_logp, ref_logp, isw;
 };
 
-// Rows 2 and 5-9 of the policy kernel's output (rows 0, 1, 3, 4 are the row statistics).
+// The epilogue's rows of the policy kernel's output (and kRowKl; the others are row statistics).
 struct PolicyOut {
   float kl, ratio, loss, g_logp, g_entropy, g_kl;
 };
@@ -204,19 +214,21 @@ RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const 
 // What the backward needs of one row: its statistics and the upstream gradients of logp,
 // entropy and the exact KL.
 struct GradRow {
-  float lse, entropy, lse_ref, kl, g_logp, g_entropy, g_kl, inv_tau;
+  RowStats stats;
+  float g_logp, g_entropy, g_kl, inv_tau;
 };
 
 // d/dx of g_logp * logp + g_entropy * H + g_kl * KL(p || q) at one logit x (z = x / tau):
 //   (g_logp (1[v == a] - p) - g_entropy p (log p + H) + g_kl p (log p - log q - KL)) / tau
+// with log p - log q = (x - y) / tau - lse_gap; x and y as loaded (not divided by tau).
 template <bool HAS_REF>
-RLOPS_HD float logit_grad(float z, float y, bool is_token, const GradRow& g) {
-  float log_p = z - g.lse;
+RLOPS_HD float logit_grad(float x, float y, bool is_token, const GradRow& g) {
+  float log_p = token_logp(x, g.inv_tau, g.stats);
   float p = exp_(log_p);
   // Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
   if (!(p > 0.f)) log_p = 0.f;
-  float coef = g.g_logp + g.g_entropy * (log_p + g.entropy);
-  if (HAS_REF) coef -= g.g_kl * (log_p - (p > 0.f ? y - g.lse_ref : 0.f) - g.kl);
+  float coef = g.g_logp + g.g_entropy * (log_p + g.stats.entropy);
+  if (HAS_REF) coef -= g.g_kl * ((p > 0.f ? (x - y) * g.inv_tau : 0.f) - g.stats.lse_gap - g.stats.kl);
   float dz = (is_token ? g.g_logp : 0.f) - p * coef;
   return dz * g.inv_tau;
 }

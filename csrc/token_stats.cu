@@ -58,15 +58,15 @@ struct Width {
   static constexpr int value = N;
 };
 
-// W consecutive elements at p (W = 1, or a 16-byte aligned vector), as float32 times scale.
+// W consecutive elements at p (W = 1, or a 16-byte aligned vector), as float32.
 template <typename T, int W>
-__device__ __forceinline__ void load(const T* p, float scale, float* out) {
+__device__ __forceinline__ void load(const T* p, float* out) {
   if constexpr (W == 1) {
-    out[0] = to_float(*p) * scale;
+    out[0] = to_float(*p);
   } else {
     Vec<T> v = *reinterpret_cast<const Vec<T>*>(p);
 #pragma unroll
-    for (int k = 0; k < W; ++k) out[k] = to_float(v.v[k]) * scale;
+    for (int k = 0; k < W; ++k) out[k] = to_float(v.v[k]);
   }
 }
 
@@ -118,6 +118,7 @@ __device__ __forceinline__ RowState shuffle_merge(RowState st) {
     o.mr = HAS_REF ? __shfl_xor_sync(kFullMask, st.mr, offset) : kLowest;
     o.sr = HAS_REF ? __shfl_xor_sync(kFullMask, st.sr, offset) : 0.f;
     o.c = HAS_REF ? __shfl_xor_sync(kFullMask, st.c, offset) : 0.f;
+    o.scale = st.scale;
     st = merge<HAS_REF>(st, o);
   }
   return st;
@@ -132,7 +133,7 @@ __device__ __forceinline__ RowState block_merge(RowState st) {
   if (lane == 0) partial[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < kWarps ? partial[lane] : empty_state();
+    st = lane < kWarps ? partial[lane] : empty_state(st.scale);
     st = shuffle_merge<HAS_REF>(st);
   }
   return st;
@@ -156,13 +157,13 @@ __global__ void __launch_bounds__(kThreads) stats_fwd_kernel(StatsFwdArgs a) {
   int64_t head = head_len<T>(x, V);
   if (HAS_REF && head_len<T>(y, V) != head) head = V;  // rows aligned differently: scalar loads
 
-  RowState st = empty_state();
+  RowState st = empty_state(inv_tau);
   visit_row<T>(V, head, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
-    float z[W], yv[W];
-    load<T, W>(x + i, inv_tau, z);
-    if (HAS_REF) load<T, W>(y + i, inv_tau, yv);
-    add<W, HAS_REF>(st, z, yv);
+    float xv[W], yv[W];
+    load<T, W>(x + i, xv);
+    if (HAS_REF) load<T, W>(y + i, yv);
+    add<W, HAS_REF>(st, xv, yv);
   });
   st = block_merge<HAS_REF>(st);
   if (threadIdx.x != 0) return;
@@ -172,12 +173,13 @@ __global__ void __launch_bounds__(kThreads) stats_fwd_kernel(StatsFwdArgs a) {
   // out-of-bounds read.
   const int64_t tok = a.tokens[row];
   const bool in_vocab = tok >= 0 && tok < V;
-  const float logp = in_vocab ? to_float(x[tok]) * inv_tau - rs.lse : NAN;
+  const float logp = in_vocab ? token_logp(to_float(x[tok]), inv_tau, rs) : NAN;
   out[kRowLogp * N] = logp;
   out[kRowEntropy * N] = rs.entropy;
   out[kRowKl * N] = rs.kl;
-  out[kRowLse * N] = rs.lse;
-  out[kRowLseRef * N] = rs.lse_ref;
+  out[kRowMax * N] = rs.m;
+  out[kRowLogSum * N] = rs.log_s;
+  out[kRowLseGap * N] = rs.lse_gap;
   if constexpr (POLICY) {
     PolicyParams p{a.clip_low, a.clip_high, a.dual_clip, a.kl_coef, a.kl_kind,
                    a.old_logp != nullptr, a.isw != nullptr, a.ent_weights != nullptr, a.kl_ratio};
@@ -206,9 +208,9 @@ __global__ void __launch_bounds__(kThreads) stats_bwd_kernel(StatsBwdArgs a) {
                        : x;
   T* dx = static_cast<T*>(a.dx) + row_offset(row, a.x.inner, a.dx_stride_outer, a.dx_stride_inner);
   // Upstream gradient row k is that of statistics row k (logp, entropy, the exact KL).
-  const GradRow g{a.stats[kRowLse * N + row],      a.stats[kRowEntropy * N + row], a.stats[kRowLseRef * N + row],
-                  a.stats[kRowKl * N + row],       a.grads[kRowLogp * N + row],    a.grads[kRowEntropy * N + row],
-                  a.grads[kRowKl * N + row],       a.inv_tau};
+  const float* st = a.stats + row;
+  const GradRow g{RowStats{st[kRowMax * N], st[kRowLogSum * N], st[kRowEntropy * N], st[kRowLseGap * N], st[kRowKl * N]},
+                  a.grads[kRowLogp * N + row], a.grads[kRowEntropy * N + row], a.grads[kRowKl * N + row], a.inv_tau};
   int64_t head = head_len<T>(dx, V);
   if (g.g_logp == 0.f && g.g_entropy == 0.f && g.g_kl == 0.f) {
     // A masked token: zeros, without reading its logits.
@@ -223,11 +225,11 @@ __global__ void __launch_bounds__(kThreads) stats_bwd_kernel(StatsBwdArgs a) {
   const int64_t tok = a.tokens[row];
   visit_row<T>(V, head, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
-    float z[W], yv[W], d[W];
-    load<T, W>(x + i, a.inv_tau, z);
-    if (HAS_REF) load<T, W>(y + i, a.inv_tau, yv);
+    float xv[W], yv[W], d[W];
+    load<T, W>(x + i, xv);
+    if (HAS_REF) load<T, W>(y + i, yv);
 #pragma unroll
-    for (int k = 0; k < W; ++k) d[k] = logit_grad<HAS_REF>(z[k], HAS_REF ? yv[k] : 0.f, i + k == tok, g);
+    for (int k = 0; k < W; ++k) d[k] = logit_grad<HAS_REF>(xv[k], HAS_REF ? yv[k] : 0.f, i + k == tok, g);
     // In place (dx == x) is safe: this thread read these elements above.
     store<T, W>(dx + i, d);
   });

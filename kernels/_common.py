@@ -12,15 +12,17 @@ from rlops.constants import ROW
 # Lowest finite float32: a running max that starts here (not at -inf) makes the rescale
 # factor exp(m_old - m_new) = exp(0) for a block of -inf logits instead of exp(nan).
 FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)
+LOG2E = tl.constexpr(1.4426950408889634)
 MAX_BLOCK_V = 4096
 
 # Rows of the per-token output buffers (rlops/constants.py), as compile-time constants.
 ROW_LOGP = tl.constexpr(ROW["logp"])
 ROW_ENTROPY = tl.constexpr(ROW["entropy"])
 ROW_KL = tl.constexpr(ROW["kl"])
-ROW_LSE = tl.constexpr(ROW["lse"])
-ROW_LSE_REF = tl.constexpr(ROW["lse_ref"])
-# The statistics rows logp, entropy, kl, lse, lse_ref follow each other from here (store_rows).
+ROW_MAX = tl.constexpr(ROW["max"])
+ROW_LOG_SUM = tl.constexpr(ROW["log_sum"])
+ROW_LSE_GAP = tl.constexpr(ROW["lse_gap"])
+# The statistics rows (constants.STATS_ROWS) follow each other from here (store_stats).
 STATS_FIRST = tl.constexpr(ROW["logp"])
 
 
@@ -53,24 +55,40 @@ def store_rows(out_ptr, N, row, FIRST: tl.constexpr, v0, v1, v2, v3, v4):
 
 
 @triton.jit
-def sampled_logp(x_row, tokens_ptr, row, V, lse, inv_tau):
-    """log p of the row's sampled token. An id outside [0, V) (possible only when the host check
-    is skipped, as under torch.compile) gives NaN rather than an out-of-bounds read."""
+def store_stats(out_ptr, N, row, logp, entropy, kl, m, log_s, lse_gap):
+    """One token's statistics rows (constants.STATS_ROWS, consecutive from STATS_FIRST)."""
+    store_rows(out_ptr, N, row, STATS_FIRST, logp, entropy, kl, m, log_s)
+    tl.store(out_ptr + (STATS_FIRST + 5) * N + row, lse_gap)
+
+
+@triton.jit
+def sampled_logp(x_row, tokens_ptr, row, V, m, log_s, inv_tau):
+    """log p of the row's sampled token, (x - m) * inv_tau - log_s with m the row's largest
+    logit: x - m is exact near the max, so the result carries neither the rounding of x / tau
+    nor that of lse = m / tau + log_s at the logits' magnitude. An id outside [0, V) (possible
+    only when the host check is skipped, as under torch.compile) gives NaN rather than an
+    out-of-bounds read."""
     tok = tl.load(tokens_ptr + row).to(tl.int64)
     in_vocab = (tok >= 0) & (tok < V)
-    z_tok = tl.load(x_row + tl.where(in_vocab, tok, 0)).to(tl.float32) * inv_tau
-    return tl.where(in_vocab, z_tok - lse, float("nan"))
+    x_tok = tl.load(x_row + tl.where(in_vocab, tok, 0)).to(tl.float32)
+    return tl.where(in_vocab, (x_tok - m) * inv_tau - log_s, float("nan"))
 
 
 @triton.jit
 def softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One pass over a row of V logits: (lse, entropy, lse_ref, kl) of p = softmax(x * inv_tau).
+    """One pass over a row of V logits x: (m, log_s, entropy, lse_gap, kl) of p = softmax(x * inv_tau).
 
-    Keeps an online max m, sum-exp s and t = sum exp(z-m) * (z-m); t is relative to the running
-    max so that the entropy log(s) - t/s has no cancellation between two large numbers (lse and
-    E[z]). With HAS_REF it also streams the reference logits y (q = softmax(y * inv_tau)) and
-    c = sum exp(z-m) * (z-y), giving KL(p || q) = c/s + lse_ref - lse; otherwise lse_ref = kl = 0.
+    Works in the logits' own units, scaling only differences from the max: an online max m of
+    x, s = sum exp((x-m) * inv_tau) and t = sum exp((x-m) * inv_tau) * (x-m). x - m is exact
+    near the max, so nothing carries the rounding of x / tau at |x / tau| ~ 1e3 (small
+    temperatures), and t relative to the running max keeps the entropy log(s) - inv_tau * t/s
+    free of cancellation between two large numbers (lse and E[z]). lse = m * inv_tau + log s
+    is returned as its two parts (constants.STATS_ROWS). With HAS_REF it also streams the
+    reference logits y (q = softmax(y * inv_tau)) and c = sum exp((x-m) * inv_tau) * (x-y),
+    giving lse_gap = lse - lse_ref = (m - m_ref) * inv_tau + (log s - log s_ref) and
+    KL(p || q) = inv_tau * c/s - lse_gap; otherwise lse_gap = kl = 0.
     """
+    k = inv_tau * LOG2E  # exp((x - m) * inv_tau) = exp2((x - m) * k): one multiply per logit
     m = tl.full([], FLOAT32_LOWEST, tl.float32)
     s = tl.zeros([], tl.float32)
     t = tl.zeros([], tl.float32)
@@ -80,28 +98,27 @@ def softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF: tl.constexpr, BLOCK_V
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         in_row = offs < V
-        z = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
-        m_new = tl.maximum(m, tl.max(z, 0))
-        zm = z - m_new
-        e = tl.exp(zm)
+        x = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        xm = x - m_new
+        e = tl.exp2(xm * k)
         shift = m - m_new
-        alpha = tl.exp(shift)
-        # Masked lanes and -inf logits have e = 0 and zm = -inf: they contribute 0, not NaN.
-        t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0, zm, 0.0), 0)
+        alpha = tl.exp2(shift * k)
+        # Masked lanes and -inf logits have e = 0 and xm = -inf: they contribute 0, not NaN.
+        t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0, xm, 0.0), 0)
         s = alpha * s + tl.sum(e, 0)
         m = m_new
         if HAS_REF:
-            y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
+            y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
             m_ref_new = tl.maximum(m_ref, tl.max(y, 0))
-            s_ref = tl.exp(m_ref - m_ref_new) * s_ref + tl.sum(tl.exp(y - m_ref_new), 0)
+            s_ref = tl.exp2((m_ref - m_ref_new) * k) * s_ref + tl.sum(tl.exp2((y - m_ref_new) * k), 0)
             m_ref = m_ref_new
-            c = alpha * c + tl.sum(e * tl.where(e > 0, z - y, 0.0), 0)
+            c = alpha * c + tl.sum(e * tl.where(e > 0, x - y, 0.0), 0)
     log_s = tl.log(s)
-    lse = m + log_s
-    entropy = log_s - t / s
-    lse_ref = 0.0
+    entropy = log_s - inv_tau * t / s
+    lse_gap = 0.0
     kl = 0.0
     if HAS_REF:
-        lse_ref = m_ref + tl.log(s_ref)
-        kl = c / s + lse_ref - lse
-    return lse, entropy, lse_ref, kl
+        lse_gap = (m - m_ref) * inv_tau + (log_s - tl.log(s_ref))
+        kl = inv_tau * c / s - lse_gap
+    return m, log_s, entropy, lse_gap, kl

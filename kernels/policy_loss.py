@@ -30,7 +30,7 @@ from rlops._layout import check_policy_launch, per_token, ref_layout, row_layout
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, ROW
 from rlops.options import Epilogue, TokenInputs
 
-from ._common import STATS_FIRST, block_v, row_start, sampled_logp, softmax_row_stats, store_rows
+from ._common import block_v, row_start, sampled_logp, softmax_row_stats, store_rows, store_stats
 
 CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 K3_CAP = tl.constexpr(K3_MAX)
@@ -103,13 +103,13 @@ def _policy_loss_fwd_kernel(
     kl_coef = tl.cast(kl_coef, tl.float32)
     w = tl.load(agg_w_ptr + row)
     if w == 0:
-        store_rows(out_ptr, N, row, STATS_FIRST, 0.0, 0.0, 0.0, 0.0, 0.0)
+        store_stats(out_ptr, N, row, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         store_rows(out_ptr, N, row, EPILOGUE_FIRST, 0.0, 0.0, 0.0, 0.0, 0.0)
     else:
         x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
         ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
-        lse, entropy, lse_ref, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, KL_KIND == KL_FULL, BLOCK_V)
-        logp = sampled_logp(x_row, tokens_ptr, row, V, lse, inv_tau)
+        m, log_s, entropy, lse_gap, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, KL_KIND == KL_FULL, BLOCK_V)
+        logp = sampled_logp(x_row, tokens_ptr, row, V, m, log_s, inv_tau)
 
         # Importance ratio; torch.clamp passes the gradient at the bounds, so the same here. On
         # policy, old = logp.detach(): the difference is 0, or NaN for a NaN logp (SPEC: NaN in, NaN out).
@@ -152,7 +152,7 @@ def _policy_loss_fwd_kernel(
         g_kl = tl.zeros([], tl.float32)
         if KL_KIND == KL_FULL:
             g_kl += w * kl_coef * kl_scale
-        store_rows(out_ptr, N, row, STATS_FIRST, logp, entropy, kl, lse, lse_ref)
+        store_stats(out_ptr, N, row, logp, entropy, kl, m, log_s, lse_gap)
         store_rows(out_ptr, N, row, EPILOGUE_FIRST, ratio, loss, w * (d_pg + kl_coef * d_kl), g_entropy, g_kl)
 
 

@@ -6,7 +6,7 @@ and the one backward kernel every vocabulary-sized op shares.
 and, given reference logits y, the exact KL(p || q) of section 3 with q = softmax(y / tau).
 
 Forward: one program per row streams the row's logits once (plus the reference row for the
-KL) and writes the N_STATS float32 rows of rlops/constants.py: logp, entropy, kl, lse, lse_ref.
+KL) and writes the N_STATS float32 rows of rlops/constants.py (STATS_ROWS).
 Backward: one program per row reads the row again (and the reference row) and writes its
 gradient once, from per-row upstream gradients of logp, entropy and kl. Rows that a mask
 excludes (forward) or whose upstream gradients are all zero (backward) are not read.
@@ -22,17 +22,18 @@ from rlops._layout import byte_mask, grad_strides, ref_layout, row_layout
 from rlops.constants import N_GRADS, N_STATS
 
 from ._common import (
+    LOG2E,
     ROW_ENTROPY,
     ROW_KL,
+    ROW_LOG_SUM,
     ROW_LOGP,
-    ROW_LSE,
-    ROW_LSE_REF,
-    STATS_FIRST,
+    ROW_LSE_GAP,
+    ROW_MAX,
     block_v,
     row_start,
     sampled_logp,
     softmax_row_stats,
-    store_rows,
+    store_stats,
 )
 
 
@@ -60,11 +61,11 @@ def _token_stats_fwd_kernel(
     if valid:
         x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
         ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
-        lse, entropy, lse_ref, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF, BLOCK_V)
-        logp = sampled_logp(x_row, tokens_ptr, row, V, lse, inv_tau)
-        store_rows(stats_ptr, N, row, STATS_FIRST, logp, entropy, kl, lse, lse_ref)
+        m, log_s, entropy, lse_gap, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF, BLOCK_V)
+        logp = sampled_logp(x_row, tokens_ptr, row, V, m, log_s, inv_tau)
+        store_stats(stats_ptr, N, row, logp, entropy, kl, m, log_s, lse_gap)
     else:
-        store_rows(stats_ptr, N, row, STATS_FIRST, 0.0, 0.0, 0.0, 0.0, 0.0)
+        store_stats(stats_ptr, N, row, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @triton.jit
@@ -82,10 +83,14 @@ def _token_stats_bwd_kernel(
     # switches
     HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Reads N*V logits (2*N*V with HAS_REF), writes N*V gradients, plus 8 scalars per row:
+    """Reads N*V logits (2*N*V with HAS_REF), writes N*V gradients, plus 9 scalars per row:
 
         dx_v = (g_logp * (1[v == a] - p_v) - g_entropy * p_v * (log p_v + H)
                 + g_kl * p_v * (log p_v - log q_v - KL)) * inv_tau
+
+    with log p_v = (x_v - max) * inv_tau - log_sum and log p_v - log q_v = (x_v - y_v) * inv_tau
+    - lse_gap, so that no term carries the rounding of x / tau or of a log-sum-exp at the
+    logits' magnitude.
 
     A row whose three upstream gradients are all 0 (a masked token) is written as zeros without
     reading its logits.
@@ -97,13 +102,16 @@ def _token_stats_bwd_kernel(
     dx_row = dx_ptr + row_start(row, inner, dx_stride_outer, dx_stride_inner)
     entropy = tl.load(stats_ptr + ROW_ENTROPY * N + row)
     kl = tl.load(stats_ptr + ROW_KL * N + row)
-    lse = tl.load(stats_ptr + ROW_LSE * N + row)
-    lse_ref = tl.load(stats_ptr + ROW_LSE_REF * N + row)
+    m = tl.load(stats_ptr + ROW_MAX * N + row)
+    log_s = tl.load(stats_ptr + ROW_LOG_SUM * N + row)
+    lse_gap = tl.load(stats_ptr + ROW_LSE_GAP * N + row)
     # Upstream gradient row k is that of statistics row k (logp, entropy, kl: constants.STAT_GRADS).
     g_logp = tl.load(grads_ptr + ROW_LOGP * N + row)
     g_entropy = tl.load(grads_ptr + ROW_ENTROPY * N + row)
     g_kl = tl.load(grads_ptr + ROW_KL * N + row)
     tok = tl.load(tokens_ptr + row).to(tl.int64)
+    k = inv_tau * LOG2E
+    log2_s = log_s * LOG2E
     if (g_logp == 0) & (g_entropy == 0) & (g_kl == 0):
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
@@ -112,15 +120,16 @@ def _token_stats_bwd_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_row = offs < V
-            z = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
-            log_p = z - lse
-            p = tl.exp(log_p)
+            x = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+            xm = x - m
+            log_p = xm * inv_tau - log_s
+            p = tl.exp2(xm * k - log2_s)  # exp(log_p) with the scales folded: two fused multiply-adds
             # Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
             log_p = tl.where(p > 0, log_p, 0.0)
             coef = g_logp + g_entropy * (log_p + entropy)
             if HAS_REF:
-                y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32) * inv_tau
-                coef -= g_kl * (log_p - tl.where(p > 0, y - lse_ref, 0.0) - kl)
+                y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+                coef -= g_kl * (tl.where(p > 0, (x - y) * inv_tau, 0.0) - lse_gap - kl)
             dz = tl.where(offs == tok, g_logp, 0.0) - p * coef
             tl.store(dx_row + offs, (dz * inv_tau).to(dx_row.dtype.element_ty), mask=in_row)
 
@@ -131,8 +140,8 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 
     logits (..., V) float16/bfloat16/float32/float64 with any row strides; tokens (...) integer
     ids in [0, V); ref_logits (..., V) optional, for the exact KL; mask (...) optional, rows
-    where it is 0 are skipped and get zeros. Returns float32 stats (N_STATS, ...): logp,
-    entropy, kl (0 without ref_logits), lse, lse_ref.
+    where it is 0 are skipped and get zeros. Returns float32 stats (N_STATS, ...) in the rows of
+    constants.STATS_ROWS: logp, entropy, kl (0 without ref_logits), max, log_sum, lse_gap.
     """
     if tokens.shape != logits.shape[:-1]:
         raise ValueError(f"tokens must have shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")

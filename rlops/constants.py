@@ -22,7 +22,11 @@ SAMPLED_KL = ("k1", "k2", "k3")
 # N_STATS rows; the policy-loss kernel writes all N_POLICY_ROWS: its ratio and loss, then the
 # derivatives of the loss with respect to logp, entropy and the exact KL, which are the
 # upstream gradients (GRAD_ROWS, in that order) that the backward kernel reads.
-STATS_ROWS = ("logp", "entropy", "kl", "lse", "lse_ref")
+# The log-sum-exp of z = x / tau is kept as its two parts, the row's largest logit `max` (in
+# the logits' units) and log_sum = log sum exp((x - max) / tau), and the reference's as
+# lse_gap = lse - lse_ref formed from parts: at |x / tau| ~ 1e3 a float32 z or lse rounds by
+# ~3e-5, and log p = (x - max) / tau - log_sum carries neither rounding.
+STATS_ROWS = ("logp", "entropy", "kl", "max", "log_sum", "lse_gap")
 POLICY_ROWS = (*STATS_ROWS, "ratio", "loss", "g_logp", "g_entropy", "g_kl")
 ROW = {name: i for i, name in enumerate(POLICY_ROWS)}
 N_STATS = len(STATS_ROWS)

@@ -162,12 +162,18 @@ class LossTerms(NamedTuple):
 
 
 def _log_softmax(x: Tensor, temperature: float) -> Tensor:
-    return torch.log_softmax(x.to(compute_dtype(x)) / temperature, dim=-1)
+    # Shifting by the row max before dividing keeps (x - max) exact near the max: x / tau itself
+    # would round by ~3e-5 at |x / tau| ~ 1e3 (small temperatures). The shift cancels in the
+    # gradient, so it is taken without one.
+    x = x.to(compute_dtype(x))
+    return torch.log_softmax((x - x.detach().amax(-1, keepdim=True)) / temperature, dim=-1)
 
 
 def _logp_rows(x: Tensor, tokens: Tensor, *, temperature: float) -> tuple[Tensor]:
-    z = x.to(compute_dtype(x)) / temperature
-    return (z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1),)
+    # log_softmax forms (z - max) - log sum exp(z - max); z[a] - logsumexp(z) would carry the
+    # rounding of the log-sum-exp at the logits' magnitude (3e-5 at |z| = 1e3), and its
+    # gradient exp(z - lse) that rounding relative to p.
+    return (_log_softmax(x, temperature).gather(-1, tokens[:, None]).squeeze(-1),)
 
 
 def _stats_rows(x: Tensor, tokens: Tensor, ref: Tensor | None = None, *, temperature: float) -> tuple[Tensor, ...]:

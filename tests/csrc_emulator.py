@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from rlops.constants import N_POLICY_ROWS, N_STATS, ROW
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_WARPS = 8  # token_stats.cu: 256 threads per row
 GAE_THREADS = 128  # gae.cu
@@ -77,7 +79,7 @@ class HostOps:
         if ref is not None:  # rows whose reference is aligned differently are read element by element
             heads = torch.where(heads == self._heads(ref, *ref_layout), heads, vocab)
             y = _f32(self._view(ref, *ref_layout).reshape(n, vocab))
-        out = torch.empty(5, n)
+        out = torch.empty(N_STATS, n)
         # Every tensor whose pointer goes to C is held in a local, so it outlives the call.
         x_rows, tokens = _f32(self._view(x, *x_layout).reshape(n, vocab)), tokens.contiguous()
         self.lib.rlops_row_stats(_ptr(x_rows), _ptr(y), _ptr(tokens), _ptr(heads), ctypes.c_int64(n),
@@ -92,7 +94,7 @@ class HostOps:
                             (n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner), tokens, inv_tau)
         if mask is not None:
             stats[:, mask == 0] = 0.0
-        out.view(-1)[:5 * n_rows].copy_(stats.view(-1))
+        out.view(-1)[:N_STATS * n_rows].copy_(stats.view(-1))
 
     def policy_loss_fwd(self, x, ref, tokens, weights, ent_weights, adv, old_logp, ref_logp, isw, out, n_rows, vocab,
                         inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner, inv_tau,
@@ -100,7 +102,7 @@ class HostOps:
         stats = self._stats(x, (n_rows, vocab, inner, stride_outer, stride_inner), ref,
                             (n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner), tokens, inv_tau)
         zeros = torch.zeros(n_rows)
-        inputs = torch.stack([stats[0], stats[1], stats[2], weights,
+        inputs = torch.stack([stats[ROW["logp"]], stats[ROW["entropy"]], stats[ROW["kl"]], weights,
                               *(zeros if t is None else t for t in (ent_weights, adv, old_logp, ref_logp)),
                               torch.ones(n_rows) if isw is None else isw]).contiguous()
         token_out = torch.empty(6, n_rows)
@@ -109,9 +111,10 @@ class HostOps:
                                                                                   kl_coef)),
             *(ctypes.c_int(int(v)) for v in (kl_kind, old_logp is not None, isw is not None,
                                              ent_weights is not None, kl_ratio)), _ptr(token_out))
-        full = torch.cat([stats[:2], token_out[:1], stats[3:5], token_out[1:]])  # the rows of rlops.constants.ROW
+        full = torch.cat([stats, token_out[1:]])  # the rows of rlops.constants.ROW: ratio.. follow the stats
+        full[ROW["kl"]] = token_out[0]
         full[:, weights == 0] = 0.0
-        out.view(-1)[:10 * n_rows].copy_(full.view(-1))
+        out.view(-1)[:N_POLICY_ROWS * n_rows].copy_(full.view(-1))
 
     def token_stats_bwd(self, x, ref, tokens, stats, grads, dx, n_rows, vocab, inner, stride_outer, stride_inner,
                         ref_inner, ref_stride_outer, ref_stride_inner, dx_stride_outer, dx_stride_inner,

@@ -17,17 +17,17 @@ namespace {
 template <int K, bool HAS_REF>
 void thread_states(const float* x, const float* y, int64_t V, int64_t head, int threads, float inv_tau,
                    std::vector<RowState>& st) {
-  st.assign(threads, empty_state());
+  st.assign(threads, empty_state(inv_tau));
   auto visit = [&](int t, int64_t i, int w) {
-    float z[K], yv[K];
+    float xv[K], yv[K];
     for (int k = 0; k < w; ++k) {
-      z[k] = x[i + k] * inv_tau;
-      yv[k] = HAS_REF ? y[i + k] * inv_tau : 0.f;
+      xv[k] = x[i + k];
+      yv[k] = HAS_REF ? y[i + k] : 0.f;
     }
     if (w == 1) {
-      add<1, HAS_REF>(st[t], z, yv);
+      add<1, HAS_REF>(st[t], xv, yv);
     } else {
-      add<K, HAS_REF>(st[t], z, yv);
+      add<K, HAS_REF>(st[t], xv, yv);
     }
   };
   for (int t = 0; t < threads; ++t) {
@@ -53,7 +53,7 @@ RowStats row_stats(const float* x, const float* y, int64_t V, int64_t head, int 
   std::vector<RowState> st;
   thread_states<K, HAS_REF>(x, y, V, head, warps * 32, inv_tau, st);
   butterfly<HAS_REF>(st);
-  std::vector<RowState> lanes(32, empty_state());  // block_merge: warp 0 merges the warps' states
+  std::vector<RowState> lanes(32, empty_state(inv_tau));  // block_merge: warp 0 merges the warps' states
   for (int w = 0; w < warps; ++w) lanes[w] = st[w * 32];
   butterfly<HAS_REF>(lanes);
   return finish(lanes[0], HAS_REF);
@@ -68,7 +68,7 @@ RowStats row_stats_k(const float* x, const float* y, int64_t V, int64_t head, in
 
 extern "C" {
 
-// The kernel's stats (5, n_rows): logp, entropy, kl, lse, lse_ref of each row of x (n_rows, V)
+// The kernel's stats (kStatsRows, n_rows) in the rows of OutRow, for each row of x (n_rows, V)
 // (float32 values of the logits, in any dtype's vector width `vec`: 1, 2, 4 or 8 elements);
 // y is nullptr or the reference logits; heads[r]: elements before row r's first vector;
 // warps: the block's warps (at most 32).
@@ -85,11 +85,12 @@ void rlops_row_stats(const float* x, const float* y, const int64_t* tokens, cons
       default: s = row_stats_k<8>(xr, yr, V, heads[r], warps, inv_tau); break;
     }
     const int64_t tok = tokens[r];
-    out[r] = tok >= 0 && tok < V ? xr[tok] * inv_tau - s.lse : NAN;
-    out[n_rows + r] = s.entropy;
-    out[2 * n_rows + r] = s.kl;
-    out[3 * n_rows + r] = s.lse;
-    out[4 * n_rows + r] = s.lse_ref;
+    out[kRowLogp * n_rows + r] = tok >= 0 && tok < V ? token_logp(xr[tok], inv_tau, s) : NAN;
+    out[kRowEntropy * n_rows + r] = s.entropy;
+    out[kRowKl * n_rows + r] = s.kl;
+    out[kRowMax * n_rows + r] = s.m;
+    out[kRowLogSum * n_rows + r] = s.log_s;
+    out[kRowLseGap * n_rows + r] = s.lse_gap;
   }
 }
 
@@ -107,20 +108,21 @@ void rlops_policy_token(const float* in, int64_t n, float clip_low, float clip_h
   }
 }
 
-// dx (n_rows, V) from x, y (or nullptr), tokens, the stats (5, n_rows) and upstream gradients
+// dx (n_rows, V) from x, y (or nullptr), tokens, the stats (kStatsRows, n_rows) and upstream gradients
 // (3, n_rows); a row whose three gradients are 0 is zeros, as in the kernel.
 void rlops_logit_grad(const float* x, const float* y, const int64_t* tokens, const float* stats, const float* grads,
                       int64_t n_rows, int64_t V, float inv_tau, float* dx) {
   const int64_t n = n_rows;
   for (int64_t r = 0; r < n; ++r) {
-    GradRow g{stats[3 * n + r], stats[n + r], stats[4 * n + r], stats[2 * n + r],
-              grads[r],         grads[n + r], grads[2 * n + r], inv_tau};
+    const float* st = stats + r;
+    GradRow g{RowStats{st[kRowMax * n], st[kRowLogSum * n], st[kRowEntropy * n], st[kRowLseGap * n], st[kRowKl * n]},
+              grads[r], grads[n + r], grads[2 * n + r], inv_tau};
     const bool zero = g.g_logp == 0.f && g.g_entropy == 0.f && g.g_kl == 0.f;
     for (int64_t v = 0; v < V; ++v) {
-      float z = x[r * V + v] * inv_tau;
+      const float xv = x[r * V + v];
       dx[r * V + v] = zero ? 0.f
-                      : y  ? logit_grad<true>(z, y[r * V + v] * inv_tau, v == tokens[r], g)
-                           : logit_grad<false>(z, 0.f, v == tokens[r], g);
+                      : y  ? logit_grad<true>(xv, y[r * V + v], v == tokens[r], g)
+                           : logit_grad<false>(xv, 0.f, v == tokens[r], g);
     }
   }
 }

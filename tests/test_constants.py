@@ -46,7 +46,8 @@ def test_output_rows() -> None:
 
 
 def test_kernel_row_runs_are_consecutive() -> None:
-    """kernels/_common.py's store_rows writes five consecutive rows from STATS_FIRST and EPILOGUE_FIRST."""
+    """kernels/_common.py's store_stats writes the statistics rows from STATS_FIRST, store_rows five
+    consecutive rows from EPILOGUE_FIRST."""
     rows = constants.POLICY_ROWS
-    assert rows[constants.ROW["logp"]:constants.ROW["logp"] + 5] == constants.STATS_ROWS
+    assert rows[constants.ROW["logp"]:constants.ROW["logp"] + 6] == constants.STATS_ROWS
     assert rows[constants.ROW["ratio"]:constants.ROW["ratio"] + 5] == ("ratio", "loss", "g_logp", "g_entropy", "g_kl")

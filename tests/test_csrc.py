@@ -152,6 +152,13 @@ def test_token_stats_extreme_scales_and_minus_inf(scale: float) -> None:
     stats_tests._check(base, tokens, extreme=True, fn=_cuda_stats)
 
 
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("which", ["stats", "logp"])
+@pytest.mark.parametrize("case", list(stats_tests.MAGNIFIED))
+def test_token_stats_large_logits_and_small_temperature(case: str, which: str) -> None:
+    stats_tests.check_magnified(case, which, "cuda")
+
+
 def _cuda_policy(logits, tokens, advantages, **kw):
     return rlops.policy_loss(logits, tokens, advantages, backend="cuda", **kw)
 
@@ -268,3 +275,10 @@ def test_auto_table_is_well_formed() -> None:
     for gpu, ops in table.items():
         assert isinstance(gpu, str) and set(ops) <= set(_backend.CUDA_OPS), gpu
         assert set(ops.values()) <= {"cuda", "triton"}, gpu
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("offset, temperature", policy_tests.MAGNIFIED)
+@pytest.mark.parametrize("case", ["everything-k3", "everything-full"])
+def test_policy_loss_large_logits_and_small_temperature(case: str, offset: float, temperature: float) -> None:
+    policy_tests.check_magnified(case, offset, temperature, _cuda_policy)

@@ -201,6 +201,52 @@ def test_extreme_logit_scales(scale: float) -> None:
     _check(_logits((3, 4, 777), torch.float32, scale=scale), _tokens((3, 4), 777), extreme=True)
 
 
+# Large |logits / tau| with outputs of ordinary size (issue: lse rounded at the logits'
+# magnitude put 3e-5 into log p): (logits, temperature) whose z = x / tau is 1e3-1e4 away
+# from 0 while the distribution itself is ordinary, so SPEC's plain 1e-5 applies.
+def magnified_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    base, tokens = _logits((2, 3, 301), torch.float32, scale=3.0).cpu(), _tokens((2, 3), 301).cpu()
+    return {
+        "two-way tie at 1e3": (torch.tensor([[1e3, 1e3, 0.0, -1e3]]), torch.tensor([0]), 1.0),
+        "offset 1e3": (1e3 + base, tokens, 1.0),
+        "offset -1e4": (base - 1e4, tokens, 1.0),
+        "temperature 1e-3": (5.0 + 1e-3 * base, tokens, 1e-3),
+        "temperature 1e-3, logits near 0": (1e-3 * base, tokens, 1e-3),
+    }
+
+
+MAGNIFIED = magnified_cases()
+BACKEND_FNS = {
+    "stats": lambda backend: lambda x, t, tau: rlops.token_logprobs_and_entropy(x, t, tau, backend=backend),
+    "logp": lambda backend: lambda x, t, tau: (rlops.token_logprobs(x, t, tau, backend=backend), None),
+}
+
+
+def check_magnified(case: str, which: str, backend: str) -> None:
+    """Values within 1e-5 and gradients within 1e-5 * max|grad| of float64 (SPEC 6) at |x / tau| >= 1e3."""
+    x, tokens = (t.to(DEVICE) for t in MAGNIFIED[case][:2])
+    tau = MAGNIFIED[case][2]
+    w_logp, w_ent = _grad_weights(tokens.shape, device=x.device)
+    w_ent = w_ent if which == "stats" else None
+    logp, ent, grad = _run(BACKEND_FNS[which](backend), x, tokens, tau, lambda v: v, w_logp, w_ent)
+    oracle = reference.token_logprobs_and_entropy if which == "stats" else (
+        lambda *a: (reference.token_logprobs(*a), None))
+    r_logp, r_ent, r_grad = _run(oracle, x, tokens, tau, lambda v: v, w_logp, w_ent, cast=torch.float64)
+    assert_values_close(logp, r_logp, what="logp")
+    if which == "stats":
+        assert_values_close(ent, r_ent, what="entropy")
+    assert_grad_close(grad, r_grad)
+
+
+@pytest.mark.parametrize("which", list(BACKEND_FNS))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(MAGNIFIED))
+def test_large_logits_and_small_temperature(case: str, backend: str, which: str) -> None:
+    if backend == "torch" and DEVICE.type != "cpu":
+        pytest.skip("the PyTorch backend's precision is checked on the CPU run")
+    check_magnified(case, which, backend)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(0, 5),

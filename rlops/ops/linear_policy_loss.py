@@ -143,7 +143,7 @@ class _LinearStats(torch.autograd.Function):
                 _project(hidden, head, s, e), chunks.tokens[s:e], chunks.temperature, chunks.ref_logits(s, e))
         ctx.save_for_backward(hidden, weight, bias, stats)
         ctx.chunks = chunks
-        ctx.mark_non_differentiable(stats[ROW["lse"]:])
+        ctx.mark_non_differentiable(stats[ROW["max"]:])
         return stats
 
     @staticmethod

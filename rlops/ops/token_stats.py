@@ -20,7 +20,7 @@ from ._backend import launchers, resolve_backend
 
 def _token_stats(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask: Tensor | None,
                    temperature: float, inplace_grad: bool, backend: str) -> Tensor:
-    """float32 stats (N_STATS, ...): logp, entropy, kl, lse, lse_ref (rlops/constants.py), from the
+    """float32 stats (N_STATS, ...) in the rows of constants.STATS_ROWS (logp, entropy, kl, ...), from the
     kernel of `backend` ("triton" or "cuda").
 
     Differentiable through the logp, entropy and kl rows; with inplace_grad the backward writes
