@@ -49,9 +49,11 @@ def _add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
                             help="(default: %(default)s)")
 
 
-def _config(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return cls(**{**values, **overrides})
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors (`--steps abc`) are one line, as the value checks' are."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _train(argv: list[str]) -> int:
@@ -64,7 +66,7 @@ def _train(argv: list[str]) -> int:
     from .trainers import GRPOConfig, PPOConfig, R1ToyConfig, RewardConfig, SFTConfig
 
     configs = {"r1-toy": R1ToyConfig, "sft": SFTConfig, "reward": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
-    parser = argparse.ArgumentParser(prog="rlops train", description="Trainers on the built-in arithmetic task "
+    parser = OneLineErrors(prog="rlops train", description="Trainers on the built-in arithmetic task "
                                      "(rlops.trainers); progress bars, metrics.jsonl, metrics.png, checkpoints "
                                      "and the final model go to --out.")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{r1-toy,sft,reward,grpo,ppo}")
@@ -89,26 +91,34 @@ def _train(argv: list[str]) -> int:
         _add_config_args(sub, cls)
         sub.set_defaults(out_dir=f"runs/{kind}")
     args = parser.parse_args(argv)
+    from .cli_checks import UsageError, check_train_args
+
+    try:
+        config = check_train_args(args, configs[args.kind])
+    except UsageError as e:
+        print(f"rlops train {args.kind}: error: {e}", file=sys.stderr)
+        return 2
     if args.kind == "r1-toy":
         from .trainers.r1_toy import run
 
-        summary = run(_config(R1ToyConfig, args))
+        summary = run(config)
         print(f"held-out accuracy: {summary['accuracy']}; summary in {Path(args.out_dir) / 'summary.json'}")
         return 0
-    return _train_one(args, _config(configs[args.kind], args))
+    return _train_one(args, config)
 
 
 def _train_one(args: argparse.Namespace, config: Any) -> int:
     from .trainers import GRPOTrainer, PPOTrainer, RewardTrainer, SFTTrainer, ValueModel, arithmetic
     from .trainers.checkpoint import load_pretrained
-    from .trainers.processes import Processes
+    from .trainers.processes import Processes, seed_everything
     from .trainers.r1_toy import TASK, cold_start
 
     train, heldout = arithmetic.split_problems(args.heldout, seed=config.seed)
-    if not 0 < args.demos < len(train):
-        raise SystemExit(f"--demos must be in [1, {len(train)}), got {args.demos}")
     demos, rest = train[:args.demos], train[args.demos:]
     device = Processes(config.device).device
+    # Before any model is built: a fresh run, or one started again before its first checkpoint,
+    # begins from the same weights (the cold start seeds itself the same way).
+    seed_everything(config.seed)
     out = Path(config.out_dir)
     if args.model is not None:
         model, tokenizer = load_pretrained(args.model, device)

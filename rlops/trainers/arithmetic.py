@@ -97,6 +97,9 @@ class Problem:
         return f"<think>{think}</think><answer>{self.answer}</answer>"
 
 
+N_PROBLEMS = (MAX_OPERAND + 1) ** 2
+
+
 def split_problems(n_heldout: int = 500, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """All (a, b) in [0, 99]^2, shuffled by seed: (train, held-out) with n_heldout held out."""
     problems = [Problem(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
@@ -104,6 +107,15 @@ def split_problems(n_heldout: int = 500, seed: int = 0) -> tuple[list[Problem], 
     if not 0 < n_heldout < len(problems):
         raise ValueError(f"n_heldout must be in (0, {len(problems)}), got {n_heldout}")
     return problems[n_heldout:], problems[:n_heldout]
+
+
+def check_split(heldout: int, demos: int) -> None:
+    """Raises a ValueError naming heldout or demos unless both leave problems to train on: heldout
+    in [1, N_PROBLEMS - 1], demos in [1, N_PROBLEMS - heldout - 1] (the rest are RL prompts)."""
+    if not 1 <= heldout < N_PROBLEMS:
+        raise ValueError(f"heldout must be in [1, {N_PROBLEMS - 1}], got {heldout}")
+    if not 1 <= demos < N_PROBLEMS - heldout:
+        raise ValueError(f"demos must be in [1, {N_PROBLEMS - heldout - 1}] (with {heldout} held out), got {demos}")
 
 
 def parse_answer(response: str) -> int | None:

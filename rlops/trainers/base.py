@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from .. import baselines
 from ..ops.linear_policy_loss import linear_policy_loss, linear_token_logprobs_and_entropy
 from ..ops.policy_loss import PolicyLossOutput, policy_loss
 from ..ops.token_stats import token_logprobs
-from .checkpoint import Checkpoint, save_model
+from ..options import BACKENDS
+from .checkpoint import Checkpoint, is_finished, mark_finished, save_model, unmark_finished
+from .faults import crash_point
 from .processes import Processes, seed_everything
 from .rollout import PolicyForward, Rollout, Task, Tokenizer, enable_checkpointing, evaluate, minibatches, sample
-from .runlog import RunLog
+from .runlog import RunLog, read_metrics
 
 
 @dataclass
@@ -46,8 +49,9 @@ class TrainConfig:
         for name in ("steps", "save_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_positive(self, "lr", "max_grad_norm")
+        check_nonnegative(self, "weight_decay")
+        check_seed(self.seed)
 
 
 LOSS_IMPLS = ("fused-linear", "fused", "eager")
@@ -76,16 +80,39 @@ class RLConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "prompts_per_step", "max_new_tokens", "temperature", "epochs", "minibatches")
-        if self.loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        check_nonnegative(self, "clip_low", "clip_high", "kl_coef", "eval_every")
+        if not math.isfinite(self.entropy_coef):
+            raise ValueError(f"entropy_coef must be finite, got {self.entropy_coef!r}")
+        check_choice(self, "loss_impl", LOSS_IMPLS)
+        check_choice(self, "backend", BACKENDS)
 
 
 def check_positive(config: Any, *names: str) -> None:
-    """Raises a ValueError naming the first of config's fields names that is not > 0."""
+    """Raises a ValueError naming the first of config's fields names that is not > 0 (NaN is not)."""
     for name in names:
         value = getattr(config, name)
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def check_seed(seed: int) -> None:
+    """A seed every generator takes (numpy's range; the trainers derive per-step seeds from it)."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32 - 1], got {seed!r}")
+
+
+def check_nonnegative(config: Any, *names: str) -> None:
+    """Raises a ValueError naming the first of config's fields names that is not >= 0 (NaN is not)."""
+    for name in names:
+        value = getattr(config, name)
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_choice(config: Any, name: str, choices: Sequence[str]) -> None:
+    """Raises a ValueError naming config's field name unless its value is one of choices."""
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
 
 
 def clip_and_step(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
@@ -140,10 +167,17 @@ class Trainer:
         return random.Random(f"{self.config.seed}-{step}-{self.procs.rank}")
 
     def train(self) -> dict[str, float]:
-        """Runs config.steps steps (resuming from out_dir/checkpoint when asked); returns the last metrics."""
+        """Runs config.steps steps (resuming from out_dir/checkpoint when asked), writes the final
+        models, then marks the run finished; returns the last step's metrics. A run killed at any
+        moment before the mark, started again, ends as the uninterrupted run does."""
         cfg = self.config
         if cfg.resume and self.checkpoint.exists():
             self.step_count, _ = self.checkpoint.load(self.models(), self.optimizers, cfg)
+        if self.out_dir is not None:
+            if self.step_count >= cfg.steps and is_finished(self.out_dir):
+                return self.logged_metrics()
+            if self.procs.main:  # the outputs are about to change: not finished until written again
+                unmark_finished(self.out_dir)
         log = RunLog(self.out_dir, cfg.steps, self.step_count, self.procs.main, self.name, cfg.progress)
         metrics: dict[str, float] = {}
         eval_every = getattr(cfg, "eval_every", 0)
@@ -157,18 +191,34 @@ class Trainer:
                 metrics.update(self.evaluate())
             metrics = self.procs.mean(metrics)
             log.log(self.step_count, metrics)
+            crash_point("step")
             if last or self.step_count % cfg.save_every == 0:
                 self.save()
         log.close()
-        return metrics
+        self.finish()
+        # Started again after the last checkpoint (killed in the final save), no step ran: the
+        # last step's metrics are the ones logged.
+        return metrics or self.logged_metrics()
 
     def save(self) -> None:
-        """The checkpoint, and after the last step the final models under out_dir (rank 0)."""
+        """The checkpoint (rank 0)."""
         if self.procs.main and self.out_dir is not None:
             self.checkpoint.save(self.step_count, self.models(), self.optimizers, self.config)
-            if self.step_count == self.config.steps:
-                self.save_final(self.out_dir)
         self.procs.barrier()
+
+    def finish(self) -> None:
+        """The final models under out_dir, then the mark that the run is finished (rank 0): a run
+        killed before the mark redoes both when started again."""
+        if self.procs.main and self.out_dir is not None:
+            self.save_final(self.out_dir)
+            mark_finished(self.out_dir, self.step_count)
+        self.procs.barrier()
+
+    def logged_metrics(self) -> dict[str, float]:
+        """The last step's metrics as out_dir/metrics.jsonl holds them ({} without one)."""
+        path = None if self.out_dir is None else self.out_dir / "metrics.jsonl"
+        records = read_metrics(path) if path is not None and path.is_file() else []
+        return {k: v for k, v in records[-1].items() if k not in ("step", "time_s")} if records else {}
 
 
 # A step's per-sample tensors that the losses of a minibatch read (advantages, old log-probs,

@@ -1,9 +1,10 @@
 """What a run leaves on disk besides its metrics: the resumable checkpoint, the final model
-(save_pretrained), and loading such a model back."""
+(save_pretrained), the mark that the run is finished, and loading such a model back. Each is
+written atomically (atomic.py): a kill leaves the old version or the whole new one."""
 
 from __future__ import annotations
 
-import os
+import json
 import random
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import atomic
 from .rollout import Tokenizer
 
 
@@ -38,10 +40,7 @@ class Checkpoint:
             "config": asdict(config),
             "extra": extra or {},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic.write_file(self.path, lambda f: torch.save(state, f), point="checkpoint-write")
 
     def load(self, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
              config: Any) -> tuple[int, dict[str, Any]]:
@@ -67,11 +66,30 @@ class Checkpoint:
 _RUN_ONLY = {"out_dir", "steps", "device", "save_every", "resume", "progress"}
 
 
-def save_model(model: nn.Module, tokenizer: Tokenizer, directory: Path) -> None:
-    """model.save_pretrained + tokenizer.save_pretrained into directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+def save_model(model: nn.Module, tokenizer: Tokenizer | None, directory: Path) -> None:
+    """model.save_pretrained (+ tokenizer.save_pretrained) into directory, atomically: a kill
+    leaves the directory as it was (or absent), never half written."""
+    with atomic.directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+FINISHED = "finished.json"  # in out_dir: written after the final models, so it marks a complete run
+
+
+def is_finished(out_dir: Path) -> bool:
+    """Whether the run in out_dir wrote its final models (Trainer.train marks it last)."""
+    return (out_dir / FINISHED).is_file()
+
+
+def mark_finished(out_dir: Path, step: int) -> None:
+    atomic.write_text(out_dir / FINISHED, json.dumps({"step": step}) + "\n")
+
+
+def unmark_finished(out_dir: Path) -> None:
+    """Before a run changes what its outputs would hold (more steps, a fresh start)."""
+    (out_dir / FINISHED).unlink(missing_ok=True)
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..advantages import group_advantages
 from ..ops.policy_loss import PolicyLossOutput
-from .base import PerSample, RLConfig, RLTrainer
+from ..options import LOSS_AGGS
+from .base import PerSample, RLConfig, RLTrainer, check_choice
 from .rollout import Rollout, Task, Tokenizer
 
 
@@ -41,6 +42,7 @@ class GRPOConfig(RLConfig):
         super().__post_init__()
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        check_choice(self, "loss_agg", LOSS_AGGS)
 
 
 class GRPOTrainer(RLTrainer):

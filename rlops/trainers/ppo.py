@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..advantages import gae, kl_shaped_rewards, masked_whiten
 from ..ops.policy_loss import PolicyLossOutput
-from .base import PerSample, RLConfig, RLTrainer, check_positive
+from .base import PerSample, RLConfig, RLTrainer, check_choice, check_positive
+from .checkpoint import save_model
 from .rollout import Rollout, Task, Tokenizer, enable_checkpointing
 from .value_head import ValueModel
 
@@ -48,8 +49,10 @@ class PPOConfig(RLConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "critic_lr", "value_clip")
-        if self.kl_mode not in KL_MODES:
-            raise ValueError(f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        check_choice(self, "kl_mode", KL_MODES)
 
 
 def critic_values(critic: nn.Module, rollout: Rollout) -> Tensor:
@@ -143,4 +146,4 @@ class PPOTrainer(RLTrainer):
 
     def save_final(self, directory: Path) -> None:
         super().save_final(directory)
-        self.critic.save_pretrained(directory / "critic")
+        save_model(self.critic, None, directory / "critic")

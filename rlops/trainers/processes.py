@@ -55,6 +55,9 @@ class Processes:
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds Python's and torch's global generators (the ones sampling and initialisation use)."""
+    """Seeds Python's and torch's global generators (the ones sampling and initialisation use), on
+    the CPU and every CUDA device. Called before a model is built, so that a fresh run, or one
+    killed before its first checkpoint and started again, begins from the same weights."""
     random.seed(seed)
     torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)  # torch.manual_seed does it too; explicit, as the name promises

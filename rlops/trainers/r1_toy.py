@@ -7,8 +7,9 @@
 4. evaluation of each stage's model on held-out prompts (greedy decoding).
 
 Each stage writes its metrics, plot, checkpoint and model under DIR/<stage>/; a finished
-stage is skipped when the run is started again, and an interrupted one resumes from its
-checkpoint. DIR/summary.json holds the held-out accuracy after each stage.
+stage (marked by DIR/<stage>/finished.json, written after its model) is skipped when the run is
+started again, and an interrupted one resumes from its checkpoint. DIR/summary.json, written
+last and atomically, holds the held-out accuracy after each stage.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 
 import torch
 
-from . import arithmetic
-from .checkpoint import load_pretrained
+from . import arithmetic, atomic
+from .base import check_positive, check_seed
+from .checkpoint import is_finished, load_pretrained
 from .grpo import GRPOConfig, GRPOTrainer
 from .processes import Processes, seed_everything
 from .rollout import Task, evaluate, sample
@@ -60,6 +62,9 @@ class R1ToyConfig:
                      "rs_samples", "rs_steps", "max_new_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        check_positive(self, "grpo_lr", "rs_lr")
+        check_seed(self.seed)
+        arithmetic.check_split(self.heldout, self.demos)
 
 
 def _load(directory: Path, device: torch.device) -> torch.nn.Module:
@@ -73,7 +78,7 @@ def cold_start(out: Path, demos: list[arithmetic.Problem], heldout: list[arithme
     from transformers import LlamaForCausalLM
 
     procs = Processes(config.device)
-    if (out / "model").is_dir():
+    if is_finished(out):
         return _load(out / "model", procs.device)
     seed_everything(config.seed)
     tokenizer = arithmetic.CharTokenizer()
@@ -107,8 +112,6 @@ def run(config: R1ToyConfig) -> dict[str, Any]:
     device = procs.device
     tokenizer = arithmetic.CharTokenizer()
     train, heldout = arithmetic.split_problems(config.heldout, seed=config.seed)
-    if config.demos >= len(train):
-        raise ValueError(f"demos must be below the {len(train)} training problems, got {config.demos}")
     demos, rl_items = train[:config.demos], train[config.demos:]
     common = {"seed": config.seed, "device": config.device, "progress": config.progress, "resume": config.resume}
     summary: dict[str, Any] = {"accuracy": {}, "reward": {}, "response_length": {}, "seconds": {},
@@ -130,7 +133,7 @@ def run(config: R1ToyConfig) -> dict[str, Any]:
     finish("sft", model, started)
 
     started = time.perf_counter()
-    if (out / "grpo" / "model").is_dir():
+    if is_finished(out / "grpo"):
         model = _load(out / "grpo" / "model", device)
     else:
         grpo = GRPOConfig(out_dir=str(out / "grpo"), steps=config.grpo_steps, lr=config.grpo_lr,
@@ -139,13 +142,19 @@ def run(config: R1ToyConfig) -> dict[str, Any]:
     finish("grpo", model, started)
 
     started = time.perf_counter()
-    if (out / "rejection_sft" / "model").is_dir():
+    stats = out / "rejection_sft" / "rejection_sampling.json"
+    if is_finished(out / "rejection_sft"):
         model = _load(out / "rejection_sft" / "model", device)
+        summary["rejection_sampling"] = json.loads(stats.read_text())
     else:
+        # Seeded: a run started again after a kill samples what the uninterrupted one did.
+        seed_everything(config.seed)
         rng = torch.Generator().manual_seed(config.seed)
         chosen = [rl_items[i] for i in torch.randperm(len(rl_items), generator=rng)[:config.rs_prompts].tolist()]
         examples, rate = rejection_samples(model, tokenizer, chosen, config.rs_samples, config.max_new_tokens)
         summary["rejection_sampling"] = {"prompts": len(chosen), "samples_correct": rate, "kept": len(examples)}
+        if procs.main:
+            atomic.write_text(stats, json.dumps(summary["rejection_sampling"]) + "\n")
         if examples:
             rs = SFTConfig(out_dir=str(out / "rejection_sft"), steps=config.rs_steps, lr=config.rs_lr,
                            max_new_tokens=config.max_new_tokens, **common)
@@ -157,7 +166,7 @@ def run(config: R1ToyConfig) -> dict[str, Any]:
 
     if procs.main:
         _combined_metrics(out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     procs.barrier()
     return summary
 
@@ -172,5 +181,5 @@ def _combined_metrics(out: Path) -> None:
         records = read_metrics(path)
         lines += [json.dumps({**r, "stage": stage, "step": r["step"] + offset}) for r in records]
         offset += max((r["step"] for r in records), default=0)
-    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    atomic.write_text(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     plot_metrics(out / "metrics.jsonl", out / "metrics.png")

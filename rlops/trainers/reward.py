@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TrainConfig, Trainer, check_positive, clip_and_step
+from .base import TrainConfig, Trainer, check_nonnegative, check_positive, clip_and_step
+from .checkpoint import save_model
 from .rollout import Tokenizer, encode_pairs
 from .value_head import ValueModel
 
@@ -28,6 +29,7 @@ class RewardConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "batch_size")
+        check_nonnegative(self, "eval_every")
 
 
 class RewardTrainer(Trainer):
@@ -82,5 +84,4 @@ class RewardTrainer(Trainer):
         return {"model": self.model}
 
     def save_final(self, directory: Path) -> None:
-        self.model.save_pretrained(directory / "model")
-        self.tokenizer.save_pretrained(directory / "model")
+        save_model(self.model, self.tokenizer, directory / "model")

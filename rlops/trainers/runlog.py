@@ -1,5 +1,6 @@
-"""The metrics of a run: out_dir/metrics.jsonl (one JSON line per step), its plot
-out_dir/metrics.png, and the progress bar."""
+"""The metrics of a run: out_dir/metrics.jsonl (one JSON line per step, each appended and synced:
+a kill tears at most the last line, which readers skip), its plot out_dir/metrics.png, and the
+progress bar."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+from . import atomic
 
 
 class RunLog:
@@ -39,7 +42,7 @@ class RunLog:
         if self.path is None or not self.path.exists():
             return
         kept = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= start]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -47,8 +50,7 @@ class RunLog:
         record = {"step": step, **{k: round(v, 6) for k, v in metrics.items()},
                   "time_s": round(time.perf_counter() - self.started, 3)}
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            atomic.append_line(self.path, json.dumps(record))
         if self.bar is not None:
             self.bar.update(1)
             shown = {k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "accuracy", "eval_accuracy", "kl")
@@ -101,7 +103,7 @@ def plot_metrics(jsonl: Path, png: Path) -> bool:
         ax.axis("off")
     fig.suptitle(jsonl.parent.name)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    atomic.write_file(png, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.linear_policy_loss import linear_token_logprobs_and_entropy
-from .base import TrainConfig, Trainer, check_positive, clip_and_step
+from .base import TrainConfig, Trainer, check_nonnegative, check_positive, clip_and_step
 from .checkpoint import save_model
 from .rollout import PolicyForward, Task, Tokenizer, encode_pairs, evaluate
 
@@ -30,6 +30,7 @@ class SFTConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "batch_size", "max_new_tokens")
+        check_nonnegative(self, "eval_every")
 
 
 class SFTTrainer(Trainer):

@@ -1,0 +1,78 @@
+"""`rlops train` refuses a bad value before any work: one line on stderr naming the option as
+typed, exit status 2, nothing created under --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlops import cli
+
+
+def _cases(tmp: Path) -> list[tuple[list[str], str]]:
+    """(arguments after `rlops train`, the option the message must name)."""
+    (tmp / "a-file").write_text("")
+    (tmp / "not-a-model").mkdir()
+    cases = [
+        (["sft", "--steps", "-1"], "--steps"),
+        (["sft", "--steps", "three"], "--steps"),  # argparse's own error, one line too
+        (["sft", "--lr", "-1"], "--lr"),
+        (["sft", "--save-every", "0"], "--save-every"),
+        (["sft", "--batch-size", "0"], "--batch-size"),
+        (["sft", "--heldout", "-5"], "--heldout"),
+        (["sft", "--heldout", "10000"], "--heldout"),
+        (["sft", "--demos", "0"], "--demos"),
+        (["sft", "--max-grad-norm", "nan"], "--max-grad-norm"),
+        (["sft", "--device", "tpu"], "--device"),
+        (["sft", "--model", str(tmp / "missing" / "model")], "--model"),
+        (["sft", "--model", str(tmp / "not-a-model")], "--model"),
+        (["sft", "--out", str(tmp / "a-file" / "run")], "--out"),
+        (["reward", "--weight-decay", "-0.1"], "--weight-decay"),
+        (["grpo", "--group-size", "1"], "--group-size"),
+        (["grpo", "--sft-steps", "0"], "--sft-steps"),
+        (["grpo", "--loss-agg", "mean"], "--loss-agg"),
+        (["grpo", "--clip-low", "-0.2"], "--clip-low"),
+        (["ppo", "--gamma", "1.5"], "--gamma"),
+        (["ppo", "--kl-mode", "both"], "--kl-mode"),
+        (["ppo", "--reward-model", str(tmp / "missing")], "--reward-model"),
+        (["ppo", "--reward-model", str(tmp / "not-a-model")], "--reward-model"),
+        (["r1-toy", "--grpo-lr", "0"], "--grpo-lr"),
+        (["r1-toy", "--demos", "9500"], "--demos"),
+        (["r1-toy", "--hidden-size", "0"], "--hidden-size"),
+        (["r1-toy", "--seed", "-1"], "--seed"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["sft", "--device", "cuda"], "--device"))
+    return cases
+
+
+def _status(argv: list[str]) -> int | str | None:
+    """cli.main's exit status; argparse's own errors exit through SystemExit."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_bad_values_are_one_line_naming_the_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    for args, option in _cases(tmp_path):
+        argv = ["train", *args] if "--out" in args else ["train", *args, "--out", str(out)]
+        status = _status(argv)
+        err = capsys.readouterr().err
+        assert status == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "error:" in lines[0] and f" {option} " in lines[0].replace(":", " "), (args, err)
+        assert "Traceback" not in err, (args, err)
+        assert not out.exists(), args  # checked before anything is written
+    assert not (tmp_path / "a-file").is_dir()
+
+
+def test_good_values_pass_the_checks(tmp_path: Path) -> None:
+    from rlops.cli_checks import check_model, check_out
+
+    check_model("org/name")  # a Hugging Face repo id is left to transformers
+    check_out(str(tmp_path / "new" / "run"))
+    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
