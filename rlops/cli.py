@@ -32,21 +32,24 @@ def _bench(argv: list[str]) -> int:
     return main(argv, prog="rlops bench")
 
 
-def _add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One --option per field of the config dataclass cls, with its default and type."""
+def _add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --option per field of the config dataclass cls: its help line (cli_help), type,
+    default and, where it has them, its choices."""
+    from .cli_help import CHOICES, HELP, METAVARS
+
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        help_ = HELP[f.name] if "(default:" in HELP[f.name] else f"{HELP[f.name]} (default: %(default)s)"
         kind = hints[f.name]
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help="(default: %(default)s)")
+                                help=help_)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        parser.add_argument(flag, dest=f.name, type=base, default=f.default, metavar=base.__name__.upper(),
-                            help="(default: %(default)s)")
+        choices = CHOICES.get(f.name)
+        parser.add_argument(flag, dest=f.name, type=base, default=f.default, choices=choices, help=help_,
+                            metavar=None if choices else METAVARS.get(f.name, base.__name__.upper()))
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -56,13 +59,8 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _train(argv: list[str]) -> int:
-    import importlib.util
-
-    missing = [m for m in ("transformers", "tqdm") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"rlops train needs {' and '.join(missing)}: pip install 'rlops[train]'", file=sys.stderr)
-        return 2
+def train_parser() -> argparse.ArgumentParser:
+    """The parser of `rlops train`: one subcommand per trainer, one option per config field."""
     from .trainers import GRPOConfig, PPOConfig, R1ToyConfig, RewardConfig, SFTConfig
 
     configs = {"r1-toy": R1ToyConfig, "sft": SFTConfig, "reward": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
@@ -89,22 +87,40 @@ def _train(argv: list[str]) -> int:
             sub.add_argument("--reward-model", help="a reward model trained by `rlops train reward` (default: the "
                              "task's rule reward)")
         _add_config_args(sub, cls)
-        sub.set_defaults(out_dir=f"runs/{kind}")
+        sub.set_defaults(out_dir=f"runs/{kind}", config_class=cls)
+    return parser
+
+
+def _train(argv: list[str]) -> int:
+    import importlib.util
+
+    missing = [m for m in ("transformers", "tqdm") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"rlops train needs {' and '.join(missing)}: pip install 'rlops[train]'", file=sys.stderr)
+        return 2
+    parser = train_parser()
     args = parser.parse_args(argv)
     from .cli_checks import UsageError, check_train_args
 
     try:
-        config = check_train_args(args, configs[args.kind])
+        config = check_train_args(args, args.config_class)
     except UsageError as e:
         print(f"rlops train {args.kind}: error: {e}", file=sys.stderr)
         return 2
-    if args.kind == "r1-toy":
-        from .trainers.r1_toy import run
+    try:
+        if args.kind == "r1-toy":
+            from .trainers.r1_toy import run
 
-        summary = run(config)
-        print(f"held-out accuracy: {summary['accuracy']}; summary in {Path(args.out_dir) / 'summary.json'}")
-        return 0
-    return _train_one(args, config)
+            summary = run(config)
+            print(f"held-out accuracy: {summary['accuracy']}; summary in {Path(args.out_dir) / 'summary.json'}")
+            return 0
+        return _train_one(args, config)
+    except KeyboardInterrupt:
+        # Not a traceback: what was saved, and how to go on from it.
+        print(f"\nrlops train {args.kind}: interrupted. Run the same command again to resume from the last "
+              f"checkpoint under {config.out_dir} (one every --save-every steps); --no-resume starts over.",
+              file=sys.stderr)
+        return 130
 
 
 def _train_one(args: argparse.Namespace, config: Any) -> int:

@@ -76,3 +76,30 @@ def test_good_values_pass_the_checks(tmp_path: Path) -> None:
     check_model("org/name")  # a Hugging Face repo id is left to transformers
     check_out(str(tmp_path / "new" / "run"))
     assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
+
+
+def test_every_option_has_a_help_line_and_its_choices() -> None:
+    """`rlops train <kind> --help`: every option says what it is beyond its default, and an
+    option with a fixed set of values lists them (argparse then refuses any other)."""
+    from rlops.cli_help import CHOICES
+
+    subparsers = next(a for a in cli.train_parser()._actions if a.dest == "kind")
+    for kind, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            text = (action.help or "").split("(default:")[0].strip()
+            assert len(text) > 10, f"rlops train {kind} {action.option_strings[0]} has no help line"
+            if action.dest in CHOICES:
+                assert tuple(action.choices) == CHOICES[action.dest], action.option_strings[0]
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train_one", interrupted)
+    assert cli.main(["train", "sft", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "resume" in err and str(tmp_path / "run") in err
