@@ -1,25 +1,28 @@
 """Benchmark machinery shared by every op: environment record, timing, memory, result files.
 
 Timing is the median of `triton.testing.do_bench` (CUDA events, L2 flushed between runs).
+The backward's time is the difference of the fwd+bwd and fwd medians, recorded only when the
+two distributions do not overlap (otherwise noise decides its sign, and it is null).
 Bandwidth is an explicit byte count (each op states its minimum traffic) over the median
 time, also given as a fraction of a measured device-to-device copy. Memory is the peak of
 `torch.cuda.max_memory_allocated` during one forward+backward; "extra" is that peak minus
-the inputs and the gradient the op must return. On a CPU (`--quick` smoke runs) times come
-from a wall clock and carry no claim.
+the inputs and the gradient the op must return. Without CUDA, or under Triton's interpreter
+(`--quick` smoke runs), nothing is timed: each case runs once and its times are null.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
+import os
 import re
-import statistics
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -86,48 +89,119 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def in_checkout() -> bool:
+    """True when this file is bench/ of an rlops source checkout (not an installed rlops.bench)."""
+    return (ROOT / "setup.py").is_file() and Path(__file__).parent.name == "bench"
+
+
 def _git(*args: str) -> str:
+    """git's output in the checkout, or "" (no git, or not a checkout: an installed rlops may sit
+    inside someone else's repository, whose commit is not rlops')."""
+    if not in_checkout():
+        return ""
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def environment() -> dict[str, object]:
-    import triton
+def rlops_version() -> str:
+    """The installed rlops' version ("0.0.0+unknown" for a source tree that was never installed)."""
+    from rlops import __version__
 
-    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return __version__
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def environment() -> dict[str, object]:
+    """Device, commit, date and versions of a run. Outside a git checkout the commit is the installed
+    version ("v0.1.0"), so result files are still told apart by what produced them."""
+    commit = _git("rev-parse", "--short=12", "HEAD") or f"v{rlops_version()}"
     if _git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     return {
         "device": device_name(),
         "commit": commit,
+        "rlops": rlops_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": _triton_version(),
     }
 
 
-def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds per call."""
-    if torch.cuda.is_available():
-        from triton.testing import do_bench
+def importable(name: str) -> bool:
+    """Whether the module can be found, without importing it (a None in sys.modules counts as missing)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
-        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+
+def missing_dependency(prog: str, needs: dict[str, tuple[str, str]]) -> str | None:
+    """One line naming the first module of needs ({module: (what it is for, how to install it)})
+    that is not installed, or None when all are."""
+    for name, (purpose, install) in needs.items():
+        if not importable(name):
+            return f"{prog}: {name} is not installed; it is needed for {purpose}. Install it with: {install}"
+    return None
+
+
+def interpreter_requested() -> bool:
+    """TRITON_INTERPRET as Triton reads it: the kernels will run in the interpreter (which needs NumPy)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+def no_timing_reason() -> str | None:
+    """Why this run times nothing, or None. Only compiled kernels on CUDA give times worth a claim:
+    the interpreter's are seconds of NumPy, and CPU wall clocks of tiny shapes are noise."""
+    if interpreter_requested():
+        return "interpreter: no timing"
+    if not torch.cuda.is_available():
+        return "no CUDA: no timing"
+    return None
+
+
+class Timing(NamedTuple):
+    """Quantiles (ms) of one closure's times under do_bench."""
+
+    low: float  # 20th percentile
+    median: float
+    high: float  # 80th percentile
+
+
+def time_quantiles(fn: Callable[[], object]) -> Timing:
+    """The 20th, 50th and 80th percentiles of fn's time per call, in ms (CUDA only)."""
+    from triton.testing import do_bench
+
+    low, median, high = do_bench(fn, warmup=25, rep=200, quantiles=[0.2, 0.5, 0.8])
+    return Timing(float(low), float(median), float(high))
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds per call (CUDA only)."""
+    return time_quantiles(fn).median
+
+
+def backward_ms(fwd: Timing, fwd_bwd: Timing) -> float | None:
+    """The backward alone as the difference of the medians, or None when that difference is not
+    meaningful: when fwd+bwd's 20th percentile is not above the forward's 80th percentile, noise
+    could give either sign. (Timing the backward on a retained graph would change what is
+    measured: torch.compile's donated buffers forbid it, and memory stays held.)"""
+    if fwd_bwd.low <= fwd.high:
+        return None
+    return fwd_bwd.median - fwd.median
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 31) -> float:
-    """Device-to-device copy rate counting bytes read plus bytes written."""
-    if not torch.cuda.is_available():
-        nbytes = 1 << 24
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if torch.cuda.is_available() else "cpu")
+    """Device-to-device copy rate counting bytes read plus bytes written (CUDA only)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     src.random_(0, 255)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
@@ -135,13 +209,9 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 31) -> float:
 
 
 def matmul_tflops(n: int = 8192) -> float:
-    """bf16 matrix-product rate on random data (zeros run faster and would flatter it)."""
-    if not torch.cuda.is_available():
-        n = 256
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    """bf16 matrix-product rate on random data (zeros run faster and would flatter it); CUDA only."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = time_ms(lambda: a @ b)
     return 2 * n**3 / ms / 1e9
 
@@ -160,8 +230,7 @@ def peak_memory(fn: Callable[[], object]) -> int | None:
 
 def default_out_dir(device: str) -> Path:
     """bench/results/<gpu-name>/ of this checkout; ./bench-results/<gpu-name>/ for an installed rlops."""
-    checkout = (ROOT / "setup.py").is_file() and Path(__file__).parent.name == "bench"
-    return (ROOT / "bench" / "results" if checkout else Path.cwd() / "bench-results") / slug(device)
+    return (ROOT / "bench" / "results" if in_checkout() else Path.cwd() / "bench-results") / slug(device)
 
 
 def results_stem(env: dict[str, object]) -> str:
@@ -176,6 +245,8 @@ def write_results(run: dict[str, object], out_dir: Path) -> list[Path]:
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(run, indent=1) + "\n")
     md_path.write_text(markdown_table(run))
+    from .plots import plots  # matplotlib's module is imported only when results are written
+
     written = [json_path, md_path, *plots(run, out_dir, stem)]
     faster = faster_backends(run)
     if faster:
@@ -191,8 +262,8 @@ def faster_backends(run: dict[str, object]) -> dict[str, str]:
     This is what rlops/ops/auto_backend.json records per GPU for backend="auto"."""
     times: dict[tuple[str, str], dict[str, float]] = {}
     for r in run["records"]:
-        if r["provider"] in ("rlops-triton", "rlops-cuda") and not r.get("error") and _total_ms(r):
-            times.setdefault((r["op"], json.dumps(r["shape"], sort_keys=True)), {})[r["provider"]] = _total_ms(r)
+        if r["provider"] in ("rlops-triton", "rlops-cuda") and not r.get("error") and total_ms(r):
+            times.setdefault((r["op"], json.dumps(r["shape"], sort_keys=True)), {})[r["provider"]] = total_ms(r)
     log_ratios: dict[str, list[float]] = {}
     for (op, _), by_provider in times.items():
         if len(by_provider) == 2:
@@ -206,7 +277,7 @@ BASELINES = ("eager-trl", "python-loop")
 FLOORS = ("matmuls",)
 
 
-def _total_ms(r: dict[str, object]) -> float | None:
+def total_ms(r: dict[str, object]) -> float | None:
     """Forward+backward time, or the forward alone for ops without a backward."""
     return r["ms"].get("fwd_bwd") or r["ms"].get("fwd")
 
@@ -215,41 +286,59 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
 
 
-def markdown_table(run: dict[str, object]) -> str:
+def _header(run: dict[str, Any]) -> str:
+    """The table's first line: where and what ran, and the machine's measured rates (or why there are none)."""
+    where = (f"Device: {run['device']} | commit {run['commit']} | {run['date']} | torch {run['torch']} | "
+             f"triton {run['triton']}")
+    if run.get("note"):
+        return f"{where} | {run['note']}"
+    return (f"{where} | copy bandwidth {run['copy_bandwidth_gbps']:.0f} GB/s | "
+            f"bf16 matmul {run['matmul_tflops']:.0f} TFLOP/s")
+
+
+def _fastest(records: list[dict[str, Any]], names: tuple[str, ...]) -> dict[tuple, float]:
+    """{(op, shape, dtype): the fastest total time among the providers names}, timed records only."""
+    best: dict[tuple, float] = {}
+    for r in records:
+        if r["provider"] in names and total_ms(r):
+            key = (r["op"], json.dumps(r["shape"]), r["dtype"])
+            best[key] = min(best.get(key, float("inf")), total_ms(r))
+    return best
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    """num / den as "1.23x", or "-" when either time is absent (a speed-up of absent times is absent)."""
+    return f"{num / den:.2f}x" if num and den else "-"
+
+
+def _row(r: dict[str, Any], eager: float | None, bare: float | None, note: str | None) -> str:
+    """One record's table row; with a note (no timing) its time cells say so instead of a number."""
+    ms, total = r["ms"], total_ms(r)
+    times = ["no timing"] * 3 if note else [_fmt(ms.get(k)) for k in ("fwd", "bwd", "fwd_bwd")]
+    frac = None if r["frac_copy_bw"] is None else 100 * r["frac_copy_bw"]
+    cells = [r["op"], shape_text(r["shape"]), r["dtype"], r["provider"], *times, _fmt(r["gbps"], 4), _fmt(frac),
+             _fmt(r.get("tflops")), _fmt(extra_gb(r)), _ratio(eager, total), _ratio(total, bare)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(run: dict[str, Any]) -> str:
+    """The run as markdown: a header line, then one row per record (an error fills the row)."""
     records = run["records"]
     lines = [
-        f"Device: {run['device']} | commit {run['commit']} | {run['date']} | torch {run['torch']} | "
-        f"triton {run['triton']} | copy bandwidth {run['copy_bandwidth_gbps']:.0f} GB/s | "
-        f"bf16 matmul {run['matmul_tflops']:.0f} TFLOP/s",
+        _header(run),
         "",
         "| op | shape | dtype | provider | fwd ms | bwd ms | fwd+bwd ms | GB/s | % copy BW | TFLOP/s | extra mem GB | "
         "speed-up vs eager / loop | time / bare matmuls |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    eager, floor = {}, {}
+    eager, floor = _fastest(records, BASELINES), _fastest(records, FLOORS)
     for r in records:
-        key = (r["op"], json.dumps(r["shape"]), r["dtype"])
-        for names, best in ((BASELINES, eager), (FLOORS, floor)):
-            if r["provider"] in names and _total_ms(r):
-                best[key] = min(best.get(key, float("inf")), _total_ms(r))
-    for r in records:
-        shape = shape_text(r["shape"])
-        ms = r["ms"]
         if r.get("error"):
-            lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['provider']} | {r['error']} "
+            lines.append(f"| {r['op']} | {shape_text(r['shape'])} | {r['dtype']} | {r['provider']} | {r['error']} "
                          "| | | | | | | | |")
             continue
         key = (r["op"], json.dumps(r["shape"]), r["dtype"])
-        base, bare = eager.get(key), floor.get(key)
-        speedup = f"{base / _total_ms(r):.2f}x" if base and _total_ms(r) else "-"
-        over_floor = f"{_total_ms(r) / bare:.2f}x" if bare and _total_ms(r) else "-"
-        frac = None if r["frac_copy_bw"] is None else 100 * r["frac_copy_bw"]
-        extra = None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 1e9
-        lines.append(
-            f"| {r['op']} | {shape} | {r['dtype']} | {r['provider']} | {_fmt(ms.get('fwd'))} | "
-            f"{_fmt(ms.get('bwd'))} | {_fmt(ms.get('fwd_bwd'))} | {_fmt(r['gbps'], 4)} | {_fmt(frac)} | "
-            f"{_fmt(r.get('tflops'))} | {_fmt(extra)} | {speedup} | {over_floor} |"
-        )
+        lines.append(_row(r, eager.get(key), floor.get(key), run.get("note")))
     return "\n".join(lines) + "\n"
 
 
@@ -257,76 +346,5 @@ def shape_text(shape: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
-def _extra_gb(r: dict[str, object]) -> float | None:
+def extra_gb(r: dict[str, object]) -> float | None:
     return None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 1e9
-
-
-def _sweeps(records: list[dict[str, object]]) -> list[tuple[str, dict[str, int], list[dict[str, object]]]]:
-    """(axis, fixed dims, records) for each shape key that varies with the other dims held fixed:
-    the slice with the most points along it, ties to the largest fixed dims."""
-    sweeps = []
-    for axis in records[0]["shape"]:
-        slices: dict[tuple, list[dict[str, object]]] = {}
-        for r in records:
-            fixed = tuple((k, v) for k, v in r["shape"].items() if k != axis)
-            slices.setdefault(fixed, []).append(r)
-        fixed, chosen = max(slices.items(), key=lambda kv: (len({r["shape"][axis] for r in kv[1]}), kv[0]))
-        if len({r["shape"][axis] for r in chosen}) > 1:
-            sweeps.append((axis, dict(fixed), chosen))
-    return sweeps
-
-
-def plots(run: dict[str, object], out_dir: Path, stem: str) -> list[Path]:
-    """Per op, time and extra memory against each swept shape dimension (N, V, ...) per provider,
-    or per shape as bars where no dimension is swept; written as <stem>-<op>.png."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots written")
-        return []
-    written = []
-    smoke = " - CPU smoke run, no timing claims" if run["device"] == "cpu" else ""
-    for op in dict.fromkeys(r["op"] for r in run["records"]):
-        records = [r for r in run["records"] if r["op"] == op and not r.get("error")]
-        if not records:
-            continue
-        rows = [("time (ms): fwd+bwd, or fwd alone", _total_ms)]
-        if any(_extra_gb(r) is not None for r in records):
-            rows.append(("extra peak memory (GB)", _extra_gb))
-        panels = _sweeps(records) or [(None, {}, records)]
-        fig, axes = plt.subplots(len(rows), len(panels), squeeze=False,
-                                 figsize=(5.5 * len(panels), 3.8 * len(rows)))
-        for col, (axis, fixed, chosen) in enumerate(panels):
-            providers = list(dict.fromkeys(r["provider"] for r in chosen))
-            for row, (label, value) in enumerate(rows):
-                ax = axes[row, col]
-                if axis is None:
-                    names = list(dict.fromkeys(shape_text(r["shape"]) for r in chosen))
-                    width = 0.8 / len(providers)
-                    for k, provider in enumerate(providers):
-                        pts = [(names.index(shape_text(r["shape"])), value(r))
-                               for r in chosen if r["provider"] == provider and value(r) is not None]
-                        offset = (k - (len(providers) - 1) / 2) * width
-                        ax.bar([x + offset for x, _ in pts], [y for _, y in pts], width, label=provider)
-                    ax.set_xticks(range(len(names)), names, fontsize=8)
-                else:
-                    for provider in providers:
-                        pts = sorted((r["shape"][axis], value(r)) for r in chosen
-                                     if r["provider"] == provider and value(r) is not None)
-                        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=provider)
-                    ax.set_xscale("log", base=2)
-                    ax.set_xlabel(f"{axis}  ({shape_text(fixed)})" if fixed else axis)
-                ax.set_ylabel(label)
-                if row == 0:  # times span decades; extra memory can be 0 or negative (in-place providers)
-                    ax.set_yscale("log")
-                ax.legend(fontsize=7)
-        fig.suptitle(f"{op} on {run['device']} ({run['commit']}){smoke}")
-        fig.tight_layout()
-        path = out_dir / f"{stem}-{op}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written

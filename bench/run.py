@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -63,8 +64,33 @@ def case_steps(module: ModuleType, provider: str, shape: tuple[int, ...], dtype:
     return (inputs, *module.make_step(provider, inputs))
 
 
-def run_case(module: ModuleType, provider: str, shape: tuple[int, ...], dtype: torch.dtype, copy_bw: float) -> Record:
-    """Times one provider on one shape; ops without a backward (gae) time the forward alone."""
+def _time(rec: Record, forward: Callable[[], object], forward_backward: Callable[[], object] | None) -> None:
+    """Medians of the forward and of the forward+backward; the backward only where it is meaningful."""
+    fwd = common.time_quantiles(forward)
+    rec.ms["fwd"] = fwd.median
+    if forward_backward is not None:
+        fwd_bwd = common.time_quantiles(forward_backward)
+        rec.ms["fwd_bwd"] = fwd_bwd.median
+        rec.ms["bwd"] = common.backward_ms(fwd, fwd_bwd)
+
+
+def _rates(rec: Record, module: ModuleType, shape: tuple[int, ...], dtype: torch.dtype, phase: str,
+           copy_bw: float | None) -> None:
+    """Bytes of the timed phase, and where it was timed, GB/s, the fraction of copy bandwidth and TFLOP/s."""
+    rec.bytes = module.bytes_moved(*shape, torch.finfo(dtype).bits // 8)[phase]
+    ms = rec.ms[phase]
+    if ms is None:  # no timing: no rate either
+        return
+    rec.gbps = rec.bytes / ms / 1e6
+    rec.frac_copy_bw = None if copy_bw is None else rec.gbps / copy_bw
+    if hasattr(module, "flops"):
+        rec.tflops = module.flops(*shape)[phase] / ms / 1e9
+
+
+def run_case(module: ModuleType, provider: str, shape: tuple[int, ...], dtype: torch.dtype,
+             copy_bw: float | None) -> Record:
+    """Times one provider on one shape (ops without a backward, gae, time the forward alone). Where
+    nothing is timed (the interpreter, no CUDA) the case runs once, as a smoke test, and its times stay null."""
     dtype = case_dtype(module, dtype)
     keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
     rec = Record(module.OP, provider, dict(zip(keys, shape, strict=True)), str(dtype).removeprefix("torch."))
@@ -78,49 +104,74 @@ def run_case(module: ModuleType, provider: str, shape: tuple[int, ...], dtype: t
         rec.peak_mem_bytes = common.peak_memory(measured)
         if rec.peak_mem_bytes is not None:
             rec.extra_mem_bytes = rec.peak_mem_bytes - base - module.grad_bytes(provider, inputs)
-        rec.ms["fwd"] = common.time_ms(forward)
-        if forward_backward is not None:
-            rec.ms["fwd_bwd"] = common.time_ms(forward_backward)
-            # The backward alone is the difference: timing it on a retained graph would change what
-            # is measured (torch.compile's donated buffers forbid it, and memory stays held).
-            rec.ms["bwd"] = rec.ms["fwd_bwd"] - rec.ms["fwd"]
+        if common.no_timing_reason() is None:
+            _time(rec, forward, forward_backward)
+        else:
+            measured()  # forward+backward calls the forward: one call runs the whole case
     except torch.cuda.OutOfMemoryError:
         rec.error = "out of memory"
     finally:
         inputs = forward = forward_backward = measured = None
         _free()
     if rec.error is None:
-        rec.bytes = module.bytes_moved(*shape, torch.finfo(dtype).bits // 8)[phase]
-        rec.gbps = rec.bytes / rec.ms[phase] / 1e6
-        rec.frac_copy_bw = rec.gbps / copy_bw
-        if hasattr(module, "flops"):
-            rec.tflops = module.flops(*shape)[phase] / rec.ms[phase] / 1e9
+        _rates(rec, module, shape, dtype, phase, copy_bw)
     return rec
 
 
-def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
+def build_parser(prog: str = "rlops bench") -> argparse.ArgumentParser:
+    """The arguments of `rlops bench`: every option has a help line, with its choices and unit."""
+    providers = list(dict.fromkeys(p for module in OPS.values() for p in module.PROVIDERS))
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
-    parser.add_argument("--providers", nargs="+", help="default: every provider of each op")
-    parser.add_argument("--shapes", help="NxV[,NxV...] or 'all' (default: each op's headline shape)")
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, no timing claims")
-    parser.add_argument("--out", type=Path, help="default: bench/results/<gpu-name>/ of this checkout")
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), metavar="OP",
+                        help=f"ops to run, one or more of: {', '.join(OPS)} (default: all)")
+    parser.add_argument("--providers", nargs="+", choices=providers, metavar="PROVIDER",
+                        help=f"implementations to run, one or more of: {', '.join(providers)} "
+                             "(default: every provider of each op; --list shows which op has which)")
+    parser.add_argument("--shapes", help="NxV[,NxV...] in tokens x vocabulary entries (NxVxH for linear_policy_loss, "
+                                         "BxT for gae), or 'all' (default: each op's headline shapes)")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                        help=f"input dtype, one of: {', '.join(DTYPES)} (default: bf16; gae is always float32)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes: a smoke test with no timing claims (without CUDA: untimed)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="folder for the results (default: bench/results/<gpu-name>/ of this checkout)")
     parser.add_argument("--list", action="store_true", help="print the ops, their providers and shapes, and exit")
-    args = parser.parse_args(argv)
-    if args.list:
-        for name, module in OPS.items():
-            keys = "x".join(getattr(module, "SHAPE_KEYS", ("N", "V")))
-            shapes = ", ".join("x".join(map(str, s)) for s in module.SHAPES)
-            print(f"{name}: providers {', '.join(module.PROVIDERS)}; shapes ({keys}) {shapes}")
-        return 0
+    return parser
 
+
+def check_dependencies(prog: str) -> str | None:
+    """One line naming a module `rlops bench` needs that is not installed (and how to install it), or None."""
+    needs = {"triton": ("the Triton kernels and the timer (do_bench); Triton ships Linux wheels only",
+                        "pip install triton")}
+    if common.interpreter_requested() or not torch.cuda.is_available():
+        needs["numpy"] = ("Triton's interpreter, which runs the kernels without CUDA", "pip install numpy")
+    return common.missing_dependency(prog, needs)
+
+
+def _print_list() -> None:
+    for name, module in OPS.items():
+        keys = "x".join(getattr(module, "SHAPE_KEYS", ("N", "V")))
+        shapes = ", ".join("x".join(map(str, s)) for s in module.SHAPES)
+        print(f"{name}: providers {', '.join(module.PROVIDERS)}; shapes ({keys}) {shapes}")
+
+
+def _environment() -> dict[str, object]:
+    """The run's environment, with the machine's copy bandwidth and matmul rate where there is timing."""
     env = common.environment()
     print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    env["note"] = common.no_timing_reason()
+    env["copy_bandwidth_gbps"] = env["matmul_tflops"] = None
+    if env["note"] is not None:
+        print(f"{env['note']}: every case runs once as a smoke test; times and rates are left out (null)")
+        return env
     env["copy_bandwidth_gbps"] = common.copy_bandwidth_gbps()
     env["matmul_tflops"] = common.matmul_tflops()
     print(f"copy bandwidth {env['copy_bandwidth_gbps']:.0f} GB/s, bf16 matmul {env['matmul_tflops']:.0f} TFLOP/s")
+    return env
 
+
+def _plan(args: argparse.Namespace) -> list[tuple[ModuleType, str, tuple[int, ...]]]:
+    """(op module, provider, shape) of every case to run."""
     plan = []
     for name in args.ops:
         module = OPS[name]
@@ -129,7 +180,32 @@ def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
         if unknown:
             raise SystemExit(f"unknown provider(s) for {name}: {sorted(unknown)}; known: {list(module.PROVIDERS)}")
         plan += [(module, p, shape) for shape in _shapes(args.shapes, module, args.quick) for p in providers]
+    return plan
 
+
+def _summary(rec: Record) -> str:
+    """The case's line of progress: its error, its times and rate, or that it ran untimed."""
+    if rec.error:
+        return rec.error
+    times = ", ".join(f"{k.replace('_', '+')} {v:.3f} ms" for k, v in rec.ms.items() if v is not None)
+    if not times:
+        return "ran (no timing)"
+    rate = f"{rec.tflops:.0f} TFLOP/s" if rec.tflops is not None else f"{rec.gbps:.0f} GB/s"
+    return f"{times}, {rate}"
+
+
+def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
+    """`rlops bench`: runs the plan, prints each case, writes the JSON, table and plots; returns the exit status."""
+    args = build_parser(prog).parse_args(argv)
+    if args.list:
+        _print_list()
+        return 0
+    missing = check_dependencies(prog)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    env = _environment()
+    plan = _plan(args)
     records = []
     for i, (module, provider, shape) in enumerate(plan, 1):
         keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
@@ -140,13 +216,7 @@ def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
             print(f"{label}: skipped: {reason}", flush=True)
             continue
         records.append(rec)
-        if rec.error:
-            print(f"{label}: {rec.error}", flush=True)
-        else:
-            times = ", ".join(f"{k.replace('_', '+')} {v:.3f} ms" for k, v in rec.ms.items() if v is not None)
-            rate = f"{rec.tflops:.0f} TFLOP/s" if rec.tflops is not None else f"{rec.gbps:.0f} GB/s"
-            print(f"{label}: {times}, {rate}", flush=True)
-
+        print(f"{label}: {_summary(rec)}", flush=True)
     run = {**env, "records": [vars(r) for r in records]}
     out_dir = args.out or common.default_out_dir(str(env["device"]))
     for path in common.write_results(run, out_dir):

@@ -242,13 +242,20 @@ class Meter:
 # ------------------------------------------------------------------------------------------
 
 
+def default_group_size(batch: int) -> int:
+    """GRPO's sequences per prompt when none is given: the largest divisor of batch from 2 to 8 (GRPO
+    recipes often sample 8 per prompt), else batch itself (one prompt); 1 for a batch of 1, which GRPO
+    cannot use (the advantage is relative to the prompt's group)."""
+    return next((g for g in range(min(8, batch), 1, -1) if batch % g == 0), batch)
+
+
 @dataclass
 class ProfileConfig:
     model: str = "Qwen/Qwen2.5-0.5B"
     algo: str = "grpo"
     loss_impl: str = "fused-linear"
-    batch: int = 8  # sequences per step (GRPO: prompts x group_size)
-    group_size: int = 8  # GRPO
+    batch: int = 4  # sequences per step (GRPO: prompts x group_size); README's tables use 4
+    group_size: int | None = None  # GRPO's sequences per prompt; None: default_group_size(batch)
     prompt_len: int = 256
     response_len: int = 1024
     dtype: str = "bf16"  # weights, activations, gradients and optimizer states
@@ -259,6 +266,8 @@ class ProfileConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        if self.group_size is None and isinstance(self.batch, int):
+            self.group_size = default_group_size(self.batch)
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.loss_impl not in LOSS_IMPLS:
@@ -269,7 +278,8 @@ class ProfileConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.algo == "grpo" and (self.group_size < 2 or self.batch % self.group_size):
-            raise ValueError(f"GRPO's batch ({self.batch}) must be a multiple of group_size ({self.group_size} >= 2)")
+            raise ValueError(f"GRPO's batch ({self.batch}) must be a multiple of group_size ({self.group_size}), "
+                             "and group_size at least 2")
 
 
 @dataclass

@@ -8,12 +8,14 @@ allocation timeline. The module docstring's first paragraph is the command's des
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -25,6 +27,7 @@ from .profile import (
     PRESETS,
     ProfileConfig,
     StepProfile,
+    default_group_size,
     estimate_for,
     model_config,
     profile_step,
@@ -116,39 +119,95 @@ def plot_timeline(profiles: Sequence[StepProfile], path: Path) -> bool:
     return True
 
 
+def build_parser(prog: str = "rlops profile") -> argparse.ArgumentParser:
+    """The arguments of `rlops profile`: every option has a help line, with its choices and unit.
+    Defaults are ProfileConfig's, so the command and the library describe the same step."""
+    d = ProfileConfig
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=d.model,
+                        help=f"a preset ({', '.join(PRESETS)}), a config.json, or a model in the local Hugging Face "
+                             f"cache; random weights, nothing is downloaded (default: {d.model})")
+    parser.add_argument("--algo", nargs="+", default=list(ALGOS), choices=ALGOS, metavar="ALGO",
+                        help=f"RL algorithms, one or more of: {', '.join(ALGOS)} (default: all)")
+    parser.add_argument("--loss", nargs="+", default=list(LOSS_IMPLS), choices=LOSS_IMPLS, metavar="IMPL",
+                        help=f"loss implementations, one or more of: {', '.join(LOSS_IMPLS)} (default: all)")
+    parser.add_argument("--batch", type=int, default=d.batch, metavar="N",
+                        help=f"sequences per step; for GRPO, prompts x --group-size (default: {d.batch})")
+    parser.add_argument("--group-size", type=int, metavar="N",
+                        help="GRPO's sequences per prompt (default: the largest divisor of --batch from 2 to 8, "
+                             "else --batch itself)")
+    parser.add_argument("--prompt-len", type=int, default=d.prompt_len, metavar="TOKENS",
+                        help=f"prompt tokens per sequence (default: {d.prompt_len})")
+    parser.add_argument("--response-len", type=int, nargs="+", default=[d.response_len], metavar="TOKENS",
+                        help=f"response tokens per sequence; one or more, a step each (default: {d.response_len})")
+    parser.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
+                        help=f"dtype of weights, activations, gradients and optimizer states, one of: "
+                             f"{', '.join(DTYPES)} (default: {d.dtype})")
+    parser.add_argument("--kl-coef", type=float, default=d.kl_coef, metavar="COEF",
+                        help=f"KL penalty coefficient (no unit); > 0 keeps a reference model (default: {d.kl_coef})")
+    parser.add_argument("--no-reward-model", action="store_true", help="PPO without a reward model (rule rewards)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each decoder layer in the backward (less activation memory)")
+    parser.add_argument("--generation-chunk", type=int, default=d.generation_chunk, metavar="TOKENS",
+                        help=f"tokens per prefill chunk of the generation stage (default: {d.generation_chunk})")
+    parser.add_argument("--device", help="torch device to measure on, such as cuda, cuda:1 or cpu "
+                                         "(default: cuda when present, else cpu: small configs only)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="the analytic estimate only (rlops.memory): no model is run, no GPU needed")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="folder for the reports (default: bench/results/<device>/ of this checkout; "
+                             "with --estimate, nothing is written without --out)")
+    return parser
+
+
+def check_dependencies(args: argparse.Namespace, prog: str) -> str | None:
+    """One line naming a module the command needs that is not installed (and how to install it), or None.
+    The models come from Hugging Face configs; measuring runs the Triton kernels (on CPU, interpreted)."""
+    from .bench.common import missing_dependency
+
+    needs = {"transformers": ("the models' configs and layers (Hugging Face)", "pip install 'rlops[train]'")}
+    if not args.estimate:
+        needs["triton"] = ("the fused kernels; Triton ships Linux wheels only", "pip install triton")
+        if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+            needs["numpy"] = ("Triton's interpreter, which runs the kernels on CPU", "pip install numpy")
+    return missing_dependency(prog, needs)
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exits with status 2 and one line (argparse's error() would print the whole usage first)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _group_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """--group-size, or its default for --batch; refuses (one line, before any work) a pair GRPO cannot use."""
+    group = args.group_size or default_group_size(args.batch)
+    if "grpo" in args.algo and args.batch >= 1 and (group < 2 or args.batch % group):
+        example_group = max(group, 2)
+        example_batch = max(example_group, -(-args.batch // example_group) * example_group)
+        _refuse(parser, f"GRPO needs --batch to be a multiple of --group-size (at least 2), got --batch {args.batch} "
+                        f"--group-size {group}; for example --batch {example_batch} --group-size {example_group}")
+    return group
+
+
 def main(argv: list[str] | None = None, prog: str = "rlops profile") -> int:
     """`rlops profile`: measure (or with --estimate, estimate) one RL step's memory per loss implementation."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="Qwen/Qwen2.5-0.5B",
-                        help=f"a preset ({', '.join(PRESETS)}), a config.json, or a local Hugging Face model "
-                             "(random weights; nothing is downloaded)")
-    parser.add_argument("--algo", nargs="+", default=list(ALGOS), choices=ALGOS)
-    parser.add_argument("--loss", nargs="+", default=list(LOSS_IMPLS), choices=LOSS_IMPLS)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--group-size", type=int, default=8, help="GRPO's samples per prompt")
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--response-len", type=int, nargs="+", default=[1024])
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--kl-coef", type=float, default=0.04, help="> 0 keeps a reference model")
-    parser.add_argument("--no-reward-model", action="store_true", help="PPO without a reward model (rule rewards)")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--generation-chunk", type=int, default=512)
-    parser.add_argument("--device", help="default: cuda when present, else cpu (small configs only)")
-    parser.add_argument("--estimate", action="store_true", help="the analytic estimate only: no model is run")
-    parser.add_argument("--out", type=Path, help="default: bench/results/<device>/ of this checkout")
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+    missing = check_dependencies(args, prog)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    group = _group_size(args, parser)
     try:
         configs = [ProfileConfig(model=args.model, algo=algo, loss_impl=loss, batch=args.batch,
-                                 group_size=args.group_size, prompt_len=args.prompt_len, response_len=t,
+                                 group_size=group, prompt_len=args.prompt_len, response_len=t,
                                  dtype=args.dtype, kl_coef=args.kl_coef, reward_model=not args.no_reward_model,
                                  gradient_checkpointing=args.gradient_checkpointing,
                                  generation_chunk=args.generation_chunk, device=args.device)
                    for algo in args.algo for t in args.response_len for loss in args.loss]
         model_config(args.model)
     except ValueError as e:
-        parser.error(str(e))
+        _refuse(parser, str(e))
     if args.estimate:
         return _print_estimates(configs, args)
     return _measure(configs, args)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
 import pytest
+import torch
 
-from rlops.bench import common
+from rlops.bench import common, plots, run
+from rlops.bench.common import Timing
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TRITON_INTERPRET": "1"}
-RUN_KEYS = {"device": str, "commit": str, "date": str, "torch": str, "triton": str,
-            "copy_bandwidth_gbps": float, "matmul_tflops": float, "records": list}
+RUN_KEYS = {"device": str, "commit": str, "rlops": str, "date": str, "torch": str, "triton": str, "note": str,
+            "copy_bandwidth_gbps": type(None), "matmul_tflops": type(None), "records": list}
 RECORD_KEYS = {"op", "provider", "shape", "dtype", "ms", "bytes", "gbps", "frac_copy_bw", "peak_mem_bytes",
                "extra_mem_bytes"}
 
@@ -25,28 +30,29 @@ def _rlops(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           env=ENV, timeout=timeout)
 
 
-def test_quick_benchmark_writes_json_table_and_plots(tmp_path: Path) -> None:
+def _negative_numbers(text: str) -> list[str]:
+    """Numbers with a minus sign that stand alone (not a date's or a commit's hyphen)."""
+    return re.findall(r"(?:^|[\s|(:])(-\d[\d.e+]*)", text)
+
+
+def test_quick_benchmark_runs_every_case_untimed_under_the_interpreter(tmp_path: Path) -> None:
     out = _rlops("bench", "--quick", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     (json_path,) = tmp_path.glob("*.json")
     run = json.loads(json_path.read_text())
     for key, kind in RUN_KEYS.items():
         assert isinstance(run[key], kind), key
+    # The interpreter's times are meaningless: none is stored, and nothing derived from one.
+    assert run["note"] == "interpreter: no timing" and run["copy_bandwidth_gbps"] is None is run["matmul_tflops"]
     records = run["records"]
     for r in records:
         assert set(r) >= RECORD_KEYS, set(r) ^ RECORD_KEYS
-        assert set(r["ms"]) == {"fwd", "bwd", "fwd_bwd"} and r["ms"]["fwd"] > 0
-        assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"]["fwd_bwd"] or r["ms"]["fwd"]) / 1e6)
-        assert r["frac_copy_bw"] == pytest.approx(r["gbps"] / run["copy_bandwidth_gbps"])
+        assert r["ms"] == {"fwd": None, "bwd": None, "fwd_bwd": None} and r["error"] is None
+        assert r["gbps"] is None is r["frac_copy_bw"] is r["tflops"]
         if r["op"] == "gae":
-            assert set(r["shape"]) == {"B", "T"} and r["ms"]["fwd_bwd"] is None and r["ms"]["bwd"] is None
+            assert set(r["shape"]) == {"B", "T"}
             assert r["bytes"] == r["shape"]["B"] * r["shape"]["T"] * 17  # float32 in and out, a bool mask
-        elif r["op"] == "linear_policy_loss":
-            n, v, h = (r["shape"][k] for k in ("N", "V", "H"))
-            assert r["tflops"] == pytest.approx(6 * n * v * h / r["ms"]["fwd_bwd"] / 1e9)
-        else:
-            assert set(r["shape"]) == {"N", "V"} and r["ms"]["fwd_bwd"] > 0
-            assert r["ms"]["bwd"] == pytest.approx(r["ms"]["fwd_bwd"] - r["ms"]["fwd"])
+        elif r["op"] == "policy_loss":
             assert r["bytes"] == 3 * r["shape"]["N"] * r["shape"]["V"] * 2  # three bf16 passes
     providers = {op: {r["provider"] for r in records if r["op"] == op} for op in {r["op"] for r in records}}
     assert {"eager-trl", "eager-verl", "rlops-triton"} <= providers["token_stats"]
@@ -54,9 +60,15 @@ def test_quick_benchmark_writes_json_table_and_plots(tmp_path: Path) -> None:
     assert providers["gae"] == {"python-loop", "rlops-triton"}
     assert {"matmuls", "eager-trl", "rlops-triton"} <= providers["linear_policy_loss"]
     table = json_path.with_suffix(".md").read_text()
-    assert sum(table.count(f"| {op} |") for op in providers) == len(records)
-    for op in providers:
-        assert (tmp_path / f"{json_path.stem}-{op}.png").stat().st_size > 0
+    rows = [line for line in table.splitlines() if any(line.startswith(f"| {op} |") for op in providers)]
+    assert len(rows) == len(records)
+    for row in rows:  # times say so; speed-ups of absent times are absent
+        assert row.count("| no timing ") == 3 and row.endswith("| - | - |"), row
+    assert "interpreter: no timing" in table.splitlines()[0]
+    for text in (json_path.read_text(), table, out.stdout):
+        assert not _negative_numbers(text), _negative_numbers(text)
+    assert not re.search(r"\d ms\b", out.stdout) and "no plots: interpreter: no timing" in out.stdout
+    assert not list(tmp_path.glob("*.png"))
     # Providers that cannot run here say why.
     assert "rlops-cuda N=64 V=1000: skipped: backend='cuda' is unavailable: PyTorch" in out.stdout
     assert "torch-compile N=64 V=1000: skipped: torch.compile is compared on CUDA only" in out.stdout
@@ -72,7 +84,7 @@ def test_plots_sweep_each_varying_dimension(tmp_path: Path) -> None:
     records = [_record("token_stats", p, {"N": n, "V": v}, n * v / 1e6 * (1 if p == "rlops-triton" else 4), n * v)
                for p in ("eager-trl", "rlops-triton") for n in (4096, 16384, 65536) for v in (32000, 151936)]
     records += [_record("policy_loss", "rlops-triton", {"N": 16384, "V": 32000}, 1.0, None)]
-    sweeps = common._sweeps([r for r in records if r["op"] == "token_stats"])
+    sweeps = plots._sweeps([r for r in records if r["op"] == "token_stats"])
     assert [(axis, fixed, len(chosen)) for axis, fixed, chosen in sweeps] == [
         ("N", {"V": 151936}, 6), ("V", {"N": 65536}, 4)]  # ties go to the largest fixed dimension
     run = {"device": "NVIDIA H100 80GB HBM3", "commit": "abc", "date": "2026-11-21T00:00:00+00:00", "torch": "2",
@@ -128,3 +140,75 @@ def test_cli_help_list_and_errors(tmp_path: Path) -> None:
 
 def test_default_results_folder_is_the_checkouts() -> None:
     assert common.default_out_dir("NVIDIA H100 80GB HBM3") == ROOT / "bench" / "results" / "nvidia-h100-80gb-hbm3"
+
+
+@pytest.mark.parametrize("fwd, fwd_bwd, bwd", [
+    (Timing(1.0, 1.1, 1.2), Timing(2.0, 2.2, 2.5), 1.1),  # apart: the difference of the medians
+    (Timing(1.0, 1.1, 1.3), Timing(1.2, 1.4, 1.6), None),  # overlapping: noise could give either sign
+    (Timing(500.0, 1466.0, 2100.0), Timing(900.0, 1020.0, 2400.0), None),  # fwd+bwd median below fwd's
+])
+def test_backward_is_a_meaningful_difference_or_absent(fwd: Timing, fwd_bwd: Timing, bwd: float | None) -> None:
+    assert common.backward_ms(fwd, fwd_bwd) == (None if bwd is None else pytest.approx(bwd))
+
+
+@pytest.mark.parametrize("op, fwd_bwd, bwd", [
+    ("token_stats", Timing(3.0, 3.5, 5.0), None),
+    ("linear_policy_loss", Timing(5.0, 6.0, 7.0), 4.0),
+])
+def test_timed_case_keeps_only_meaningful_times(monkeypatch: pytest.MonkeyPatch, op: str, fwd_bwd: Timing,
+                                                bwd: float | None) -> None:
+    """The CUDA path with do_bench's quantiles stood in: rates from the fwd+bwd median, no negative time."""
+    timings = iter([Timing(1.0, 2.0, 4.0), fwd_bwd])
+    monkeypatch.setattr(common, "no_timing_reason", lambda: None)
+    monkeypatch.setattr(common, "time_quantiles", lambda fn: next(timings))
+    module = run.OPS[op]
+    rec = run.run_case(module, "eager-trl", module.QUICK_SHAPES[0], torch.bfloat16, 1000.0)
+    assert rec.ms == {"fwd": 2.0, "bwd": bwd, "fwd_bwd": fwd_bwd.median}
+    assert rec.gbps == pytest.approx(rec.bytes / fwd_bwd.median / 1e6)
+    assert rec.frac_copy_bw == pytest.approx(rec.gbps / 1000.0)
+    if op == "linear_policy_loss":
+        n, v, h = module.QUICK_SHAPES[0]
+        assert rec.tflops == pytest.approx(6 * n * v * h / fwd_bwd.median / 1e9)
+    table = common.markdown_table({"device": "NVIDIA H100 80GB HBM3", "commit": "abc", "date": "2026", "torch": "2",
+                                   "triton": "3", "note": None, "copy_bandwidth_gbps": 1000.0,
+                                   "matmul_tflops": 700.0, "records": [vars(rec)]})
+    assert f"| 2 | {'-' if bwd is None else '4'} | {fwd_bwd.median:g} |" in table
+    assert not _negative_numbers(table)
+
+
+def test_results_are_named_by_the_installed_version_outside_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "_git", lambda *args: "")
+    env = common.environment()
+    version = importlib.metadata.version("rlops")
+    assert env["commit"] == f"v{version}" and env["rlops"] == version
+    assert common.results_stem(env).endswith(f"-v{version}") and "unknown" not in common.results_stem(env)
+
+
+@pytest.mark.parametrize("shapes", [
+    [{"N": 64, "V": 1000, "H": 32}],  # one shape: a single panel of bars, the narrowest figure
+    [{"N": n, "V": 151936, "H": 4096} for n in (4096, 16384, 65536)],  # one sweep: a panel of lines
+])
+def test_plot_titles_fit_their_figure(shapes: list[dict[str, int]]) -> None:
+    matplotlib.use("Agg")
+    # The longest op name, a long device name (torch.cuda.get_device_name) and a dirty commit.
+    run_ = {"device": "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition", "commit": "0123456789ab+dirty"}
+    records = [_record("linear_policy_loss", p, shape, 1.0, 10**9) for p in ("matmuls", "rlops-triton")
+               for shape in shapes]
+    fig = plots.figure("linear_policy_loss", run_, records)
+    fig.canvas.draw()
+    (title,) = fig.texts  # the suptitle
+    box, page = title.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+    assert "0123456789ab+dirty" in title.get_text().replace("\n", " ")
+
+
+@pytest.mark.parametrize("module, install", [("triton", "pip install triton"), ("numpy", "pip install numpy")])
+def test_bench_names_a_missing_module_and_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                            module: str, install: str) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is what needs NumPy
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    assert run.main(["--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{module} is not installed" in err and install in err, err
+    assert not any(tmp_path.iterdir())  # refused before any work

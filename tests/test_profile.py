@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlops import profile_cli
 from rlops.memory import STAGES, ModelDims, StepShape, estimate
-from rlops.profile import PRESETS, AllocationTracker, ProfileConfig, estimate_for, model_config, profile_step
+from rlops.profile import (
+    PRESETS,
+    AllocationTracker,
+    ProfileConfig,
+    default_group_size,
+    estimate_for,
+    model_config,
+    profile_step,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 352, "num_hidden_layers": 3,
@@ -127,9 +136,34 @@ def test_profile_command_measures_and_writes(tiny_config: str, tmp_path: Path) -
 
 @pytest.mark.parametrize("args, message", [
     (("--model", "nope/unknown-model", "--estimate"), "not a preset"),
-    (("--batch", "6", "--group-size", "4", "--estimate"), "multiple of group_size"),
+    (("--batch", "6", "--group-size", "4", "--estimate"),
+     "multiple of --group-size (at least 2), got --batch 6 --group-size 4; for example --batch 8 --group-size 4"),
     (("--algo", "dpo", "--estimate"), "invalid choice"),
 ])
 def test_profile_refuses_bad_input(args: tuple[str, ...], message: str) -> None:
     out = _rlops(*args)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_group_size_defaults_to_a_divisor_of_the_batch(capsys: pytest.CaptureFixture) -> None:
+    assert {b: default_group_size(b) for b in (1, 2, 4, 6, 8, 10, 11, 12, 16, 64)} == {
+        1: 1, 2: 2, 4: 4, 6: 6, 8: 8, 10: 5, 11: 11, 12: 6, 16: 8, 64: 8}
+    # The command's defaults are the library's, and README's tables' 4 sequences.
+    assert profile_cli.build_parser().parse_args([]).batch == ProfileConfig().batch == 4
+    assert ProfileConfig(batch=12).group_size == 6
+    assert profile_cli.main(["--batch", "4", "--algo", "grpo", "--loss", "fused-linear", "--estimate"]) == 0
+    assert "batch 4 x (256 + 1024) tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, module, install", [
+    (["--estimate"], "transformers", "pip install 'rlops[train]'"),
+    (["--device", "cpu"], "triton", "pip install triton"),
+    (["--device", "cpu"], "numpy", "pip install numpy"),
+])
+def test_profile_names_a_missing_module_and_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture, args: list[str],
+                                                              module: str, install: str) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    assert profile_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{module} is not installed" in err and install in err, err
