@@ -110,7 +110,10 @@ def _parsers() -> dict[str, Callable[[list[str]], object]]:
 
         return checked_config(parsed.config_class, parsed)
 
-    return {"train": train}
+    from rlops.bench.run import build_parser as bench_parser
+    from rlops.profile_cli import build_parser as profile_parser
+
+    return {"train": train, "bench": bench_parser().parse_args, "profile": profile_parser().parse_args}
 
 
 def _check_commands(body: str) -> int:
