@@ -103,3 +103,16 @@ def test_ctrl_c_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert cli.main(["train", "sft", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "resume" in err and str(tmp_path / "run") in err
+
+
+@pytest.mark.parametrize("missing", ["transformers", "tqdm"])
+def test_train_names_a_missing_extra(missing: str, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain `pip install .` lacks the trainers' extras: one line saying which to install, exit 2."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    assert cli.main(["train", "sft"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and missing in err and "pip install 'rlops[train]'" in err
