@@ -256,10 +256,13 @@ def test_rlops_train_r1_toy_command(tmp_path: Path) -> None:
     for stage in ("sft", "grpo"):
         assert (tmp_path / stage / "metrics.jsonl").is_file() and (tmp_path / stage / "metrics.png").is_file()
         assert (tmp_path / stage / "checkpoint" / "state.pt").is_file()
-    assert "sft: 100%" in out.stderr and "grpo: 100%" in out.stderr  # progress bars
+    # Progress: stderr is a pipe here, so plain lines, no bar redraws, no transformers bar.
+    assert "sft: 100%" in out.stderr and "grpo: 100%" in out.stderr
+    assert "\r" not in out.stderr and "Writing model shards" not in out.stderr
     # Started again, the finished stages are loaded, not retrained.
     again = _rlops(*args)
     assert again.returncode == 0 and "sft: 100%" not in again.stderr, again.stderr[-2000:]
+    assert "Loading weights" not in again.stderr  # transformers' bar, off without a terminal
 
 
 def test_rlops_train_grpo_and_ppo_commands(tmp_path: Path) -> None:

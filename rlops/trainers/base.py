@@ -10,6 +10,7 @@ import contextlib
 import copy
 import math
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,14 @@ from ..ops.linear_policy_loss import linear_policy_loss, linear_token_logprobs_a
 from ..ops.policy_loss import PolicyLossOutput, policy_loss
 from ..ops.token_stats import token_logprobs
 from ..options import BACKENDS
-from .checkpoint import Checkpoint, is_finished, mark_finished, save_model, unmark_finished
+from .checkpoint import (
+    Checkpoint,
+    is_finished,
+    mark_finished,
+    save_model,
+    transformers_progress,
+    unmark_finished,
+)
 from .faults import crash_point
 from .processes import Processes, seed_everything
 from .rollout import PolicyForward, Rollout, Task, Tokenizer, enable_checkpointing, evaluate, minibatches, sample
@@ -148,6 +156,8 @@ class Trainer:
         self.step_count = 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.stage: Callable[[str], contextlib.AbstractContextManager[None]] = no_stage
+        # train_seconds() counts from here; a resumed run moves it back by the checkpoint's time.
+        self.clock_start = time.perf_counter()
 
     def step(self) -> dict[str, float]:
         raise NotImplementedError
@@ -171,8 +181,10 @@ class Trainer:
         models, then marks the run finished; returns the last step's metrics. A run killed at any
         moment before the mark, started again, ends as the uninterrupted run does."""
         cfg = self.config
+        self.clock_start = time.perf_counter()
         if cfg.resume and self.checkpoint.exists():
-            self.step_count, _ = self.checkpoint.load(self.models(), self.optimizers, cfg)
+            self.step_count, extra = self.checkpoint.load(self.models(), self.optimizers, cfg)
+            self.clock_start -= extra.get("train_seconds", 0.0)
         if self.out_dir is not None:
             if self.step_count >= cfg.steps and is_finished(self.out_dir):
                 return self.logged_metrics()
@@ -200,18 +212,27 @@ class Trainer:
         # last step's metrics are the ones logged.
         return metrics or self.logged_metrics()
 
+    def train_seconds(self) -> float:
+        """Wall time of train() so far, over all resumptions up to the checkpoint resumed from (the
+        time a killed run spent after its last checkpoint is not counted: those steps run again)."""
+        return time.perf_counter() - self.clock_start
+
     def save(self) -> None:
-        """The checkpoint (rank 0)."""
+        """The checkpoint (rank 0), with the training time so far."""
         if self.procs.main and self.out_dir is not None:
-            self.checkpoint.save(self.step_count, self.models(), self.optimizers, self.config)
+            self.checkpoint.save(self.step_count, self.models(), self.optimizers, self.config,
+                                 extra={"train_seconds": self.train_seconds()})
         self.procs.barrier()
 
     def finish(self) -> None:
-        """The final models under out_dir, then the mark that the run is finished (rank 0): a run
-        killed before the mark redoes both when started again."""
+        """The final models under out_dir, then the mark that the run is finished, with its
+        training time (rank 0): a run killed before the mark redoes both when started again.
+        transformers' "Writing model shards" bar follows the progress setting, and like ours
+        shows only on a terminal."""
         if self.procs.main and self.out_dir is not None:
-            self.save_final(self.out_dir)
-            mark_finished(self.out_dir, self.step_count)
+            with transformers_progress(self.config.progress):
+                self.save_final(self.out_dir)
+            mark_finished(self.out_dir, self.step_count, self.train_seconds())
         self.procs.barrier()
 
     def logged_metrics(self) -> dict[str, float]:

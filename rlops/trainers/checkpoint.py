@@ -4,8 +4,10 @@ written atomically (atomic.py): a kill leaves the old version or the whole new o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from torch import nn
 
 from . import atomic
 from .rollout import Tokenizer
+from .runlog import stderr_is_terminal
 
 
 class Checkpoint:
@@ -66,6 +69,25 @@ class Checkpoint:
 _RUN_ONLY = {"out_dir", "steps", "device", "save_every", "resume", "progress"}
 
 
+@contextlib.contextmanager
+def transformers_progress(progress: bool) -> Iterator[None]:
+    """Within it, transformers' own progress bars (save_pretrained's "Writing model shards",
+    from_pretrained's "Loading weights") show only where ours do: with progress on and stderr a
+    terminal (in a redirected log a bar is carriage returns and redraws). Their previous state
+    comes back afterwards. (transformers' switch also switches huggingface_hub's bars; both are
+    on again after, as they were.)"""
+    from transformers.utils import logging as hf_logging
+
+    silence = not (progress and stderr_is_terminal()) and hf_logging.is_progress_bar_enabled()
+    if silence:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if silence:
+            hf_logging.enable_progress_bar()
+
+
 def save_model(model: nn.Module, tokenizer: Tokenizer | None, directory: Path) -> None:
     """model.save_pretrained (+ tokenizer.save_pretrained) into directory, atomically: a kill
     leaves the directory as it was (or absent), never half written."""
@@ -83,8 +105,20 @@ def is_finished(out_dir: Path) -> bool:
     return (out_dir / FINISHED).is_file()
 
 
-def mark_finished(out_dir: Path, step: int) -> None:
-    atomic.write_text(out_dir / FINISHED, json.dumps({"step": step}) + "\n")
+def mark_finished(out_dir: Path, step: int, train_seconds: float | None = None) -> None:
+    """out_dir/finished.json: the last step and the run's training time in seconds (over all its
+    resumptions, see Trainer.train), so a run loaded later still reports what training it took."""
+    info: dict[str, Any] = {"step": step}
+    if train_seconds is not None:
+        info["train_seconds"] = round(train_seconds, 3)
+    atomic.write_text(out_dir / FINISHED, json.dumps(info) + "\n")
+
+
+def finished_info(out_dir: Path) -> dict[str, Any]:
+    """What mark_finished wrote ({} for an unfinished run); runs marked before train_seconds was
+    recorded have only "step"."""
+    path = out_dir / FINISHED
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def unmark_finished(out_dir: Path) -> None:
@@ -101,9 +135,11 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer]:
+def load_pretrained(path: str | Path, device: torch.device | str = "cpu",
+                    progress: bool = True) -> tuple[nn.Module, Tokenizer]:
     """(model, tokenizer) from a directory rlops saved (the character tokenizer) or any Hugging
-    Face causal LM name or directory (its own tokenizer)."""
+    Face causal LM name or directory (its own tokenizer); transformers' loading bar as
+    transformers_progress(progress) allows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .arithmetic import CharTokenizer
@@ -112,4 +148,6 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tup
         tokenizer: Tokenizer = CharTokenizer.from_pretrained(path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return AutoModelForCausalLM.from_pretrained(path).to(device), tokenizer
+    with transformers_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(path)
+    return model.to(device), tokenizer

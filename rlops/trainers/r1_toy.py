@@ -9,7 +9,8 @@
 Each stage writes its metrics, plot, checkpoint and model under DIR/<stage>/; a finished
 stage (marked by DIR/<stage>/finished.json, written after its model) is skipped when the run is
 started again, and an interrupted one resumes from its checkpoint. DIR/summary.json, written
-last and atomically, holds the held-out accuracy after each stage.
+last and atomically, holds the held-out accuracy after each stage and each stage's training time
+(recorded in its finished.json, so a stage loaded from an earlier run reports it too).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from . import arithmetic, atomic
 from .base import check_positive, check_seed
-from .checkpoint import is_finished, load_pretrained
+from .checkpoint import finished_info, is_finished, load_pretrained
 from .grpo import GRPOConfig, GRPOTrainer
 from .processes import Processes, seed_everything
 from .rollout import Task, evaluate, sample
@@ -67,8 +68,8 @@ class R1ToyConfig:
         arithmetic.check_split(self.heldout, self.demos)
 
 
-def _load(directory: Path, device: torch.device) -> torch.nn.Module:
-    return load_pretrained(directory, device)[0]
+def _load(directory: Path, device: torch.device, progress: bool) -> torch.nn.Module:
+    return load_pretrained(directory, device, progress)[0]
 
 
 def cold_start(out: Path, demos: list[arithmetic.Problem], heldout: list[arithmetic.Problem], config: SFTConfig,
@@ -79,7 +80,7 @@ def cold_start(out: Path, demos: list[arithmetic.Problem], heldout: list[arithme
 
     procs = Processes(config.device)
     if is_finished(out):
-        return _load(out / "model", procs.device)
+        return _load(out / "model", procs.device, config.progress)
     seed_everything(config.seed)
     tokenizer = arithmetic.CharTokenizer()
     model = LlamaForCausalLM(arithmetic.tiny_model_config(tokenizer, hidden_size, layers))
@@ -106,69 +107,93 @@ def rejection_samples(model: torch.nn.Module, tokenizer: arithmetic.CharTokenize
 
 
 def run(config: R1ToyConfig) -> dict[str, Any]:
-    """Runs (or resumes) the pipeline; returns the summary written to out_dir/summary.json."""
+    """Runs (or resumes) the pipeline; returns the summary written to out_dir/summary.json:
+    held-out accuracy, reward and response length after each stage, each stage's training time
+    ("seconds", also for a stage loaded from an earlier run) and its evaluation time ("eval_seconds")."""
     out = Path(config.out_dir)
     procs = Processes(config.device)
-    device = procs.device
     tokenizer = arithmetic.CharTokenizer()
     train, heldout = arithmetic.split_problems(config.heldout, seed=config.seed)
     demos, rl_items = train[:config.demos], train[config.demos:]
-    common = {"seed": config.seed, "device": config.device, "progress": config.progress, "resume": config.resume}
     summary: dict[str, Any] = {"accuracy": {}, "reward": {}, "response_length": {}, "seconds": {},
-                               "device": str(device), "config": asdict(config)}
+                               "eval_seconds": {}, "device": str(procs.device), "config": asdict(config)}
 
-    def finish(stage: str, model: torch.nn.Module, started: float) -> None:
+    def finish(stage: str, model: torch.nn.Module, train_seconds: float | None) -> None:
+        started = time.perf_counter()
         scores = evaluate(model, tokenizer, TASK, heldout, max_new_tokens=config.max_new_tokens)
         summary["accuracy"][stage] = scores["eval_accuracy"]
         summary["reward"][stage] = scores["eval_reward"]
         summary["response_length"][stage] = scores["eval_response_length"]
-        summary["seconds"][stage] = round(time.perf_counter() - started, 1)
+        summary["seconds"][stage] = train_seconds
+        summary["eval_seconds"][stage] = round(time.perf_counter() - started, 1)
         if procs.main:
             print(f"{stage}: held-out accuracy {scores['eval_accuracy']:.3f} ({len(heldout)} problems)", flush=True)
 
-    started = time.perf_counter()
     model = cold_start(out / "sft", demos, heldout, SFTConfig(steps=config.sft_steps,
-                                                              max_new_tokens=config.max_new_tokens, **common),
+                                                              max_new_tokens=config.max_new_tokens, **_common(config)),
                        config.hidden_size, config.layers)
-    finish("sft", model, started)
+    finish("sft", model, _stage_seconds(out / "sft"))
 
-    started = time.perf_counter()
     if is_finished(out / "grpo"):
-        model = _load(out / "grpo" / "model", device)
+        model = _load(out / "grpo" / "model", procs.device, config.progress)
     else:
         grpo = GRPOConfig(out_dir=str(out / "grpo"), steps=config.grpo_steps, lr=config.grpo_lr,
-                          max_new_tokens=config.max_new_tokens, **common)
+                          max_new_tokens=config.max_new_tokens, **_common(config))
         GRPOTrainer(model, tokenizer, TASK, rl_items, grpo, heldout).train()
-    finish("grpo", model, started)
+    finish("grpo", model, _stage_seconds(out / "grpo"))
 
-    started = time.perf_counter()
-    stats = out / "rejection_sft" / "rejection_sampling.json"
-    if is_finished(out / "rejection_sft"):
-        model = _load(out / "rejection_sft" / "model", device)
-        summary["rejection_sampling"] = json.loads(stats.read_text())
-    else:
-        # Seeded: a run started again after a kill samples what the uninterrupted one did.
-        seed_everything(config.seed)
-        rng = torch.Generator().manual_seed(config.seed)
-        chosen = [rl_items[i] for i in torch.randperm(len(rl_items), generator=rng)[:config.rs_prompts].tolist()]
-        examples, rate = rejection_samples(model, tokenizer, chosen, config.rs_samples, config.max_new_tokens)
-        summary["rejection_sampling"] = {"prompts": len(chosen), "samples_correct": rate, "kept": len(examples)}
-        if procs.main:
-            atomic.write_text(stats, json.dumps(summary["rejection_sampling"]) + "\n")
-        if examples:
-            rs = SFTConfig(out_dir=str(out / "rejection_sft"), steps=config.rs_steps, lr=config.rs_lr,
-                           max_new_tokens=config.max_new_tokens, **common)
-            SFTTrainer(model, tokenizer, examples, rs, TASK, heldout).train()
-        elif procs.main:
-            print("rejection sampling kept no correct sample (train longer): no fine-tuning on it; the GRPO model "
-                  "is evaluated as is", file=sys.stderr, flush=True)
-    finish("rejection_sft", model, started)
+    model, summary["rejection_sampling"] = rejection_stage(out / "rejection_sft", model, rl_items, heldout, config)
+    finish("rejection_sft", model, _stage_seconds(out / "rejection_sft", summary["rejection_sampling"].get("seconds")))
 
     if procs.main:
         _combined_metrics(out)
         atomic.write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     procs.barrier()
     return summary
+
+
+def _common(config: R1ToyConfig) -> dict[str, Any]:
+    """The stage trainers' config fields that the pipeline's config sets."""
+    return {"seed": config.seed, "device": config.device, "progress": config.progress, "resume": config.resume}
+
+
+def _stage_seconds(out: Path, before: float | None = 0.0) -> float | None:
+    """A stage's training time: what its trainer recorded in out/finished.json (over all its
+    resumptions; 0 when no trainer ran), plus before (the stage's work ahead of its trainer:
+    rejection sampling). None when unknown: a stage finished by an older rlops recorded no time."""
+    info = finished_info(out)
+    trained = info.get("train_seconds", None if info else 0.0)
+    return None if trained is None or before is None else round(before + trained, 1)
+
+
+def rejection_stage(out: Path, model: torch.nn.Module, rl_items: list[arithmetic.Problem],
+                    heldout: list[arithmetic.Problem], config: R1ToyConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rejection sampling from model and SFT on the correct samples, into out (or the model loaded
+    from out when the stage has finished); returns the model and the sampling's statistics (its
+    "seconds": the sampling's time, which the stage's training time includes)."""
+    procs = Processes(config.device)
+    stats_path = out / "rejection_sampling.json"
+    if is_finished(out):
+        return _load(out / "model", procs.device, config.progress), json.loads(stats_path.read_text())
+    started = time.perf_counter()
+    # Seeded: a run started again after a kill samples what the uninterrupted one did.
+    seed_everything(config.seed)
+    rng = torch.Generator().manual_seed(config.seed)
+    chosen = [rl_items[i] for i in torch.randperm(len(rl_items), generator=rng)[:config.rs_prompts].tolist()]
+    tokenizer = arithmetic.CharTokenizer()
+    examples, rate = rejection_samples(model, tokenizer, chosen, config.rs_samples, config.max_new_tokens)
+    stats = {"prompts": len(chosen), "samples_correct": rate, "kept": len(examples),
+             "seconds": round(time.perf_counter() - started, 1)}
+    if procs.main:
+        atomic.write_text(stats_path, json.dumps(stats) + "\n")
+    if examples:
+        rs = SFTConfig(out_dir=str(out), steps=config.rs_steps, lr=config.rs_lr, max_new_tokens=config.max_new_tokens,
+                       **_common(config))
+        SFTTrainer(model, tokenizer, examples, rs, TASK, heldout).train()
+    elif procs.main:
+        print("rejection sampling kept no correct sample (train longer): no fine-tuning on it; the GRPO model "
+              "is evaluated as is", file=sys.stderr, flush=True)
+    return model, stats
 
 
 def _combined_metrics(out: Path) -> None:
