@@ -137,7 +137,7 @@ def _train_one(args: argparse.Namespace, config: Any) -> int:
     seed_everything(config.seed)
     out = Path(config.out_dir)
     if args.model is not None:
-        model, tokenizer = load_pretrained(args.model, device)
+        model, tokenizer = load_pretrained(args.model, device, progress=config.progress)
     elif args.kind in ("grpo", "ppo"):
         cold = {k: getattr(config, k) for k in ("seed", "device", "progress", "resume")}
         from .trainers import SFTConfig
