@@ -102,7 +102,9 @@ def softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF: tl.constexpr, BLOCK_V
         m_new = tl.maximum(m, tl.max(x, 0))
         xm = x - m_new
         e = tl.exp2(xm * k)
-        shift = m - m_new
+        # Before the first finite logit (s = 0) nothing is held to rescale: shift 0 rather than
+        # (lowest float - m_new) * k, which overflows to -inf (a NumPy warning in the interpreter).
+        shift = tl.where(s > 0, m - m_new, 0.0)
         alpha = tl.exp2(shift * k)
         # Masked lanes and -inf logits have e = 0 and xm = -inf: they contribute 0, not NaN.
         t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0, xm, 0.0), 0)
@@ -111,7 +113,8 @@ def softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF: tl.constexpr, BLOCK_V
         if HAS_REF:
             y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
             m_ref_new = tl.maximum(m_ref, tl.max(y, 0))
-            s_ref = tl.exp2((m_ref - m_ref_new) * k) * s_ref + tl.sum(tl.exp2((y - m_ref_new) * k), 0)
+            shift_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
+            s_ref = tl.exp2(shift_ref * k) * s_ref + tl.sum(tl.exp2((y - m_ref_new) * k), 0)
             m_ref = m_ref_new
             c = alpha * c + tl.sum(e * tl.where(e > 0, x - y, 0.0), 0)
     log_s = tl.log(s)
