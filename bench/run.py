@@ -136,7 +136,39 @@ def build_parser(prog: str = "rlops bench") -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="folder for the results (default: bench/results/<gpu-name>/ of this checkout)")
     parser.add_argument("--list", action="store_true", help="print the ops, their providers and shapes, and exit")
+    parser.add_argument("--sass", action="store_true",
+                        help="no benchmark: compile every kernel for --arch (no GPU needed) and print registers, "
+                             "spills, resident CTAs per SM, 16-byte accesses and SASS instructions per streamed "
+                             "element; with --out, also write them as JSON")
+    parser.add_argument("--arch", nargs="+", type=int, default=[90], choices=[80, 90], metavar="SM",
+                        help="CUDA architectures for --sass, one or more of: 80, 90 (default: 90)")
     return parser
+
+
+def _sass_report(args: argparse.Namespace, prog: str) -> int:
+    """`rlops bench --sass`: the kernels' compile report (rlops.bench.sass) as a table, and JSON with --out."""
+    if common.interpreter_requested():
+        print(f"{prog} --sass compiles the kernels, which Triton's interpreter replaces: unset TRITON_INTERPRET",
+              file=sys.stderr)
+        return 2
+    missing = common.missing_dependency(prog, {"triton": ("the compiler and its bundled ptxas", "pip install triton")})
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    import json
+    import os
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launchers' default, said explicitly
+    from . import sass
+
+    results = sass.main(args.arch)
+    print(sass.table(results))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"sass-{'-'.join(f'sm_{a}' for a in args.arch)}.json"
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 def check_dependencies(prog: str) -> str | None:
@@ -200,6 +232,8 @@ def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
     if args.list:
         _print_list()
         return 0
+    if args.sass:
+        return _sass_report(args, prog)
     missing = check_dependencies(prog)
     if missing:
         print(missing, file=sys.stderr)

@@ -25,7 +25,8 @@ def _bench(argv: list[str]) -> int:
 
     # Without CUDA the rlops-triton providers run in Triton's interpreter (smoke runs only); the
     # variable must be set before triton is first imported.
-    if not torch.cuda.is_available():
+    # (--sass compiles the kernels instead, which the interpreter would replace.)
+    if not torch.cuda.is_available() and "--sass" not in argv:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .bench.run import main
 

@@ -212,3 +212,21 @@ def test_bench_names_a_missing_module_and_how_to_install_it(monkeypatch: pytest.
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{module} is not installed" in err and install in err, err
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_sass_report_refuses_the_interpreter_and_writes_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`rlops bench --sass`: compiled code only (one line and exit 2 under the interpreter); the
+    report as a table and, with --out, JSON (the compile itself is tests/test_compile.py's)."""
+    from rlops.bench import run, sass
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert run.main(["--sass"]) == 2
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    report = {"_k[X=1]/bf16/sm_80": {"ld_v4": True, "st_v4": False, "REG": 40, "ctas_per_sm": 6,
+                                     "loop_instructions": [246], "instr_per_elem": 15.38}}
+    monkeypatch.setattr(sass, "main", lambda archs: report if archs == [80] else {})
+    assert run.main(["--sass", "--arch", "80", "--out", str(tmp_path)]) == 0
+    assert "| _k[X=1]/bf16/sm_80 | 40 | 0 | 6 | yes | no | 15.38 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sass-sm_80.json").read_text()) == report

@@ -11,7 +11,7 @@ from rlops import profile_cli
 from rlops.bench import run
 
 PARSERS = {
-    "bench": (run.build_parser, {"--ops", "--providers", "--dtype"}),
+    "bench": (run.build_parser, {"--ops", "--providers", "--dtype", "--arch"}),
     "profile": (profile_cli.build_parser, {"--algo", "--loss", "--dtype"}),
 }
 

@@ -55,3 +55,42 @@ def test_compiles_vectorised_without_spills(compiled: dict, key: str) -> None:
     for access in VECTOR[key.split("[")[0]]:
         assert result[access], f"no 16-byte vector {'loads' if access == 'ld_v4' else 'stores'}"
     assert result.get("LOCAL", 0) == 0 and result.get("STACK", 0) == 0, f"spills to local memory: {result}"
+
+
+# SASS instructions per streamed element of the vocabulary loop, sm_90, bf16, as measured today
+# (Triton 3.9's ptxas): ceilings that catch a regression. Issue 16's budgets are lower (10
+# forward, 14 backward, 12 per streamed element with the exact KL, which streams two logits
+# per row element).
+CEILINGS = {
+    "_token_stats_fwd_kernel[HAS_REF=0,HAS_MASK=0]/bf16/sm_90": 15.5,
+    "_token_stats_bwd_kernel[HAS_REF=0]/bf16/sm_90": 18.5,
+    "_token_stats_fwd_kernel[HAS_REF=1,HAS_MASK=0]/bf16/sm_90": 2 * 16.5,
+    "_policy_loss_fwd_kernel[HAS_OLD=1,HAS_ISW=1,HAS_ENT=1,KL_KIND=3,KL_RATIO=1]/bf16/sm_90": 15.5,
+}
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if not k.startswith("_gae")])
+def test_report_has_loops_and_occupancy(compiled: dict, key: str) -> None:
+    """rlops bench --sass reports each vocabulary kernel's loop and how many CTAs fit an SM."""
+    result = compiled[key]
+    assert result["loop_instructions"] and result["instr_per_elem"] > 0, result
+    assert 1 <= result["ctas_per_sm"] <= 8
+
+
+@pytest.mark.parametrize("key", list(CEILINGS))
+def test_instructions_per_streamed_logit_do_not_grow(compiled: dict, key: str) -> None:
+    assert compiled[key]["instr_per_elem"] <= CEILINGS[key], compiled[key]
+
+
+def test_sass_report_table(compiled: dict) -> None:
+    from rlops.bench.sass import table
+
+    rows = table(compiled).splitlines()[2:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(compiled)
+
+
+def test_ctas_per_sm_follows_the_register_file() -> None:
+    from rlops.bench.sass import ctas_per_sm
+
+    # 256 threads: 40 registers -> 1280 per warp -> 10240 per CTA -> 6 of 64K; 32 -> 8 (thread limit).
+    assert (ctas_per_sm(32), ctas_per_sm(40), ctas_per_sm(48), ctas_per_sm(88), ctas_per_sm(255)) == (8, 6, 5, 2, 1)

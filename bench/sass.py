@@ -1,0 +1,184 @@
+"""The compile report of every Triton kernel for a CUDA architecture, without a GPU
+(`rlops bench --sass`): registers, spills, resident CTAs per SM, 16-byte vector accesses and
+SASS instructions per streamed element of each loop, from Triton's bundled ptxas and
+cuobjdump. tests/test_compile.py checks its results.
+
+Run in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit functions,
+helpers included, with Python it cannot compile). Results, one per case:
+{"<kernel>[<switches>]/<dtype>/sm_<arch>": {"ld_v4": bool, "st_v4": bool, "REG": int, "STACK": int,
+"LOCAL": int, "ctas_per_sm": int, "loop_instructions": [int, ...], "instr_per_elem": float}}
+or {"<...>": {"error": "..."}} for a kernel that does not compile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rlops.kernels.gae import _gae_kernel
+from rlops.kernels.policy_loss import _policy_loss_fwd_kernel
+from rlops.kernels.token_stats import _token_stats_bwd_kernel, _token_stats_fwd_kernel
+
+# (kernel, constexpr switches): every feature combination the launchers can ask for.
+CASES = (
+    [(_token_stats_fwd_kernel, {"HAS_REF": ref, "HAS_MASK": mask}) for ref in (False, True) for mask in (False, True)]
+    + [(_token_stats_bwd_kernel, {"HAS_REF": ref}) for ref in (False, True)]
+    + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": kind,
+                                  "KL_RATIO": kind > 0}) for kind in range(5)]
+    + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "HAS_ENT": False, "KL_KIND": 0,
+                                  "KL_RATIO": False})]
+    + [(_gae_kernel, {"HAS_BOOT": boot}) for boot in (False, True)]
+)
+# Per kernel: the constexpr block size the launchers use, and the element type of its
+# "logit-like" pointers (GAE's rewards and values take the dtype under test).
+BLOCKS = {"_gae_kernel": ("BLOCK_T", 1024)}
+LOGIT_PTRS = {"x_ptr", "dx_ptr", "ref_ptr", "r_ptr", "v_ptr"}
+INDEX_PTRS = {"tokens_ptr"}
+BYTE_PTRS = {"mask_ptr", "m_ptr"}
+I32_ARGS = {"N", "V", "T", "inner", "ref_inner"}
+STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
+               "dx_stride_inner", "r_stride", "v_stride", "m_stride"}
+FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "gamma", "lam"}
+
+
+# Switches that triton.heuristics derives from a pointer's None-ness: off means that pointer is None.
+SWITCH_PTRS = {"HAS_MASK": "mask_ptr", "HAS_OLD": "old_ptr", "HAS_ISW": "isw_ptr",
+               "HAS_ENT": "ent_coef_ptr", "HAS_BOOT": "boot_ptr"}
+
+
+def jit_function(fn: object) -> object:
+    """The @triton.jit function under any wrappers (triton.heuristics, the interpreter's)."""
+    while not hasattr(fn, "params") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def case_key(fn: object, switches: dict[str, object], dtype: str, arch: int) -> str:
+    name = jit_function(fn).__name__
+    flags = ",".join(f"{k}={int(v)}" for k, v in switches.items())
+    return f"{name}[{flags}]/{dtype}/sm_{arch}"
+
+
+def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
+              ) -> tuple[dict[str, str], dict[str, object], dict[tuple[int, ...], list]]:
+    fn = jit_function(fn)
+    block_name, block = BLOCKS.get(fn.__name__, ("BLOCK_V", 4096))
+    sig, constexprs, attrs = {}, {block_name: block, **switches}, {}
+    absent = {SWITCH_PTRS[k] for k, on in switches.items() if k in SWITCH_PTRS and not on}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if name in absent:
+            sig[name], constexprs[name] = "constexpr", None
+            continue
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+            continue
+        if name in LOGIT_PTRS:
+            sig[name] = f"*{dtype}"
+        elif name in INDEX_PTRS:
+            sig[name] = "*i64"
+        elif name in BYTE_PTRS:
+            sig[name] = "*u8"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in I32_ARGS:
+            sig[name] = "i32"
+        elif name in STRIDE_ARGS:
+            sig[name] = "i64"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            raise KeyError(f"unknown argument {name!r} of {fn.__name__}: give it a type in compile_kernels.py")
+        if name.endswith("_ptr") or name in ("N", "V", "T") or name in STRIDE_ARGS:
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers for V = 151936
+    return sig, constexprs, attrs
+
+
+NUM_WARPS = 8  # every launcher's num_warps
+THREADS = NUM_WARPS * 32
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread and stack / local bytes (spills) of the kernel."""
+    out = _cuobjdump(cubin, "-res-usage")
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def loop_instructions(sass: str) -> list[int]:
+    """Instructions in each loop body of the SASS listing: from a backward branch's target up to
+    the branch itself."""
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in code:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            loops.append(sum(1 for a, _ in code if int(branch.group(1), 16) <= a <= addr))
+    return loops
+
+
+def ctas_per_sm(regs: int) -> int:
+    """Resident CTAs of THREADS threads on an sm_80/sm_90 SM: 64K registers allocated per warp
+    in units of 256, at most 2048 threads and 32 CTAs (the kernels use no shared memory that binds)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * NUM_WARPS), 2048 // THREADS, 32)
+
+
+def measure(fn: object, cubin: bytes) -> dict[str, object]:
+    """resources, CTAs per SM, each loop's instruction count, and the longest loop's instructions
+    per element it streams (a block of BLOCK elements per iteration, spread over THREADS threads)."""
+    res = resources(cubin)
+    loops = loop_instructions(_cuobjdump(cubin, "-sass"))
+    per_thread = BLOCKS.get(jit_function(fn).__name__, ("BLOCK_V", 4096))[1] / THREADS
+    return {**res, "ctas_per_sm": ctas_per_sm(res.get("REG", 255)), "loop_instructions": loops,
+            "instr_per_elem": round(max(loops) / per_thread, 2) if loops else None}
+
+
+def compile_case(fn: object, switches: dict[str, object], dtype: str, arch: int) -> dict[str, object]:
+    """One case's report (or {"error": ...} when it does not compile)."""
+    try:
+        sig, constexprs, attrs = signature(fn, dtype, switches)
+        src = ASTSource(jit_function(fn), sig, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+    except Exception as e:  # reported to the caller, which says which kernel and why
+        return {"error": f"{type(e).__name__}: {e}"}
+    ptx = compiled.asm["ptx"]
+    return {
+        "ld_v4": bool(re.search(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+        "st_v4": bool(re.search(r"st\.global(?:\.\w+)*\.v4", ptx)),
+        **measure(fn, compiled.asm["cubin"]),
+    }
+
+
+def main(archs: list[int], dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[str, dict[str, object]]:
+    """The report of every case of CASES for each architecture and dtype."""
+    return {case_key(fn, switches, dtype, arch): compile_case(fn, switches, dtype, arch)
+            for fn, switches in CASES for dtype in dtypes for arch in archs}
+
+
+def table(results: dict[str, dict[str, object]]) -> str:
+    """The report as a markdown table, one row per case."""
+    lines = ["| kernel | regs | spills (B) | CTAs/SM | 16-B loads | 16-B stores | instructions / element |",
+             "|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        if "error" in r:
+            lines.append(f"| {key} | error: {r['error']} | | | | | |")
+            continue
+        spills = r.get("LOCAL", 0) + r.get("STACK", 0)
+        per_elem = "-" if r["instr_per_elem"] is None else f"{r['instr_per_elem']:.2f}"
+        lines.append(f"| {key} | {r.get('REG')} | {spills} | {r['ctas_per_sm']} | {'yes' if r['ld_v4'] else 'no'} "
+                     f"| {'yes' if r['st_v4'] else 'no'} | {per_elem} |")
+    return "\n".join(lines)
