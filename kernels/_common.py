@@ -9,8 +9,8 @@ import triton.language as tl
 
 from rlops.constants import ROW
 
-# Lowest finite float32: a running max that starts here (not at -inf) makes the rescale
-# factor exp(m_old - m_new) = exp(0) for a block of -inf logits instead of exp(nan).
+# Lowest finite float32: a running max that starts here (not at -inf) keeps x - m = -inf, not
+# -inf - -inf = NaN, for a block of -inf logits (e = 0 then).
 FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_BLOCK_V = 4096

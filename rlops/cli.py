@@ -36,11 +36,12 @@ def _bench(argv: list[str]) -> int:
 def _add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --option per field of the config dataclass cls: its help line (cli_help), type,
     default and, where it has them, its choices."""
+    from .cli_checks import flag as option
     from .cli_help import CHOICES, HELP, METAVARS
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        flag = option(f.name)
         help_ = HELP[f.name] if "(default:" in HELP[f.name] else f"{HELP[f.name]} (default: %(default)s)"
         kind = hints[f.name]
         if kind is bool:
@@ -62,6 +63,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def train_parser() -> argparse.ArgumentParser:
     """The parser of `rlops train`: one subcommand per trainer, one option per config field."""
+    from .cli_help import HELP
     from .trainers import GRPOConfig, PPOConfig, R1ToyConfig, RewardConfig, SFTConfig
 
     configs = {"r1-toy": R1ToyConfig, "sft": SFTConfig, "reward": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
@@ -78,12 +80,10 @@ def train_parser() -> argparse.ArgumentParser:
             sub.add_argument("--model", help="initial model: a directory saved by rlops or a Hugging Face causal LM "
                              "name or directory (default: a fresh small model; for grpo and ppo, after a cold-start "
                              "SFT written to OUT/sft)")
-            sub.add_argument("--demos", type=int, default=200, help="cold-start demonstrations (default: %(default)s)")
-            sub.add_argument("--heldout", type=int, default=500,
-                             help="held-out problems for evaluation (default: %(default)s)")
+            sub.add_argument("--demos", type=int, default=200, help=f"{HELP['demos']} (default: %(default)s)")
+            sub.add_argument("--heldout", type=int, default=500, help=f"{HELP['heldout']} (default: %(default)s)")
         if kind in ("grpo", "ppo"):
-            sub.add_argument("--sft-steps", type=int, default=300,
-                             help="steps of the cold-start SFT (default: %(default)s)")
+            sub.add_argument("--sft-steps", type=int, default=300, help=f"{HELP['sft_steps']} (default: %(default)s)")
         if kind == "ppo":
             sub.add_argument("--reward-model", help="a reward model trained by `rlops train reward` (default: the "
                              "task's rule reward)")

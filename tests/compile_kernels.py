@@ -8,7 +8,6 @@ Python it cannot compile).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from rlops.bench.sass import CASES, case_key, main
@@ -16,5 +15,4 @@ from rlops.bench.sass import CASES, case_key, main
 __all__ = ["CASES", "case_key", "main"]
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     print(json.dumps(main([int(a) for a in sys.argv[1:]] or [80, 90])))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import baselines
+from .._validation import check_choice as check_value_choice
 from ..ops.linear_policy_loss import linear_policy_loss, linear_token_logprobs_and_entropy
 from ..ops.policy_loss import PolicyLossOutput, policy_loss
 from ..ops.token_stats import token_logprobs
@@ -119,8 +120,7 @@ def check_nonnegative(config: Any, *names: str) -> None:
 
 def check_choice(config: Any, name: str, choices: Sequence[str]) -> None:
     """Raises a ValueError naming config's field name unless its value is one of choices."""
-    if getattr(config, name) not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+    check_value_choice(name, getattr(config, name), choices)
 
 
 def clip_and_step(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
