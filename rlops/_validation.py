@@ -15,7 +15,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     # Data-dependent checks (reading tensor values back to the host) would break a
     # torch.compile graph; the kernels mask out-of-range ids instead of crashing.
     return torch.compiler.is_compiling()
@@ -62,7 +62,7 @@ def check_token_range(tokens: torch.Tensor, vocab: int, name: str = "tokens",
                       counted: torch.Tensor | None = None) -> None:
     """Ids inside [0, vocab), only where `counted` (a bool mask of tokens' shape) is True when given:
     a masked token is never read, so padding ids such as Hugging Face's -100 may stand there."""
-    if not tokens.numel() or _compiling():
+    if not tokens.numel() or compiling():
         return
     ids = tokens if counted is None else torch.where(counted, tokens, 0)
     lo, hi = (int(v) for v in torch.aminmax(ids))
@@ -132,6 +132,6 @@ def check_mask(mask: object, shape: tuple[int, ...], like: torch.Tensor, name: s
         return mask
     if mask.is_complex():
         raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
-    if mask.numel() and not _compiling() and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.numel() and not compiling() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1 (1 = the token counts)")
     return mask != 0

@@ -100,18 +100,20 @@ def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor,
     baseline a trainer can run in place of the fused loss (rlops.trainers' loss_impl="eager").
     Keywords: rlops.policy_loss's tensors (mask, old_logprobs, ref_logprobs, is_weights) and options."""
     from . import torch_backend
-    from .ops.policy_loss import PolicyLossOutput, check_batch, check_kl_inputs
+    from .ops.policy_loss import PolicyLossOutput, check_batch, check_kl_inputs, check_packed_options
     from .options import PolicyBatch, PolicyLossConfig, TokenInputs
 
     tensors = {name: tensors_and_options.pop(name, None)
-               for name in ("mask", "old_logprobs", "ref_logprobs", "is_weights")}
+               for name in ("mask", "old_logprobs", "ref_logprobs", "is_weights", "cu_seqlens")}
     config = PolicyLossConfig(**tensors_and_options)
-    batch = check_batch(logits, ref_logits, PolicyBatch(tokens, advantages, **tensors))
+    shape = tokens.shape
+    logits, ref_logits, batch, layout = check_batch(logits, ref_logits, PolicyBatch(tokens, advantages, **tensors))
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None, "ref_logits")
+    check_packed_options(config, layout)
     tokens = torch.where(batch.mask, batch.tokens, 0)  # eager code reads every row: no padding ids there
     stats = _eager_stats(logits, tokens, config.temperature, ref_logits if config.kl_used == "full" else None)
-    inputs = TokenInputs.of(batch, config)
-    return PolicyLossOutput.of(torch_backend.policy_loss(stats, batch.mask, inputs, config), batch, config)
+    inputs = TokenInputs.of(batch, layout, config)
+    return PolicyLossOutput.of(torch_backend.policy_loss(stats, layout, inputs, config), batch, config, layout, shape)
 
 
 def trl_grpo_loss(

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._validation import check_choice, check_float, check_positive_float
 from .constants import KL_KINDS, SAMPLED_KL
+from .packing import Layout
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")
@@ -118,23 +119,25 @@ class PolicyLossConfig:
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 
-def aggregation_weights(mask: Tensor, loss_agg: str, norm_len: float | None = None) -> Tensor:
-    """Per-token weights w (B, T) float32 with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
+def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = None) -> Tensor:
+    """Per-token weights w float32 (layout.mask's shape) with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
 
-    w is 0 exactly where mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
+    The sequences are the rows of a padded (B, T) mask, or the packed segments of layout.
+    w is 0 exactly where the mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
+    seq-mean-token-sum-norm divides by S * norm_len; norm_len defaults to T (padded only).
     """
-    m = mask.to(torch.float32)
-    n_rows, n_time = mask.shape
+    m = layout.mask.to(torch.float32)
+    n_seqs = layout.n_seqs
     if loss_agg == "token-mean":
         return m / m.sum().clamp(min=1.0)
     if loss_agg == "seq-mean-token-mean":
-        per_row = m.sum(-1, keepdim=True)
-        n_valid = (per_row > 0).sum().clamp(min=1)
-        return m / per_row.clamp(min=1.0) / n_valid
+        per_seq = layout.seq_totals(m)
+        n_valid = (per_seq > 0).sum().clamp(min=1)
+        return m / layout.per_token(per_seq.clamp(min=1.0)) / n_valid
     if loss_agg == "seq-mean-token-sum":
-        return m / max(n_rows, 1)
+        return m / max(n_seqs, 1)
     if loss_agg == "seq-mean-token-sum-norm":
-        denominator = n_rows * (n_time if norm_len is None else norm_len)
+        denominator = n_seqs * (m.shape[-1] if norm_len is None else norm_len)
         return m / denominator if denominator > 0 else m  # an empty batch has no weights to scale
     raise ValueError(f"loss_agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum, "
                      f"seq-mean-token-sum-norm; got {loss_agg!r}")
@@ -186,12 +189,12 @@ class TokenInputs(NamedTuple):
     is_weights: Tensor | None
 
     @classmethod
-    def of(cls, batch: PolicyBatch, config: PolicyLossConfig) -> TokenInputs:
-        """The inputs of a checked batch (mask bool (B, T)): aggregation weights from its mask and
-        config, then its tensors, the reference log-probs dropped unless a sampled-token KL is used."""
+    def of(cls, batch: PolicyBatch, layout: Layout, config: PolicyLossConfig) -> TokenInputs:
+        """The inputs of a checked batch: aggregation weights from its layout (mask and sequences)
+        and config, then its tensors, the reference log-probs dropped unless a sampled-token KL is used."""
         entropy_coefs = None if config.entropy_coef == 0 else \
-            config.entropy_coef * aggregation_weights(batch.mask, config.entropy_agg_used, config.norm_len)
-        return cls(aggregation_weights(batch.mask, config.loss_agg, config.norm_len), entropy_coefs, batch.advantages,
+            config.entropy_coef * aggregation_weights(layout, config.entropy_agg_used, config.norm_len)
+        return cls(aggregation_weights(layout, config.loss_agg, config.norm_len), entropy_coefs, batch.advantages,
                    batch.old_logprobs, batch.ref_logprobs if config.kl_used in SAMPLED_KL else None, batch.is_weights)
 
     def map(self, fn) -> TokenInputs:
@@ -207,7 +210,8 @@ class Head(NamedTuple):
 
 
 class PolicyBatch(NamedTuple):
-    """The per-token tensors of a policy-loss call, as the caller passes them (see `rlops.policy_loss`)."""
+    """The per-token tensors of a policy-loss call, as the caller passes them (see `rlops.policy_loss`),
+    and the packed sequences' boundaries (None: each row of the (B, T) tensors is a sequence)."""
 
     tokens: Tensor
     advantages: Tensor
@@ -215,3 +219,4 @@ class PolicyBatch(NamedTuple):
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     is_weights: Tensor | None = None
+    cu_seqlens: Tensor | None = None

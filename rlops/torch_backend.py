@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .constants import K3_MAX, LOG_RATIO_CLAMP, SEQ_LOG_RATIO_MAX
 from .options import Head, PolicyLossConfig, TokenInputs
+from .packing import Layout
 
 # Rows per chunk are chosen so that one float32 temporary of a chunk is at most 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -255,18 +256,20 @@ def linear_token_stats(hidden: Tensor, head: Head, tokens: Tensor, temperature: 
 # --------------------------------------------------------------------------------------
 
 
-def log_ratio(logp: Tensor, old_logp: Tensor | None, mask: Tensor, ratio_level: str = "token") -> Tensor:
-    """log r per token (B, T). old_logp=None is on-policy: old = logp.detach().
+def log_ratio(logp: Tensor, old_logp: Tensor | None, layout: Layout, ratio_level: str = "token") -> Tensor:
+    """log r per token (layout.mask's shape). old_logp=None is on-policy: old = logp.detach().
 
-    "token": clamp(logp - old, -20, 20). "sequence" (GSPO): clamp(masked mean over t of
-    (logp - old), max=10), shared by every token of the row.
+    "token": clamp(logp - old, -20, 20). "sequence" (GSPO): clamp(masked mean over the
+    sequence's tokens of (logp - old), max=10), shared by every token of the sequence (a row
+    of (B, T), or a packed segment).
     """
     old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
     if ratio_level == "token":
         return torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    diff = torch.where(mask, logp - old, 0.0)
-    seq = diff.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1).to(logp.dtype)
-    return torch.clamp(seq, max=SEQ_LOG_RATIO_MAX).expand_as(logp)
+    mask = layout.mask
+    diff = layout.seq_totals(torch.where(mask, logp - old, 0.0))
+    seq = diff / layout.seq_totals(mask.to(logp.dtype)).clamp(min=1)
+    return torch.clamp(layout.per_token(seq), max=SEQ_LOG_RATIO_MAX).expand_as(logp)
 
 
 def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
@@ -298,20 +301,21 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     raise ValueError(f"kl_estimator must be one of k1, k2, k3 here (full needs ref_logits), got {estimator!r}")
 
 
-def policy_loss(stats: TokenStats, mask: Tensor, inputs: TokenInputs, config: PolicyLossConfig) -> LossTerms:
-    """The policy loss of SPEC sections 2-4 from per-token statistics (B, T) with autograd.
+def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: PolicyLossConfig) -> LossTerms:
+    """The policy loss of SPEC sections 2-4 from per-token statistics (layout.mask's shape) with autograd.
 
     loss = sum_t w_t (pg_t + kl_coef * kl_t [* r_t]) - sum_t e_t H_t with w = inputs.agg_weights
     and e = inputs.entropy_coefs, as the fused kernels compute it. Per-token inputs are read
-    only where mask is 1, so no padding value, however non-finite, reaches the loss or a gradient.
+    only where the mask is 1, so no padding value, however non-finite, reaches the loss or a
+    gradient. The layout's sequences are those of the sequence-level ratio.
     """
-    dtype = stats.logp.dtype
+    dtype, mask = stats.logp.dtype, layout.mask
 
     def counted(x: Tensor | None, fill: float = 0.0) -> Tensor | None:
         return None if x is None else torch.where(mask, x.to(dtype).expand(mask.shape), fill)
 
     logp, entropy = counted(stats.logp), counted(stats.entropy)
-    log_r = log_ratio(logp, counted(inputs.old_logprobs), mask, config.ratio_level)
+    log_r = log_ratio(logp, counted(inputs.old_logprobs), layout, config.ratio_level)
     pg, ratio, _, _ = clipped_surrogate(log_r, counted(inputs.advantages), config.clip_low, config.clip_high,
                                         config.dual_clip, counted(inputs.is_weights, 1.0))
     kl = torch.zeros_like(logp)
@@ -333,15 +337,46 @@ def policy_loss(stats: TokenStats, mask: Tensor, inputs: TokenInputs, config: Po
 # --------------------------------------------------------------------------------------
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
-        bootstrap: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, bootstrap: Tensor | None = None,
+        cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """GAE as verl writes it: a reversed loop over time, masked positions carrying values through.
 
     rewards, values (B, T); mask (B, T) bool; bootstrap (B,) or None. Returns float32
     (advantages, returns) (float64 for float64 input), 0 where mask is 0.
+
+    Packed (cu_seqlens int64 (S+1,), checked): rewards, values and mask (N,) or (1, N), bootstrap
+    (S,) or None; outputs of rewards' shape. The same recurrences, restarted at every sequence
+    boundary, run as a segmented reverse scan over the N tokens: ceil(log2 N) vectorised doubling
+    steps of the affine maps h_t = b_t + a_t h_{t+1}, with no loop over time or sequences.
     """
     dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
     r, v = rewards.to(dtype), values.to(dtype)
+    if cu_seqlens is not None:
+        shape = r.shape
+        r, v, m = r.reshape(-1), v.reshape(-1), mask.reshape(-1)
+        layout = Layout.of(m, cu_seqlens)
+        # At the last token of a sequence the maps restart: E = bootstrap (or 0), A = m * delta.
+        last = torch.ones_like(m)
+        last[:-1] = layout.seq_ids[1:] != layout.seq_ids[:-1]
+        boot = 0.0 if bootstrap is None else layout.per_token(bootstrap.to(dtype))
+        pad = min(m.numel(), 1)  # the token after the last one: never read, as the last token is a `last`
+        m_next, v_next = torch.cat([m[1:], m.new_zeros(pad)]), torch.cat([v[1:], v.new_zeros(pad)])
+        a = torch.where(last | m_next, 0.0, 1.0).to(dtype)
+        b = torch.where(last, boot, torch.where(m_next, v_next, 0.0))
+
+        def reverse_scan(a: Tensor, b: Tensor) -> Tensor:
+            # Doubling: after the step of size s, (a_t, b_t) is the composed map of steps t..t+2s-1.
+            step = 1
+            while step < a.numel():
+                b[:-step] += a[:-step] * b[step:]
+                a[:-step] = a[:-step] * a[step:]
+                step *= 2
+            return b
+
+        delta = r + gamma * reverse_scan(a, b) - v
+        adv = reverse_scan(torch.where(last, 0.0, torch.where(m, r.new_full((), gamma * lam), 1.0)),
+                           torch.where(m, delta, 0.0))
+        return torch.where(m, adv, 0.0).view(shape), torch.where(m, adv + v, 0.0).view(shape)
     next_value = torch.zeros(r.shape[0], dtype=dtype, device=r.device) if bootstrap is None else bootstrap.to(dtype)
     next_adv = torch.zeros_like(next_value)
     adv = torch.zeros_like(r)

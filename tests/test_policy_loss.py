@@ -17,6 +17,7 @@ from helpers import DEVICE, FP32_TOL, assert_grad_close, assert_values_close, fl
 import rlops
 from rlops import baselines, reference
 from rlops.options import aggregation_weights
+from rlops.packing import Layout
 
 B, T, V = 4, 6, 300
 HALF = (torch.bfloat16, torch.float16)
@@ -406,7 +407,7 @@ def test_aggregation_weights_reproduce_aggregate(loss_agg: str) -> None:
     mask = torch.rand(5, 7, generator=g) > 0.4
     mask[1] = False
     for norm_len in (None, 13):
-        w = aggregation_weights(mask, loss_agg, norm_len).double()
+        w = aggregation_weights(Layout.of(mask), loss_agg, norm_len).double()
         assert not w[~mask].any()
         expected = reference.aggregate(per_token, mask, loss_agg, norm_len)
         assert (w * per_token).sum().item() == pytest.approx(expected.item(), abs=1e-6)

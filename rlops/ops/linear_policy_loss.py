@@ -35,9 +35,16 @@ from .._validation import (
 )
 from ..constants import GRADS, N_POLICY_ROWS, N_STATS, ROW, STAT_GRADS
 from ..options import Epilogue, Head, PolicyBatch, PolicyLossConfig, TokenInputs
+from ..packing import Layout, check_cu_seqlens
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
-from .policy_loss import PolicyLossOutput, check_kl_inputs, check_per_token_inputs
+from .policy_loss import (
+    PolicyLossOutput,
+    check_kl_inputs,
+    check_packed_options,
+    check_per_token_inputs,
+    packed_as_row,
+)
 
 # A chunk's logits (and reference logits), hidden rows and their gradient fit in this.
 CHUNK_BYTES = 256 * 2**20
@@ -241,6 +248,7 @@ def linear_token_logprobs_and_entropy(
     tokens: Tensor,
     *,
     bias: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     backend: str = "auto",
@@ -251,6 +259,9 @@ def linear_token_logprobs_and_entropy(
         hidden: (..., H) float16/bfloat16/float32/float64 last hidden states.
         weight: (V, H) lm_head weight, hidden's dtype. bias: (V,) or None.
         tokens: (...) integer ids in [0, V).
+        cu_seqlens: int32/int64 (S + 1,) boundaries of packed sequences, or None. The statistics
+            are per token, so packing changes nothing but the accepted shapes: hidden (N, H) or
+            (1, N, H), tokens (N,) or (1, N); cu_seqlens is checked against N.
         temperature: > 0.
         chunk_size: rows per chunk (default: ~256 MiB of chunk buffers, at least 128 rows).
         backend: "auto" (Triton kernels on CUDA, the PyTorch backend on CPU), "triton",
@@ -261,6 +272,11 @@ def linear_token_logprobs_and_entropy(
     """
     vocab = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
     check_token_ids(tokens, tuple(hidden.shape[:-1]), vocab, hidden, like_name="hidden")
+    if cu_seqlens is not None:
+        if hidden.dim() not in (2, 3) or (hidden.dim() == 3 and hidden.shape[0] != 1):
+            raise ValueError(f"with cu_seqlens, hidden must have shape (N, H) or (1, N, H) (packed sequences), "
+                             f"got {tuple(hidden.shape)}")
+        check_cu_seqlens(cu_seqlens, tokens.numel(), hidden, "hidden")
     temperature = check_positive_float("temperature", temperature)
     n = tokens.numel()
     chunk = _chunk(chunk_size, n, hidden, vocab, False)
@@ -288,6 +304,7 @@ def linear_policy_loss(
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     is_weights: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     temperature: float = 1.0,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
@@ -305,11 +322,11 @@ def linear_policy_loss(
     """`rlops.policy_loss` on logits = hidden @ weight.T + bias, without materialising the logits.
 
     Args:
-        hidden: (B, T, H), or (N, H) for packed tokens (then the per-token tensors are (N,)
-            and a sequence-level aggregation sees one sequence), float16/bfloat16/float32.
+        hidden: (B, T, H), or (N, H) / (1, N, H) packed (with cu_seqlens; without it an (N, H)
+            batch is one sequence), float16/bfloat16/float32.
         weight: (V, H) lm_head weight of hidden's dtype (tied or not); bias: (V,) or None.
-        tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights: as `policy_loss`,
-            shaped like hidden without its last dimension.
+        tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens: as
+            `policy_loss`, shaped like hidden without its last dimension.
         ref_hidden, ref_weight, ref_bias: the reference model's last hidden states (hidden's
             leading shape, its own H) and lm_head, for kl_estimator="full"; no gradient.
         chunk_size: rows per chunk (default: ~256 MiB of chunk buffers, at least 128 rows):
@@ -325,7 +342,7 @@ def linear_policy_loss(
     config = PolicyLossConfig.from_call(locals())
     ref = None if ref_hidden is None and ref_weight is None and ref_bias is None \
         else (ref_hidden, Head(ref_weight, ref_bias))
-    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights)
+    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens)
     return run_linear_policy_loss(hidden, Head(weight, bias), ref, batch, config, chunk_size)
 
 
@@ -335,16 +352,22 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     vocab = _check_head(hidden, head.weight, head.bias, ("hidden", "weight", "bias"))
     if ref is not None:
         _check_ref_head(hidden, vocab, ref[0], *ref[1])
+    caller_shape, layout = getattr(batch.tokens, "shape", None), None
+    if batch.cu_seqlens is not None:
+        hidden, batch, layout = packed_as_row(hidden, batch, "hidden")
+        ref = ref if ref is None or ref[0].dim() != 2 else (ref[0][None], ref[1])
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, H) or (N, H), got {tuple(hidden.shape)}")
     check_token_ids(batch.tokens, tuple(hidden.shape[:-1]), None, hidden, like_name="hidden")
-    # Packed (N,) tensors become one (1, N) sequence; anything else is left to the checks.
-    packed = hidden.dim() == 2
-    batch = check_per_token_inputs(PolicyBatch(*(x[None] if packed and x is not None and x.dim() == 1 else x
+    # (N, H) without cu_seqlens: its (N,) tensors become one (1, N) sequence; anything else is left to the checks.
+    one_sequence = hidden.dim() == 2
+    batch = check_per_token_inputs(PolicyBatch(*(x[None] if one_sequence and x is not None and x.dim() == 1 else x
                                                  for x in batch)))
+    layout = Layout(batch.mask, None, batch.mask.shape[0]) if layout is None else layout._replace(mask=batch.mask)
     check_token_range(batch.tokens, vocab, counted=batch.mask)  # masked tokens are never projected
     check_kl_inputs(config, batch.ref_logprobs, ref is not None,
                     "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
+    check_packed_options(config, layout)
     backend = resolve_backend(config.backend, hidden, "linear_policy_loss")
     # Only the tokens that count go through the projection.
     counted = batch.mask.reshape(-1).nonzero().squeeze(1)
@@ -352,7 +375,7 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     chunks = _Chunks(batch.tokens.reshape(-1)[counted],
                   (ref[0].reshape(-1, ref[0].shape[-1])[counted], ref[1]) if full_kl else None, config.temperature,
                   _chunk(chunk_size, max(counted.numel(), 1), hidden, vocab, full_kl), backend)
-    inputs = TokenInputs.of(batch, config)
+    inputs = TokenInputs.of(batch, layout, config)
     counted_hidden = hidden.reshape(-1, hidden.shape[-1])[counted]
     if backend != "torch" and config.ratio_level == "token":
         shape = batch.tokens.shape
@@ -363,10 +386,10 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
                                   for name in ("logp", "entropy", "kl", "ratio")))
     else:
         stats = _counted_stats(counted_hidden, head, chunks, batch.tokens.shape, counted)
-        terms = torch_backend.policy_loss(stats, batch.mask, inputs, config)
-    if packed:
+        terms = torch_backend.policy_loss(stats, layout, inputs, config)
+    if one_sequence:
         terms = LossTerms(terms.loss, *(v.view(hidden.shape[:-1]) for v in terms[1:]))
-    return PolicyLossOutput.of(terms, batch, config)
+    return PolicyLossOutput.of(terms, batch, config, layout, caller_shape)
 
 
 def _scatter(values: Tensor, counted: Tensor, shape: torch.Size) -> Tensor:

@@ -19,9 +19,18 @@ import torch
 from torch import Tensor
 
 from .. import torch_backend
-from .._validation import check_float_tensor, check_logits, check_mask, check_token_ids, check_token_range
+from .._validation import (
+    check_float_tensor,
+    check_logits,
+    check_mask,
+    check_shape,
+    check_tensor,
+    check_token_ids,
+    check_token_range,
+)
 from ..constants import GRADS, N_POLICY_ROWS, ROW, SAMPLED_KL
 from ..options import Epilogue, PolicyBatch, PolicyLossConfig, TokenInputs
+from ..packing import Layout, check_cu_seqlens
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
 from .token_stats import grad_to_logits, named_inputs, save_for_grad, token_stats_op
@@ -82,8 +91,14 @@ class PolicyLossOutput:
     dual_clip: float | None = field(repr=False, default=None)
 
     @classmethod
-    def of(cls, terms: LossTerms, batch: PolicyBatch, config: PolicyLossConfig) -> "PolicyLossOutput":
-        return cls(*terms, mask=batch.mask, advantages=batch.advantages, clip_low=config.clip_low,
+    def of(cls, terms: LossTerms, batch: PolicyBatch, config: PolicyLossConfig, layout: Layout,
+           shape: tuple[int, ...]) -> "PolicyLossOutput":
+        """The output of a checked batch; a packed one's per-token tensors go back to the caller's tokens' shape."""
+        advantages = batch.advantages
+        if layout.seq_ids is not None:
+            terms = LossTerms(terms.loss, *(v.view(shape) for v in terms[1:]))
+            batch, advantages = batch._replace(mask=batch.mask.view(shape)), advantages.reshape(shape)
+        return cls(*terms, mask=batch.mask, advantages=advantages, clip_low=config.clip_low,
                    clip_high=config.clip_high, dual_clip=config.dual_clip)
 
     @functools.cached_property
@@ -119,6 +134,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     ref_logits: Tensor | None = None,
     is_weights: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     temperature: float = 1.0,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
@@ -149,6 +165,12 @@ def policy_loss(
         ref_logits: (B, T, V) reference logits, for kl_estimator "full" (exact KL).
         is_weights: (B, T) or (B, 1) importance weights multiplying pg (e.g. vLLM's
             truncated IS); no gradient.
+        cu_seqlens: int32/int64 (S + 1,) boundaries of packed sequences (rlops.packing), or None.
+            With it the batch is packed: logits (N, V) or (1, N, V), tokens and every per-token
+            tensor (N,) or (1, N), advantages (N,) per token or (S,) per sequence (a (N,)
+            tensor is read per token when S = N); each segment is a sequence for loss_agg,
+            entropy_agg and the sequence-level ratio, exactly as each row of (B, T) is, and
+            seq-mean-token-sum-norm needs norm_len. Outputs have tokens' shape.
         temperature: > 0; the policy is softmax(logits / temperature).
         clip_low, clip_high: >= 0; the ratio is clipped to [1 - clip_low, 1 + clip_high].
         dual_clip: None or > 1; caps the loss of negative-advantage tokens at -A * dual_clip.
@@ -172,39 +194,41 @@ def policy_loss(
         PolicyLossOutput.
     """
     config = PolicyLossConfig.from_call(locals())
-    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights)
+    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens)
     return run_policy_loss(logits, ref_logits, batch, config)
 
 
 def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch,
                     config: PolicyLossConfig) -> PolicyLossOutput:
     """`policy_loss` on a built config and batch (the entry of `PolicyLoss.forward` too)."""
-    batch = check_batch(logits, ref_logits, batch)
+    shape = getattr(batch.tokens, "shape", None)
+    logits, ref_logits, batch, layout = check_batch(logits, ref_logits, batch)
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None,
                     "ref_logits (B, T, V), the reference model's logits")
+    check_packed_options(config, layout)
     if config.inplace_grad and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_grad=True writes the gradient over logits, which must be produced by an "
                          "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
     backend = resolve_backend(config.backend, logits, "policy_loss")
     ref_logits = ref_logits if config.kl_used == "full" else None
-    inputs = TokenInputs.of(batch, config)
+    inputs = TokenInputs.of(batch, layout, config)
     if backend == "torch":
         # The PyTorch backend reads every row: padding ids at masked tokens are replaced by 0 there.
         tokens = torch.where(batch.mask, batch.tokens, 0)
         stats = torch_backend.token_stats(logits, tokens, config.temperature, ref_logits)
-        terms = torch_backend.policy_loss(stats, batch.mask, inputs, config)
+        terms = torch_backend.policy_loss(stats, layout, inputs, config)
     elif config.ratio_level == "sequence":
         # The vocabulary work is the fused statistics kernel; the O(B*T) epilogue couples each row.
         out = token_stats_op(logits, batch.tokens, ref_logits, batch.mask, config.temperature,
                              config.inplace_grad, backend)
         stats = TokenStats(out[ROW["logp"]], out[ROW["entropy"]], None if ref_logits is None else out[ROW["kl"]])
-        terms = torch_backend.policy_loss(stats, batch.mask, inputs, config)
+        terms = torch_backend.policy_loss(stats, layout, inputs, config)
     else:
         out = policy_loss_op(logits, batch.tokens, ref_logits, list(inputs), Epilogue.of(config).pack(),
                              config.inplace_grad, backend)
         terms = LossTerms(out[ROW["loss"]].sum(), *(out[ROW[name]].detach()
                                                      for name in ("logp", "entropy", "kl", "ratio")))
-    return PolicyLossOutput.of(terms, batch, config)
+    return PolicyLossOutput.of(terms, batch, config, layout, shape)
 
 
 def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_ref_logits: bool,
@@ -218,10 +242,58 @@ def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_r
                          "by 'full')")
 
 
-def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch) -> PolicyBatch:
-    """Checks the tensor arguments; returns the batch with advantages (B, T) or (B, 1) and mask bool (B, T).
+def check_packed_options(config: PolicyLossConfig, layout: Layout) -> None:
+    """Raises for the options a packed batch cannot default: seq-mean-token-sum-norm's length T."""
+    norm = "seq-mean-token-sum-norm"
+    if layout.seq_ids is not None and config.norm_len is None and norm in (config.loss_agg, config.entropy_agg_used):
+        raise ValueError(f"loss_agg or entropy_agg {norm!r} on a packed batch (cu_seqlens) needs norm_len, the "
+                         "constant length each sequence's token sum is divided by (the padded layout's default, T, "
+                         "does not exist there)")
+
+
+def packed_as_row(rows: Tensor, batch: PolicyBatch, rows_name: str) -> tuple[Tensor, PolicyBatch, Layout]:
+    """A packed batch (batch.cu_seqlens given) as one row: rows (N, D) or (1, N, D) as (1, N, D), every
+    per-token tensor (N,) or (1, N) as (1, N), per-sequence advantages (S,) or (S, 1) spread to their
+    tokens, cu_seqlens checked; returns (rows, batch, layout), the layout's mask still all ones."""
+    if rows.dim() == 2:
+        rows = rows[None]
+    if rows.dim() != 3 or rows.shape[0] != 1:
+        d = "V" if rows_name.endswith("logits") else "H"
+        raise ValueError(f"with cu_seqlens, {rows_name} must have shape (N, {d}) or (1, N, {d}) (packed "
+                         f"sequences), got {tuple(rows.shape)}")
+    n = rows.shape[1]
+    cu = check_cu_seqlens(batch.cu_seqlens, n, rows, rows_name)
+    layout = Layout.of(torch.ones((1, n), dtype=torch.bool, device=rows.device), cu)
+    per_token = [(n,), (1, n)]
+    described = f"(N,) = ({n},) or (1, N)"
+
+    def as_row(name: str, x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        x = check_tensor(name, x)
+        if name == "advantages" and tuple(x.shape) in ([(layout.n_seqs,), (layout.n_seqs, 1)]) \
+                and tuple(x.shape) not in per_token:
+            return layout.per_token(x.reshape(-1))
+        check_shape(name, x, per_token, f"{described} with cu_seqlens" + (
+            f", or (S,) = ({layout.n_seqs},) per sequence" if name == "advantages" else ""))
+        return x.view(1, n)
+
+    fields = {name: as_row(name, x) for name, x in batch._asdict().items() if name != "cu_seqlens"}
+    return rows, PolicyBatch(**fields, cu_seqlens=cu), layout
+
+
+def check_batch(logits: Tensor, ref_logits: Tensor | None,
+                batch: PolicyBatch) -> tuple[Tensor, Tensor | None, PolicyBatch, Layout]:
+    """Checks the tensor arguments; returns (logits (B, T, V), ref_logits, batch, layout), the batch with
+    advantages (B, T) or (B, 1) and mask bool (B, T). A packed batch (cu_seqlens) comes back as one row:
+    logits (1, N, V), per-token tensors (1, N), its layout holding the sequences.
     Token ids are checked where the mask is 1 only: any id (such as -100) may pad a masked token."""
     vocab = check_logits(logits)
+    layout = None
+    if batch.cu_seqlens is not None:
+        logits, batch, layout = packed_as_row(logits, batch, "logits")
+        if ref_logits is not None and ref_logits.dim() == 2:
+            ref_logits = ref_logits[None]
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
     check_token_ids(batch.tokens, tuple(logits.shape[:-1]), None, logits)
@@ -231,7 +303,8 @@ def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch) -
                            f"logits' shape {tuple(logits.shape)}")
     batch = check_per_token_inputs(batch)
     check_token_range(batch.tokens, vocab, counted=batch.mask)
-    return batch
+    layout = Layout(batch.mask, None, batch.mask.shape[0]) if layout is None else layout._replace(mask=batch.mask)
+    return logits, ref_logits, batch, layout
 
 
 def check_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
