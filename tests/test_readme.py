@@ -94,9 +94,18 @@ def _openrlhf() -> dict[str, object]:
             "advantages": batch["advantages"], "action_mask": batch["mask"], "base_log_probs": batch["ref_logps"]}
 
 
+def _packed() -> dict[str, object]:
+    g = torch.Generator().manual_seed(0)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])  # three sequences, no padding
+    n, v = position_ids.shape[1], 11
+    return {"position_ids": position_ids, "logits": torch.randn(1, n, v, generator=g, requires_grad=True),
+            "tokens": torch.randint(0, v, (1, n), generator=g), "advantages": torch.randn(3, generator=g),
+            "old_logps": -torch.rand(1, n, generator=g), "completion_mask": torch.ones(1, n, dtype=torch.bool)}
+
+
 SETUPS: dict[str, Callable[[], dict[str, object]]] = {
     "policy": _policy_batch, "loop": _loop, "hf": _hf, "advantages": _advantages, "verl": _verl,
-    "openrlhf": _openrlhf,
+    "openrlhf": _openrlhf, "packed": _packed,
 }
 
 
