@@ -17,6 +17,7 @@ MAX_PARAMS = 8
 KEYWORD_ENTRY_POINTS = {
     "rlops/ops/policy_loss.py": {"policy_loss"},
     "rlops/ops/linear_policy_loss.py": {"linear_policy_loss"},
+    "rlops/losses.py": {"forward"},  # PolicyLoss.forward: policy_loss's tensors
     "rlops/baselines.py": {"trl_grpo_loss", "verl_actor_loss"},
     "rlops/integrations/openrlhf.py": {"__init__"},  # openrlhf.models.loss.PolicyLoss.__init__
     "rlops/integrations/verl.py": {"compute_policy_loss"},  # verl.trainer.ppo.core_algos.compute_policy_loss

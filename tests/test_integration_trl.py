@@ -56,7 +56,7 @@ class _GradRecorder(transformers.TrainerCallback):
         self.grads.append([p.grad.detach().clone() for p in model.parameters() if p.grad is not None])
 
 
-def _run(model_path: str, out: Path, rlops_path: str | None, **config: object):
+def _run(model_path: str, out: Path, rlops_path: str | None, padding_free: bool = False, **config: object):
     """Trains two steps; returns every micro-batch's loss and the gradients before each optimizer step."""
     args = trl.GRPOConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=4,
                           max_completion_length=6, max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
@@ -65,7 +65,7 @@ def _run(model_path: str, out: Path, rlops_path: str | None, **config: object):
     recorder = _GradRecorder()
     kwargs = dict(model=model_path, reward_funcs=_reward, args=args, train_dataset=dataset,
                   processing_class=_tokenizer(), callbacks=[recorder])
-    trainer = (rlops_trl.GRPOTrainer(rlops_path=rlops_path, **kwargs) if rlops_path
+    trainer = (rlops_trl.GRPOTrainer(rlops_path=rlops_path, rlops_padding_free=padding_free, **kwargs) if rlops_path
                else trl.GRPOTrainer(**kwargs))
     losses = []
     compute = trainer._compute_loss
@@ -91,6 +91,9 @@ CONFIGS = {
     "dapo-epochs-entropy": {"loss_type": "dapo", "num_iterations": 2, "entropy_coef": 0.02, "beta": 0.02,
                             "epsilon": 0.1},
 }
+# Configurations whose rlops run packs TRL's batches (patch(..., padding_free=True)): real rollouts,
+# completions of different lengths, the second epoch off-policy.
+PADDING_FREE = {"dapo-epochs-entropy", "grpo-sequence-level-epochs"}
 
 
 @pytest.mark.parametrize("path", ["linear", "logits"])
@@ -106,14 +109,30 @@ def test_grpo_trainer_steps_equal_trl(name: str, path: str, tiny_model: str, tmp
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(rlops_trl, fn, spy)
-    theirs, their_grads, _ = _run(tiny_model, tmp_path / "trl", None, **CONFIGS[name])
-    ours, our_grads, trainer = _run(tiny_model, tmp_path / "rlops", path, **CONFIGS[name])
+    theirs, their_grads, trl_trainer = _run(tiny_model, tmp_path / "trl", None, **CONFIGS[name])
+    ours, our_grads, trainer = _run(tiny_model, tmp_path / "rlops", path, name in PADDING_FREE, **CONFIGS[name])
     assert trainer.rlops_path == path and calls["n"] == len(ours) > 0
+    assert trainer.rlops_padding_free == (name in PADDING_FREE)
     assert len(ours) == len(theirs) and len(our_grads) == len(their_grads) == 2
     for a, b in zip(ours, theirs, strict=True):
         assert_values_close(a, b, 1e-5 * max(1.0, b.abs().item()), "loss")
     for step_ours, step_theirs in zip(our_grads, their_grads, strict=True):
         _assert_step_grads_close(step_ours, step_theirs)
+    _assert_loss_metrics_equal(trainer.state.log_history, trl_trainer.state.log_history)
+
+
+LOSS_METRICS = ("kl", "entropy", "policy_loss", "entropy_coef", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max")
+
+
+def _assert_loss_metrics_equal(ours: list[dict], theirs: list[dict]) -> None:
+    """The metrics TRL logs from its loss, step by step."""
+    assert len(ours) == len(theirs)
+    for step_ours, step_theirs in zip(ours, theirs, strict=True):
+        keys = [k for k in LOSS_METRICS if k in step_theirs]
+        assert [k for k in LOSS_METRICS if k in step_ours] == keys
+        for key in keys:
+            assert step_ours[key] == pytest.approx(step_theirs[key], rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 def _assert_step_grads_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
@@ -258,3 +277,110 @@ def test_selective_log_softmax_refuses_bad_input_naming_it(index_shape, bad, err
     row_mask = torch.ones(bad["row_mask"], dtype=torch.bool, device=DEVICE) if "row_mask" in bad else None
     with pytest.raises(error, match=match):
         rlops_trl.selective_log_softmax(logits, index, bad.get("temperature", 1.0), row_mask, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------
+# padding_free: the patched loss on the packed batch against TRL's own (padded) loss
+# ------------------------------------------------------------------------------------------
+
+
+def _ragged_batch(model: torch.nn.Module, seed: int, empty_completion: bool) -> dict[str, torch.Tensor]:
+    """A batch as TRL's _generate_and_score_completions hands it to the loss: prompts left-padded to
+    different lengths, completions ended by EOS at different lengths (one fully masked, as
+    mask_truncated_completions does, when empty_completion), a tool mask, the sampler's
+    importance ratios, and old log-probs off the model's own so that both clip bounds bind."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    rows, prompt, completion = 4, 5, 7
+    prompt_mask = torch.ones(rows, prompt, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    prompt_mask[2, :4] = 0  # a one-token prompt
+    completion_mask = torch.ones(rows, completion, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[2, 1:] = 0  # a one-token completion
+    completion_mask[3, 0 if empty_completion else 3:] = 0
+    prompt_ids = torch.randint(4, vocab, (rows, prompt), generator=g).masked_fill(prompt_mask == 0, 0)
+    completion_ids = torch.randint(4, vocab, (rows, completion), generator=g).masked_fill(completion_mask == 0, 0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
+                       attention_mask=torch.cat([prompt_mask, completion_mask], 1)).logits[:, prompt - 1:-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids, "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, -0.7, 0.4, -1.2]),
+        # rows 0 (A > 0) and 1 (A < 0) sampled well off-policy: clipped above and below at either ratio level
+        "old_per_token_logps": logp + 0.3 * torch.randn(rows, completion, generator=g)
+        + torch.tensor([-0.4, 0.3, 0.0, 0.0])[:, None],
+        "ref_per_token_logps": logp + 0.3 * torch.randn(rows, completion, generator=g),
+        "importance_sampling_ratio": torch.rand(rows, completion, generator=g) + 0.5,
+        # every completion keeps a valid token: grpo's sequence mean differs from TRL's on one with none
+        "tool_mask": (torch.rand(rows, completion, generator=g) > 0.2).long().index_fill(1, torch.tensor([0]), 1),
+        "num_items_in_batch": completion_mask.sum().float(),
+    }
+
+
+PACKED_CONFIGS = {
+    # token-level ratio, grpo's sequence mean, KL and the sampler's importance weights
+    "grpo-kl-vllm-is": ({"loss_type": "grpo", "beta": 0.04, "epsilon_high": 0.28}, False),
+    # sequence-level ratio, dapo's token sum, entropy bonus, bias-corrected KL, an empty completion
+    "dapo-sequence-entropy": ({"loss_type": "dapo", "beta": 0.04, "importance_sampling_level": "sequence",
+                               "entropy_coef": 0.01, "use_bias_correction_kl": True, "epsilon": 0.1}, True),
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED_CONFIGS))
+def test_padding_free_equals_trl(name: str, tiny_model: str, tmp_path: Path) -> None:
+    config, empty_completion = PACKED_CONFIGS[name]
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=7, report_to=[], use_cpu=True, bf16=False, **config)
+    trainer = trl.GRPOTrainer(model=tiny_model, reward_funcs=_reward, args=args,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": ["1+1="] * 4}),
+                              processing_class=_tokenizer())
+    trainer.use_vllm = name == "grpo-kl-vllm-is"
+    trainer.vllm_importance_sampling_correction = True
+    trainer.current_gradient_accumulation_steps = 2
+    model = trainer.model.train()
+    inputs = _batch_for(model, name, empty_completion)
+    seen = []
+    model.model.register_forward_pre_hook(
+        lambda module, a, kw: seen.append((tuple(kw["input_ids"].shape), kw.get("attention_mask"))), with_kwargs=True)
+
+    def loss_grads_metrics(compute) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, list[float]]]:
+        model.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = compute(model, inputs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], dict(trainer._metrics["train"])
+
+    want, want_grads, want_metrics = loss_grads_metrics(lambda m, i: trl.GRPOTrainer._compute_loss(trainer, m, i))
+    clipped = want_metrics["clip_ratio/low_mean"][0], want_metrics["clip_ratio/high_mean"][0]
+    assert all(c > 0 for c in clipped), f"both clip bounds should bind in this batch, got {clipped}"
+    n = int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+    for path in ("linear", "logits"):
+        rlops_trl.patch(trainer, path=path, padding_free=True)
+        seen.clear()
+        got, got_grads, got_metrics = loss_grads_metrics(trainer._compute_loss)
+        assert seen == [((1, n), None)], "one forward on the packed sequences, no attention mask, no padding"
+        assert_values_close(got, want, 1e-5 * max(1.0, want.abs().item()), f"{path} loss")
+        _assert_step_grads_close(got_grads, want_grads)
+        assert got_metrics.keys() == want_metrics.keys()
+        for key, values in want_metrics.items():
+            assert got_metrics[key] == pytest.approx(values, rel=1e-5, abs=1e-6, nan_ok=True), (path, key)
+    if name == "grpo-kl-vllm-is":  # what packing cannot honour is refused, named
+        right_padded = dict(inputs, prompt_mask=inputs["prompt_mask"].flip(1))
+        with pytest.raises(ValueError, match=r"inputs\['prompt_mask'\] left-padded"):
+            trainer._compute_loss(model, right_padded)
+        no_prompt = dict(inputs, prompt_mask=inputs["prompt_mask"].index_fill(0, torch.tensor([2]), 0))
+        with pytest.raises(ValueError, match="at least one prompt token"):
+            trainer._compute_loss(model, no_prompt)
+        attention, model.config._attn_implementation = model.config._attn_implementation, "my_attention"
+        try:
+            with pytest.raises(ValueError, match="padding_free with attn_implementation='my_attention'"):
+                rlops_trl.patch(trainer, padding_free=True)
+        finally:
+            model.config._attn_implementation = attention
+
+
+def _batch_for(model: torch.nn.Module, name: str, empty_completion: bool) -> dict[str, torch.Tensor]:
+    return _ragged_batch(model, seed=sorted(PACKED_CONFIGS).index(name), empty_completion=empty_completion)

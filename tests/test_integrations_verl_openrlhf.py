@@ -12,7 +12,16 @@ are restated here from their source:
   masked_var, masked_whiten).
 - OpenRLHF 0.11.2 (git tag v0.11.2; PyPI wheel openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl,
   sha256 c969d70db03a7072...): openrlhf/models/loss.py (aggregate_loss, PolicyLoss, ValueLoss)
-  and openrlhf/models/utils.py (compute_approx_kl, log_probs_from_logits, masked_mean).
+  and openrlhf/models/utils.py (compute_approx_kl, log_probs_from_logits, compute_entropy,
+  masked_mean).
+
+Packed layouts, from the same releases: verl's remove-padding path (use_remove_padding) in
+verl/workers/engine/fsdp/transformer_impl.py (FSDPEngineWithLMHead.prepare_model_inputs /
+prepare_model_outputs) and verl/utils/torch_functional.py (entropy_from_logits_with_chunking);
+it pads back (verl/workers/utils/losses.py ppo_loss, no_padding_2_padding) before any policy
+loss. OpenRLHF's packing_samples in openrlhf/models/actor.py (Actor.forward) and
+openrlhf/models/ring_attn_utils.py (unpad_and_slice_tensor, gather_and_pad_tensor); it pads
+back before PolicyLoss.
 """
 
 from __future__ import annotations
@@ -300,6 +309,73 @@ def test_verl_logprobs_and_entropy_from_logits() -> None:
     assert_values_close(produced.detach(), x3.grad)
 
 
+def _packed_sequences(seed: int):
+    """Four sequences of lengths 5, 1, 7, 3 as a right-padded (B, T) batch: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 1, 7, 3])
+    attention_mask = (torch.arange(7) < lengths[:, None]).long()
+    input_ids = torch.randint(1, V, (4, 7), generator=g) * attention_mask
+    return input_ids, attention_mask
+
+
+def verl_entropy_from_logits_with_chunking(logits, chunk_size=2048):
+    entropy = torch.zeros(logits.shape[0], device=logits.device)
+    for i in range(0, logits.shape[0], chunk_size):
+        logits_chunk = logits[i: i + chunk_size].float()
+        pd_chunk = torch.nn.functional.softmax(logits_chunk, dim=-1)
+        entropy_chunk = torch.logsumexp(logits_chunk, dim=-1) - torch.sum(pd_chunk * logits_chunk, dim=-1)
+        entropy[i: i + chunk_size] = entropy_chunk
+    return entropy
+
+
+@pytest.mark.parametrize("calculate_entropy", [True, False])
+def test_verl_remove_padding_logprobs_and_entropy(calculate_entropy: bool) -> None:
+    """verl's use_remove_padding path: log-probs and entropy of logits_rmpad (total_nnz, V)."""
+    input_ids, attention_mask = _packed_sequences(seed=8)
+    nested = torch.nested.nested_tensor([r[m.bool()] for r, m in zip(input_ids, attention_mask, strict=True)],
+                                        layout=torch.jagged)
+    input_ids_rmpad = nested.values().unsqueeze(0)  # (1, total_nnz)
+    rolled = torch.roll(input_ids_rmpad, shifts=-1, dims=1).squeeze(0).to(DEVICE)  # (total_nnz,)
+    n = rolled.numel()
+    g = torch.Generator().manual_seed(9)
+    base = (torch.randn(n, V, generator=g) * 3).to(DEVICE)
+    temperature_rmpad = (torch.rand(n, 1, generator=g) + 0.5).to(DEVICE)  # per token, as verl expands it
+    w = torch.randn(n, generator=g).to(DEVICE)
+
+    def theirs(x):  # logprobs_from_logits_v2 (float32) and entropy_from_logits on logits_rmpad
+        logits_rmpad = x / temperature_rmpad
+        logp = logits_rmpad.gather(-1, rolled[:, None]).squeeze(-1) - torch.logsumexp(logits_rmpad, -1)
+        return logp, r_verl_entropy(logits_rmpad)
+
+    def ours(x):  # verl's calls: entropy first, then the log-probs, in place only without entropy
+        logits_rmpad = x / temperature_rmpad
+        entropy = r_verl.entropy_from_logits(logits_rmpad, backend="triton") if calculate_entropy else None
+        logp = r_verl.logprobs_from_logits(logits_rmpad, rolled, inplace_backward=not calculate_entropy,
+                                           backend="triton")
+        return logp, entropy
+
+    x1, x2 = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    (got_logp, got_entropy), (want_logp, want_entropy) = ours(x1), theirs(x2)
+    assert got_logp.shape == (n,) and got_logp.dtype == torch.float32
+    assert_values_close(got_logp, want_logp)
+    loss_ours, loss_theirs = (got_logp * w).sum(), (want_logp * w).sum()
+    if calculate_entropy:
+        assert_values_close(got_entropy, want_entropy)
+        assert_values_close(r_verl.entropy_from_logits_with_chunking(base / temperature_rmpad, 4, backend="triton"),
+                            verl_entropy_from_logits_with_chunking(base / temperature_rmpad, 4))
+        loss_ours, loss_theirs = loss_ours + (got_entropy * w).sum(), loss_theirs + (want_entropy * w).sum()
+    loss_ours.backward()
+    loss_theirs.backward()
+    assert_grad_close(x1.grad, x2.grad)
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        r_verl.entropy_from_logits_with_chunking(base, 0)
+
+
+def r_verl_entropy(logits):  # verl's entropy_from_logits
+    pd = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
+
+
 # ------------------------------------------------------------------------------------------
 # OpenRLHF 0.11.2, restated
 # ------------------------------------------------------------------------------------------
@@ -494,3 +570,38 @@ def test_log_prob_drop_ins_name_labels(fn) -> None:
         fn(logits, torch.full((2, 3), 10, device=DEVICE))
     with pytest.raises(ValueError, match="labels must have the shape of logits"):
         fn(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("ring_pad", [0, 2])
+def test_openrlhf_packing_samples_logprobs_and_entropy(ring_pad: int) -> None:
+    """OpenRLHF's packing_samples: Actor.forward scores the packed row (1, total_nnz) (a ring-attention
+    rank's slice is padded to a multiple of the ring size), then pads back with gather_and_pad_tensor
+    before any loss."""
+    sequences, attention_mask = _packed_sequences(seed=10)
+    # unpad_and_slice_tensor without a ring group: the sequences and their roll, unpadded into one row
+    rolled_sequences = torch.roll(sequences, shifts=-1, dims=1)
+    keep = attention_mask.bool()
+    packed, rolled = sequences[keep][None], rolled_sequences[keep][None]
+    if ring_pad:  # get_tensor_in_current_ring_attn_rank pads the row with token 0
+        packed, rolled = F.pad(packed, (0, ring_pad)), F.pad(rolled, (0, ring_pad))
+    n = packed.shape[1]
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(1, n, V, generator=g) * 3).to(DEVICE)
+    rolled = rolled.to(DEVICE)
+    w = torch.randn(1, n, generator=g).to(DEVICE)
+
+    def theirs(x):  # float32 logits, already divided by the temperature: log_probs_from_logits, compute_entropy
+        logp = torch.gather(x, -1, rolled.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+        pd = torch.softmax(x, dim=-1)
+        return logp, torch.logsumexp(x, dim=-1) - torch.sum(pd * x, dim=-1)
+
+    x1, x2 = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    got = (r_openrlhf.log_probs_from_logits(x1, rolled, backend="triton"),
+           r_openrlhf.compute_entropy(x1, backend="triton"))
+    want = theirs(x2)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == (1, n) and a.dtype == torch.float32
+        assert_values_close(a, b)
+    ((got[0] * w).sum() + (got[1] * w).sum()).backward()
+    ((want[0] * w).sum() + (want[1] * w).sum()).backward()
+    assert_grad_close(x1.grad, x2.grad)

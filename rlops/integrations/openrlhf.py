@@ -1,4 +1,5 @@
-"""OpenRLHF drop-ins: `PolicyLoss`, `ValueLoss`, `compute_approx_kl`, `log_probs_from_logits`.
+"""OpenRLHF drop-ins: `PolicyLoss`, `ValueLoss`, `compute_approx_kl`, `log_probs_from_logits`,
+`compute_entropy`.
 
     from rlops.integrations.openrlhf import PolicyLoss, log_probs_from_logits
 
@@ -7,6 +8,15 @@ Same constructor and call signatures and return values as OpenRLHF 0.11.2
 differ from SPEC.md: every KL estimator is clamped to +-10 and k3's log-ratio below at -10;
 GSPO's sequence ratio is not clamped. One deliberate difference: `log_probs_from_logits`
 does not divide the caller's logits by the temperature in place, as OpenRLHF does.
+
+Packed samples (--ds.packing_samples): since v0.7.0, OpenRLHF packs inside Actor.forward only
+(openrlhf/models/actor.py with ring_attn_utils.unpad_and_slice_tensor): the model runs on the
+sequences unpadded into one row, and `log_probs_from_logits(logits (1, total_nnz, V) float32,
+rolled_sequences (1, total_nnz))` and `compute_entropy(logits)` take that packed row (each
+ring-attention rank its padded slice); gather_and_pad_tensor then pads the results back to
+(B, T). PolicyLoss, ValueLoss, compute_approx_kl and aggregate_loss therefore always receive
+padded (B, A) tensors with action_mask (B, A), sequence boundaries being the rows; their
+drop-ins take that layout. The row-wise drop-ins take the packed (1, total_nnz) row as it comes.
 """
 
 from __future__ import annotations
@@ -15,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import torch_backend
-from ..ops.token_stats import named_token_logprobs
+from ..ops.token_stats import named_token_logprobs, token_logprobs_and_entropy
+from ..packing import Layout
 
 KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's bound on the importance weight of its unbiased KL gradient
 
@@ -24,10 +35,23 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1
                           backend: str = "auto") -> Tensor:
     """OpenRLHF's `log_probs_from_logits`: log softmax(logits / temperature) at labels, fused.
 
-    Float32 of labels' shape (OpenRLHF returns the logits' dtype for half-precision logits).
-    backend: as `rlops.token_logprobs`.
+    logits (..., V), labels (...): padded (B, T, V) or the packed row of packing_samples,
+    (1, total_nnz, V) with the rolled sequences (1, total_nnz). Float32 of labels' shape
+    (OpenRLHF returns the logits' dtype for half-precision logits). backend: as
+    `rlops.token_logprobs`.
     """
     return named_token_logprobs(logits, labels, temperature, backend, "labels")
+
+
+def compute_entropy(logits: Tensor, *, backend: str = "auto") -> Tensor:
+    """OpenRLHF's `compute_entropy`: the entropy of softmax(logits) per row, fused.
+
+    logits (..., V), padded (B, T, V) or packed (1, total_nnz, V); float32 logits.shape[:-1]
+    (OpenRLHF's actor hands it float32 logits already divided by the temperature).
+    backend: as `rlops.token_logprobs_and_entropy`.
+    """
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return token_logprobs_and_entropy(logits, tokens, backend=backend)[1]
 
 
 def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, log_probs_old: Tensor | None = None,
@@ -70,7 +94,12 @@ def _masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 class PolicyLoss(nn.Module):
-    """OpenRLHF's PPO / GSPO policy loss; forward returns (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)."""
+    """OpenRLHF's PPO / GSPO policy loss; forward returns (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio).
+
+    log_probs, old_log_probs, advantages, action_mask, rollout_log_probs: (B, A), one response
+    per row, as OpenRLHF 0.11.2 passes them with or without packing_samples (its actor pads the
+    packed log-probs back before the loss).
+    """
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float | None = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
@@ -104,7 +133,7 @@ class PolicyLoss(nn.Module):
         mask = torch.ones_like(log_probs) if action_mask is None else action_mask.to(log_probs.dtype)
         raw_log_ratio = log_probs - old_log_probs
         if self.policy_loss_type == "ppo":
-            log_r = torch_backend.log_ratio(log_probs, old_log_probs, mask.bool())
+            log_r = torch_backend.log_ratio(log_probs, old_log_probs, Layout.of(mask.bool()))
         else:
             diff = log_probs - rollout_log_probs if self.is_correction_level != "off" else raw_log_ratio
             log_r = ((diff * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(diff)
@@ -162,4 +191,4 @@ class ValueLoss(nn.Module):
         return 0.5 * aggregate_loss(loss, mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
 
 
-__all__ = ["PolicyLoss", "ValueLoss", "aggregate_loss", "compute_approx_kl", "log_probs_from_logits"]
+__all__ = ["PolicyLoss", "ValueLoss", "aggregate_loss", "compute_approx_kl", "compute_entropy", "log_probs_from_logits"]

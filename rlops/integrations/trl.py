@@ -11,8 +11,23 @@ or by `rlops.policy_loss` on its logits (path="logits"). Covered: loss_type grpo
 and dapo; epsilon / epsilon_high; beta (k3 KL to the reference); temperature;
 importance_sampling_level token or sequence; use_bias_correction_kl; vLLM's
 importance-sampling correction; num_items_in_batch (dapo); the static entropy bonus;
-gradient accumulation. Anything else
-TRL offers raises a ValueError when patching, rather than being silently dropped.
+gradient accumulation; TRL's logged metrics. Anything else TRL offers raises a ValueError
+when patching, rather than being silently dropped.
+
+Padding-free (packed) forward: TRL 1.16's GRPOTrainer has no padding_free option (GRPOConfig
+refuses one; its SFT and DPO trainers have it) and always hands `_compute_loss` a padded batch:
+prompt_ids / prompt_mask (B, P) left-padded, completion_ids / completion_mask (B, C)
+right-padded, advantages (B,). `patch(trainer, padding_free=True)` packs that batch itself:
+the model runs on the B sequences concatenated, input_ids and position_ids (1, N) with
+position ids restarting at 0 for each sequence and no attention mask (Hugging Face's
+padding-free convention, as TRL's SFT padding_free), and the loss runs on the packed
+completion tokens (tokens, masks, old/ref log-probs (N_c,), advantages (B,), cu_seqlens
+(B+1,)): no padding is computed and nothing is padded back. The model's attention must
+honour that convention: transformers' sdpa, eager, flex_attention and flash_attention_* do
+(patch refuses any other). Position ids count from each sequence's first token, as in
+generation, where TRL's padded forward counts from the row's first column: the same up to
+rounding for rotary embeddings, which see only relative positions. With sdpa or eager,
+transformers' packed mask is a dense (N, N) one, so the saving is largest with flash attention.
 
 Two places keep SPEC.md's arithmetic where TRL's differs: grpo's sequence mean leaves out
 completions with no valid token (TRL counts them as 0), and k3 is clamped (TRL's is not).
@@ -43,6 +58,7 @@ from ..ops._backend import BACKENDS
 from ..ops.linear_policy_loss import linear_policy_loss
 from ..ops.policy_loss import policy_loss
 from ..ops.token_stats import token_stats_op
+from ..packing import cu_seqlens_from_lengths
 from ..torch_backend import token_logprobs as _torch_logprobs
 
 # Loss types of TRL that SPEC.md covers, and their aggregation (dapo's is set per batch).
@@ -129,28 +145,52 @@ def _unsupported(trainer: Any) -> list[str]:
     return problems
 
 
-def patch(trainer: Any, *, path: str = "linear", backend: str = "auto") -> Any:
+def patch(trainer: Any, *, path: str = "linear", backend: str = "auto", padding_free: bool = False) -> Any:
     """Makes a TRL `GRPOTrainer` compute its loss with rlops; returns the trainer.
 
     path: "linear" (rlops.linear_policy_loss on the last hidden states and the lm_head: the
     logits never exist) or "logits" (rlops.policy_loss on the model's logits). backend: as
-    rlops.policy_loss. Raises ValueError for a TRL option rlops cannot honour.
+    rlops.policy_loss. padding_free: run the model and the loss on the batch's sequences
+    packed into one row (see the module docstring) instead of TRL's padded (B, P + C) batch;
+    same loss, gradients and metrics, no work on padding. Raises ValueError for a TRL option
+    rlops cannot honour.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if not isinstance(padding_free, bool):
+        raise TypeError(f"padding_free must be a bool, got {type(padding_free).__name__}")
     problems = _unsupported(trainer)
     if path == "logits" and getattr(trainer.args, "cast_lm_head_to_fp32", False):
         problems.append("cast_lm_head_to_fp32 with path='logits' (the model computes its logits in its own dtype; "
                         "path='linear' honours it)")
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    if padding_free and not _keeps_packed_sequences_apart(model):
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        problems.append(f"padding_free with attn_implementation={attention!r} (transformers builds the packed "
+                        "sequences' block-diagonal mask from position ids only for sdpa, eager, flex_attention and "
+                        "flash_attention_*)")
     if problems:
         raise ValueError("rlops cannot compute this GRPOTrainer's loss exactly; unsupported: " + "; ".join(problems))
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     hf.lm_head(model)  # refuses heads that are not hidden @ weight.T + bias
     if path == "linear":
         _add_hidden_states_forward(model)
-    trainer._compute_loss = MethodType(functools.partial(_compute_loss, path=path, backend=backend), trainer)
+    trainer._compute_loss = MethodType(functools.partial(_compute_loss, path=path, backend=backend,
+                                                         padding_free=padding_free), trainer)
     trainer.rlops_path = path
+    trainer.rlops_padding_free = padding_free
     return trainer
+
+
+def _keeps_packed_sequences_apart(model: torch.nn.Module) -> bool:
+    """Whether transformers gives model's attention implementation a mask function, the one that
+    turns position ids restarting at 0 (and no attention mask) into a block-diagonal causal mask
+    (sdpa, eager, flex) or flash attention's varlen boundaries. Others would attend across sequences."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, find_packed_sequence_indices  # noqa: F401
+    except ImportError:  # transformers before 4.54 finds no packed sequences in position ids
+        return False
+    return attention is not None and attention in ALL_MASK_ATTENTION_FUNCTIONS
 
 
 def _add_hidden_states_forward(model: torch.nn.Module) -> None:
@@ -171,14 +211,13 @@ def _add_hidden_states_forward(model: torch.nn.Module) -> None:
     model._rlops_hidden_states = True
 
 
-def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, path: str, backend: str) -> Tensor:
+def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, path: str, backend: str,
+                  padding_free: bool = False) -> Tensor:
     """GRPOTrainer._compute_loss with the loss from rlops (same normalisation and metrics as TRL)."""
     present = [k for k in MULTIMODAL_INPUTS if inputs.get(k) is not None]
     if present:
         raise ValueError(f"the rlops loss does not forward multimodal inputs to the model: {present}")
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
     keep = completion_ids.size(1)
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
     mode = "train" if self.model.training else "eval"
@@ -210,54 +249,154 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
         options["entropy_coef"] = options["entropy_coef"] / accumulation
         scale = 1.0
 
+    base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+    advantages, cu_seqlens = inputs["advantages"], None
+    if advantages.dim() == 2 and advantages.shape[1] == 1:  # one per sequence, as TRL's own (B,) unsqueezed
+        advantages = advantages[:, 0]
+    if padding_free:
+        batch = _pack_batch(inputs)
+        completion_ids, cu_seqlens = batch["tokens"], batch["cu_seqlens"]
+        options.update({k: None if options[k] is None else _pack_like(options[k], k, batch["selected"])
+                        for k in ("mask", "old_logprobs", "ref_logprobs", "is_weights")})
+        options["cu_seqlens"] = cu_seqlens
+        if advantages.dim() == 2:
+            advantages = _pack_like(advantages, "advantages", batch["selected"])
+        forward = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        if path == "linear":  # the hidden states predicting each completion token: (N_c, H)
+            hidden = model(**forward, rlops_hidden_states=True)[0][batch["predictors"]]
+        else:  # the logits of those positions only: (N_c, V)
+            rows = batch["predictors"].nonzero().squeeze(1)
+            logits = model(**forward, use_cache=False, logits_to_keep=rows).logits[0]
+    elif path == "linear":
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, rlops_hidden_states=True)[:, -keep - 1:-1]
+    else:
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep + 1).logits[:, :-1]
+
     if path == "linear":
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, rlops_hidden_states=True)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = hf.lm_head(base)
-        hidden, weight, bias = hidden[:, -keep - 1:-1], head.weight, head.bias
+        weight, bias = head.weight, head.bias
         if getattr(self.args, "cast_lm_head_to_fp32", False):
             hidden, weight = hidden.float(), weight.float()
             bias = None if bias is None else bias.float()
-        out = linear_policy_loss(hidden, weight, completion_ids, inputs["advantages"], bias=bias, **options)
+        out = linear_policy_loss(hidden, weight, completion_ids, advantages, bias=bias, **options)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep + 1).logits
-        out = policy_loss(logits[:, :-1], completion_ids, inputs["advantages"], **options)
-    _log_metrics(self, mode, out, mask, inputs["advantages"])
+        out = policy_loss(logits, completion_ids, advantages, **options)
+    _log_metrics(self, mode, out, options["mask"], advantages, cu_seqlens, options["entropy_coef"])
     return out.loss * scale
 
 
-def _log_metrics(self: Any, mode: str, out: Any, mask: Tensor, advantages: Tensor) -> None:
-    """TRL's metrics of the loss: kl, entropy and the clip ratios (global means over processes)."""
-    mask = mask.to(torch.float32)
-    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    sequence = self.importance_sampling_level == "sequence"
+def _pack_batch(inputs: dict[str, Any]) -> dict[str, Tensor]:
+    """TRL's padded batch as packed sequences: each row's prompt tokens (prompt_mask, left-padded)
+    then its completion tokens (completion_mask, right-padded), rows concatenated.
 
-    def global_mean(x: Tensor, per_sequence: bool = False) -> float:
-        if per_sequence:  # one value per sequence, as TRL's (B, 1) tensors
+    Returns input_ids and position_ids (1, N) for the model; predictors (N,) bool, the tokens
+    whose hidden state predicts a completion token; selected (B, C) bool, the completion
+    tokens kept (completion_mask); tokens (N_c,) those tokens; cu_seqlens (B+1,) of them.
+    """
+    prompt_mask, completion_mask = inputs["prompt_mask"].bool(), inputs["completion_mask"].bool()
+    # One read back: the packed layout needs contiguous rows and a token before every completion.
+    bad = torch.stack([(prompt_mask[:, 1:] < prompt_mask[:, :-1]).any(),
+                       (completion_mask[:, 1:] > completion_mask[:, :-1]).any(),
+                       (~prompt_mask.any(dim=1)).any()]).tolist()
+    if bad[0]:
+        raise ValueError("padding_free needs inputs['prompt_mask'] left-padded (each row's tokens contiguous, "
+                         "padding first)")
+    if bad[1]:
+        raise ValueError("padding_free needs inputs['completion_mask'] right-padded (each row's tokens a prefix)")
+    if bad[2]:
+        raise ValueError("padding_free needs at least one prompt token per row (inputs['prompt_mask'] has an "
+                         "empty row): the first completion token is predicted from the last prompt token")
+    kept = torch.cat([prompt_mask, completion_mask], dim=1)
+    target = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1)
+    predicts = torch.cat([target[:, 1:], torch.zeros_like(target[:, :1])], dim=1)  # the next token is a target
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    return {
+        "input_ids": input_ids[kept][None],
+        "position_ids": (kept.cumsum(dim=1) - 1)[kept][None],
+        "predictors": predicts[kept],
+        "selected": completion_mask,
+        "tokens": inputs["completion_ids"][completion_mask],
+        "cu_seqlens": cu_seqlens_from_lengths(completion_mask.sum(dim=1)),
+    }
+
+
+def _pack_like(x: Tensor, name: str, selected: Tensor) -> Tensor:
+    """A per-token (B, C) tensor of TRL's batch (or a per-sequence (B, 1) one) at the packed tokens (N_c,)."""
+    if x.dim() == 2 and x.shape[0] == selected.shape[0] and x.shape[1] in (1, selected.shape[1]):
+        return x.expand_as(selected)[selected]
+    raise ValueError(f"padding_free: {name} must have shape {tuple(selected.shape)} (completion_mask's) or "
+                     f"({selected.shape[0]}, 1), got {tuple(x.shape)}")
+
+
+def _nanmin(x: Tensor) -> float:
+    """TRL's nanmin / nanmax (NaN when every value is NaN), for the clip-ratio extremes."""
+    x = x[~x.isnan()]
+    return x.min().item() if x.numel() else float("nan")
+
+
+def _log_metrics(self: Any, mode: str, out: Any, mask: Tensor, advantages: Tensor, cu_seqlens: Tensor | None,
+                 entropy_coef: float) -> None:
+    """TRL's metrics of the loss: kl, entropy, the clip ratios (global means over processes), and
+    with the entropy bonus policy_loss and entropy_coef. Padded (B, C) or packed (N_c,) tokens."""
+    mask = mask.to(torch.float32)
+    if cu_seqlens is None:
+        n_seqs, seq_ids = mask.shape[0], torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+    else:
+        n_seqs = cu_seqlens.numel() - 1
+        seq_ids = torch.repeat_interleave(torch.arange(n_seqs, device=mask.device), cu_seqlens.diff().long(),
+                                          output_size=mask.numel())
+    seq_ids = seq_ids.reshape(-1)
+
+    def seq_sums(x: Tensor) -> Tensor:  # (S,) sums of the tokens of each sequence
+        return mask.new_zeros(n_seqs).index_add(0, seq_ids, x.reshape(-1).to(torch.float32))
+
+    counts = seq_sums(mask)
+    per_seq_adv = advantages.dim() == 1
+    adv = advantages[seq_ids].view(mask.shape) if per_seq_adv else advantages
+    sequence = self.importance_sampling_level == "sequence"
+    ratio = out.ratio
+    if sequence:  # TRL's (B, 1) ratio: the sequence ratio (that of its valid tokens), 1 with none
+        seq_ratio = mask.new_zeros(n_seqs).scatter_reduce(0, seq_ids, (ratio * mask).reshape(-1), "amax")
+        seq_ratio = torch.where(counts > 0, seq_ratio, 1.0)
+        ratio = seq_ratio[seq_ids].view(mask.shape)
+    per_sequence = sequence and per_seq_adv  # TRL's metrics then hold one value per sequence
+
+    def global_mean(x: Tensor, one_per_sequence: bool = False) -> float:
+        if one_per_sequence:
             local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
         else:
             local = torch.stack([(x * mask).sum(), mask.sum()])
         totals = self.accelerator.reduce(local, reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-    def seq_mean(x: Tensor) -> Tensor:
-        return x.squeeze(1) if sequence else (x * mask).sum(-1) / mask.sum(-1)
-
+    metrics = self._metrics[mode]
+    if getattr(self, "_entropy_bonus_enabled", False):
+        # TRL's policy_loss: the loss before the entropy bonus and the accumulation scaling.
+        policy = out.loss.detach() + entropy_coef * (out.entropy * mask).sum() / mask.sum().clamp(min=1.0)
+        metrics["policy_loss"].append(self.accelerator.gather(policy.reshape(())).nanmean().item())
+        if mode == "train" and self.accelerator.sync_gradients:
+            metrics["entropy_coef"].append(self.entropy_coef)
     if self.beta != 0.0:
         weighted = getattr(self.args, "use_bias_correction_kl", False)  # TRL logs the KL term as used
-        self._metrics[mode]["kl"].append(global_mean(out.kl * out.ratio if weighted else out.kl))
-    self._metrics[mode]["entropy"].append(global_mean(out.entropy))
-    ratio = out.ratio.amax(-1, keepdim=True) if sequence else out.ratio
-    low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
-    high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-    metrics = self._metrics[mode]
-    metrics["clip_ratio/low_mean"].append(global_mean(low, sequence))
-    metrics["clip_ratio/high_mean"].append(global_mean(high, sequence))
-    metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high), sequence))
-    metrics["clip_ratio/low_min"].append(self.accelerator.gather(seq_mean(low)).nan_to_num(nan=float("inf")).min()
-                                         .item())
-    metrics["clip_ratio/high_max"].append(self.accelerator.gather(seq_mean(high)).nan_to_num(nan=float("-inf"))
-                                          .max().item())
+        metrics["kl"].append(global_mean(out.kl * ratio if weighted else out.kl))
+    metrics["entropy"].append(global_mean(out.entropy))
+    if per_sequence:
+        low = ((seq_ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+        high = ((seq_ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+        seq_low, seq_high = low, high
+    else:
+        low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
+        seq_low, seq_high = seq_sums(low * mask) / counts, seq_sums(high * mask) / counts
+    metrics["clip_ratio/low_mean"].append(global_mean(low, per_sequence))
+    metrics["clip_ratio/high_mean"].append(global_mean(high, per_sequence))
+    metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high), per_sequence))
+    metrics["clip_ratio/low_min"].append(_nanmin(self.accelerator.gather(seq_low)))
+    metrics["clip_ratio/high_max"].append(-_nanmin(-self.accelerator.gather(seq_high)))
 
 
 def __getattr__(name: str) -> Callable[..., Any]:
@@ -274,12 +413,14 @@ def _trainer_class() -> type:
     class GRPOTrainer(trl.GRPOTrainer):
         """TRL's GRPOTrainer with the loss computed by rlops.
 
-        Takes TRL's arguments plus rlops_path ("linear" or "logits") and rlops_backend.
+        Takes TRL's arguments plus rlops_path ("linear" or "logits"), rlops_backend and
+        rlops_padding_free (the packed forward and loss: `patch`'s padding_free).
         """
 
-        def __init__(self, *args: Any, rlops_path: str = "linear", rlops_backend: str = "auto", **kwargs: Any):
+        def __init__(self, *args: Any, rlops_path: str = "linear", rlops_backend: str = "auto",
+                     rlops_padding_free: bool = False, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            patch(self, path=rlops_path, backend=rlops_backend)
+            patch(self, path=rlops_path, backend=rlops_backend, padding_free=rlops_padding_free)
 
     return GRPOTrainer
 

@@ -11,6 +11,16 @@ advantage R / (1 + epsilon); GSPO's ratio carries gradient through each token's 
 Two conventions differ from verl's, both at positions verl never reads: GAE's advantages and
 returns are 0 where response_mask is 0 (verl leaves running values there).
 
+Packed (remove-padding) batches: with use_remove_padding, verl 0.9.1's FSDP engine
+(verl/workers/engine/fsdp/transformer_impl.py, prepare_model_outputs) computes the log-probs and
+entropy on the unpadded layout, `logprobs_from_logits(logits_rmpad (total_nnz, V),
+input_ids_rmpad_rolled (total_nnz,), inplace_backward)` and `entropy_from_logits(logits_rmpad)`
+(or `entropy_from_logits_with_chunking`), sequence boundaries staying in its nested tensors'
+offsets; these drop-ins take exactly those shapes (and any (..., V)), row by row. It then pads
+back (verl/workers/utils/losses.py: ppo_loss calls no_padding_2_padding) before the policy
+losses, agg_loss and kl_penalty, which verl only ever calls on padded (bsz, response_length)
+tensors; their drop-ins take that padded layout only.
+
 The biggest win in verl is to compute the whole actor loss from the logits in one call,
 `rlops.policy_loss(logits, responses, advantages, mask=response_mask, ...)`; these drop-ins
 keep verl's structure for callers who want to swap one function at a time.
@@ -28,6 +38,7 @@ from .. import torch_backend
 from ..advantages import gae, group_advantages, masked_whiten
 from ..constants import ROW, SEQ_LOG_RATIO_MAX
 from ..ops.token_stats import token_logprobs_and_entropy, token_stats_op
+from ..packing import Layout
 
 CLIP_RATIO_C = 3.0  # verl's default dual-clip bound
 
@@ -55,10 +66,13 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
                          backend: str = "auto") -> Tensor:
     """verl's `logprobs_from_logits`: log softmax(logits) at labels, one fused pass over the vocabulary.
 
-    logits (..., V), labels (...). With inplace_backward (verl's default, as its flash-attn
-    path), the backward writes the gradient over logits produced by an operation; autograd
-    sees the overwrite, so code that still needs those logits fails loudly instead of
-    reading gradients. backend: as `rlops.token_logprobs` (the in-place backward needs the
+    logits (..., V), labels (...): padded (bsz, seqlen, V) or verl's remove-padding layout,
+    logits_rmpad (total_nnz, V) with the rolled input ids (total_nnz,); float32 of labels'
+    shape, each row on its own. With inplace_backward (verl's default, as its flash-attn
+    path; verl turns it off when it also computes the entropy from the same logits), the
+    backward writes the gradient over logits produced by an operation; autograd sees the
+    overwrite, so code that still needs those logits fails loudly instead of reading
+    gradients. backend: as `rlops.token_logprobs` (the in-place backward needs the
     kernels: "triton", or "auto" on CUDA).
     """
     from ..ops.token_stats import _prepare
@@ -71,9 +85,24 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
 
 
 def entropy_from_logits(logits: Tensor, *, backend: str = "auto") -> Tensor:
-    """verl's `entropy_from_logits`: the entropy of softmax(logits) per row, from the fused kernel."""
+    """verl's `entropy_from_logits`: the entropy of softmax(logits) per row, from the fused kernel.
+
+    logits (..., V): padded (bsz, seqlen, V) or remove-padding (total_nnz, V); float32
+    logits.shape[:-1]."""
     tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return token_logprobs_and_entropy(logits, tokens, backend=backend)[1]
+
+
+def entropy_from_logits_with_chunking(logits: Tensor, chunk_size: int = 2048, *, backend: str = "auto") -> Tensor:
+    """verl's `entropy_from_logits_with_chunking` (its engine's entropy_from_logits_with_chunking
+    option): float32 entropy (total_nnz,) of logits_rmpad (total_nnz, V).
+
+    chunk_size is checked and otherwise unused: the fused kernel reads each row once and never
+    holds a float32 copy of the logits, which is what verl's chunking bounds.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    return entropy_from_logits(logits, backend=backend)
 
 
 def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1,
@@ -147,7 +176,7 @@ def _dual_clip(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respo
     if not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {clip_ratio_c}")
     mask = response_mask.to(log_prob.dtype)
-    log_r = torch_backend.log_ratio(log_prob, old_log_prob, response_mask.bool())
+    log_r = torch_backend.log_ratio(log_prob, old_log_prob, Layout.of(response_mask.bool()))
     pg, ratio, clipped_low, clipped_high = torch_backend.clipped_surrogate(log_r, advantages, low, high, clip_ratio_c,
                                                                        rollout_is_weights)
     undual = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high))
@@ -258,6 +287,7 @@ __all__ = [
     "compute_policy_loss_gspo",
     "compute_policy_loss_vanilla",
     "entropy_from_logits",
+    "entropy_from_logits_with_chunking",
     "get_policy_loss_fn",
     "kl_penalty",
     "logprobs_from_logits",
