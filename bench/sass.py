@@ -33,23 +33,24 @@ CASES = (
                                   "KL_RATIO": kind > 0}) for kind in range(5)]
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "HAS_ENT": False, "KL_KIND": 0,
                                   "KL_RATIO": False})]
-    + [(_gae_kernel, {"HAS_BOOT": boot}) for boot in (False, True)]
+    + [(_gae_kernel, {"HAS_BOOT": boot, "PACKED": packed}) for packed in (False, True) for boot in (False, True)]
 )
 # Per kernel: the constexpr block size the launchers use, and the element type of its
 # "logit-like" pointers (GAE's rewards and values take the dtype under test).
 BLOCKS = {"_gae_kernel": ("BLOCK_T", 1024)}
 LOGIT_PTRS = {"x_ptr", "dx_ptr", "ref_ptr", "r_ptr", "v_ptr"}
-INDEX_PTRS = {"tokens_ptr"}
+INDEX_PTRS = {"tokens_ptr", "cu_ptr", "seq_ptr"}
 BYTE_PTRS = {"mask_ptr", "m_ptr"}
-I32_ARGS = {"N", "V", "T", "inner", "ref_inner"}
+I32_ARGS = {"N", "V", "T", "inner", "ref_inner", "n_seqs", "seqs_per_prog"}
 STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
                "dx_stride_inner", "r_stride", "v_stride", "m_stride"}
 FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "gamma", "lam"}
 
 
-# Switches that triton.heuristics derives from a pointer's None-ness: off means that pointer is None.
-SWITCH_PTRS = {"HAS_MASK": "mask_ptr", "HAS_OLD": "old_ptr", "HAS_ISW": "isw_ptr",
-               "HAS_ENT": "ent_coef_ptr", "HAS_BOOT": "boot_ptr"}
+# Switches that triton.heuristics derives from a pointer's None-ness: off means that pointer is None
+# (GAE's PACKED: both of a packed batch's index pointers).
+SWITCH_PTRS = {"HAS_MASK": ("mask_ptr",), "HAS_OLD": ("old_ptr",), "HAS_ISW": ("isw_ptr",),
+               "HAS_ENT": ("ent_coef_ptr",), "HAS_BOOT": ("boot_ptr",), "PACKED": ("cu_ptr", "seq_ptr")}
 
 
 def jit_function(fn: object) -> object:
@@ -70,7 +71,7 @@ def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
     fn = jit_function(fn)
     block_name, block = BLOCKS.get(fn.__name__, ("BLOCK_V", 4096))
     sig, constexprs, attrs = {}, {block_name: block, **switches}, {}
-    absent = {SWITCH_PTRS[k] for k, on in switches.items() if k in SWITCH_PTRS and not on}
+    absent = {ptr for k, on in switches.items() if k in SWITCH_PTRS and not on for ptr in SWITCH_PTRS[k]}
     for i, param in enumerate(fn.params):
         name = param.name
         if name in absent:

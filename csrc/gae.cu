@@ -3,6 +3,10 @@
 // from the end (the value at the next valid position E, then the advantage A), with masked
 // positions carrying both through (rlops_math.h gives the maps).
 //
+// A packed batch (cu_seqlens) is the same walk per sequence: block s takes tokens
+// cu_seqlens[s]..cu_seqlens[s + 1] of the one row as its row, so the scan restarts at every
+// boundary exactly as at the end of a padded row, in one launch for all the sequences.
+//
 // One block per row walks tiles of kTile steps from the end. Each thread owns kItems
 // consecutive steps: it composes their maps serially, a warp-shuffle scan and a pass over the
 // warps' totals give each thread the composed map of every later step in the tile, and the
@@ -19,6 +23,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kItems = 8;
 constexpr int kTile = kThreads * kItems;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ int64_t gae_clamp(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : x > hi ? hi : x;
+}
 
 __device__ __forceinline__ Affine shfl_down(const Affine& f, int offset) {
   return Affine{__shfl_down_sync(kFullMask, f.a, offset), __shfl_down_sync(kFullMask, f.b, offset)};
@@ -51,12 +59,21 @@ __device__ __forceinline__ void block_suffix_scan(Affine own, Affine& later, Aff
 }
 
 __global__ void __launch_bounds__(kThreads) gae_kernel(GaeArgs a) {
-  const int64_t row = blockIdx.x, T = a.n_time;
-  const float* r = a.rewards + row * a.r_stride;
-  const float* v = a.values + row * a.v_stride;
-  const uint8_t* m = a.mask + row * a.m_stride;
-  float* adv_out = a.adv + row * T;
-  float* ret_out = a.ret + row * T;
+  const int64_t row = blockIdx.x;
+  int64_t T = a.n_time, r_off = row * a.r_stride, v_off = row * a.v_stride, m_off = row * a.m_stride,
+          out_off = row * T;
+  if (a.cu_seqlens != nullptr) {
+    // Sequence `row`, clamped to [0, N) so that a cu_seqlens left unchecked (under torch.compile)
+    // never addresses outside the row.
+    const int64_t start = gae_clamp(a.cu_seqlens[row], 0, a.n_time);
+    T = gae_clamp(a.cu_seqlens[row + 1], start, a.n_time) - start;
+    r_off = v_off = m_off = out_off = start;
+  }
+  const float* r = a.rewards + r_off;
+  const float* v = a.values + v_off;
+  const uint8_t* m = a.mask + m_off;
+  float* adv_out = a.adv + out_off;
+  float* ret_out = a.ret + out_off;
   const float gamma = a.gamma, gamma_lam = a.gamma * a.lam;
   float next_value = a.bootstrap != nullptr ? a.bootstrap[row] : 0.f;  // E entering the tile from the right
   float next_adv = 0.f;
@@ -99,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) gae_kernel(GaeArgs a) {
 }  // namespace
 
 cudaError_t launch_gae(const GaeArgs& a, cudaStream_t stream) {
-  if (a.n_rows == 0 || a.n_time == 0) return cudaSuccess;
+  if (a.n_rows == 0 || a.n_time == 0) return cudaSuccess;  // packed: no tokens, every sequence empty
   gae_kernel<<<static_cast<unsigned>(a.n_rows), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

@@ -51,11 +51,15 @@ struct StatsBwdArgs {
 };
 
 // kernels/gae.py, _gae_kernel; rewards and values float32, mask uint8, row strides in elements.
+// Packed (cu_seqlens set): n_rows = S sequences, cu_seqlens[s]..cu_seqlens[s + 1] of one row of
+// n_time = N tokens (unit stride; the row strides are unused). The Triton twin's sequence ids
+// and sequences per program have no counterpart: here each sequence is a block of its own.
 struct GaeArgs {
   const float *rewards, *values;
   const uint8_t* mask;
-  const float* bootstrap;  // (B,) or nullptr
-  float *adv, *ret;        // (B, T) contiguous
+  const float* bootstrap;      // (B,) or (S,), or nullptr
+  const int64_t* cu_seqlens;   // (S + 1,), or nullptr for (B, T) rows
+  float *adv, *ret;            // (B, T) or (N,) contiguous
   int64_t n_rows, n_time, r_stride, v_stride, m_stride;
   float gamma, lam;
 };

@@ -153,19 +153,25 @@ void token_stats_bwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
   check_launch(launch_stats_bwd(a, c10::cuda::getCurrentCUDAStream()));
 }
 
+// Padded: rewards, values, mask, advantages and returns (B, T), unit stride over T. Packed
+// (cu_seqlens given): all of them (N,), contiguous, and cu_seqlens int64 (S + 1,); its values
+// were checked in Python (the kernel clamps them to [0, N) besides).
 void gae(const Tensor& rewards, const Tensor& values, const Tensor& mask, const OptTensor& bootstrap,
-         const Tensor& adv, const Tensor& ret, double gamma, double lam) {
-  TORCH_CHECK(rewards.dim() == 2, "rlops_cuda: rewards must be (B, T)");
-  const int64_t n_rows = rewards.size(0), n_time = rewards.size(1);
+         const OptTensor& cu_seqlens, const Tensor& adv, const Tensor& ret, double gamma, double lam) {
+  const bool packed = cu_seqlens.has_value();
+  TORCH_CHECK(rewards.dim() == (packed ? 1 : 2), "rlops_cuda: rewards must be ", packed ? "(N,)" : "(B, T)");
+  const int64_t n_rows = packed ? cu_seqlens->numel() - 1 : rewards.size(0);
+  const int64_t n_time = packed ? rewards.size(0) : rewards.size(1);
+  TORCH_CHECK(n_rows >= 0, "rlops_cuda: cu_seqlens must have S + 1 >= 1 elements");
   check_grid(n_rows);
   const c10::cuda::CUDAGuard guard(rewards.device());
   for (const Tensor* t : {&values, &mask, &adv, &ret}) {
     TORCH_CHECK(t->sizes() == rewards.sizes(), "rlops_cuda: rewards, values, mask, advantages and returns must "
-                                               "share one (B, T) shape");
+                                               "share one shape");
   }
   for (const Tensor* t : {&rewards, &values, &mask}) {
     check_on(*t, rewards, "gae input");
-    TORCH_CHECK(n_time <= 1 || t->stride(1) == 1, "rlops_cuda: gae inputs need unit stride over time");
+    TORCH_CHECK(n_time <= 1 || t->stride(t->dim() - 1) == 1, "rlops_cuda: gae inputs need unit stride over time");
   }
   TORCH_CHECK(rewards.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
               "rlops_cuda: rewards and values must be float32");
@@ -175,13 +181,15 @@ void gae(const Tensor& rewards, const Tensor& values, const Tensor& mask, const 
   a.values = values.data_ptr<float>();
   a.mask = mask.data_ptr<uint8_t>();
   a.bootstrap = opt_vec<const float>(bootstrap, rewards, at::kFloat, n_rows, "bootstrap");
-  a.adv = vec<float>(adv, rewards, at::kFloat, n_rows * n_time, "advantages");
-  a.ret = vec<float>(ret, rewards, at::kFloat, n_rows * n_time, "returns");
+  a.cu_seqlens = opt_vec<const int64_t>(cu_seqlens, rewards, at::kLong, n_rows + 1, "cu_seqlens");
+  const int64_t n_out = packed ? n_time : n_rows * n_time;
+  a.adv = vec<float>(adv, rewards, at::kFloat, n_out, "advantages");
+  a.ret = vec<float>(ret, rewards, at::kFloat, n_out, "returns");
   a.n_rows = n_rows;
   a.n_time = n_time;
-  a.r_stride = rewards.stride(0);
-  a.v_stride = values.stride(0);
-  a.m_stride = mask.stride(0);
+  a.r_stride = packed ? 0 : rewards.stride(0);
+  a.v_stride = packed ? 0 : values.stride(0);
+  a.m_stride = packed ? 0 : mask.stride(0);
   a.gamma = static_cast<float>(gamma);
   a.lam = static_cast<float>(lam);
   check_launch(launch_gae(a, c10::cuda::getCurrentCUDAStream()));
@@ -205,8 +213,8 @@ TORCH_LIBRARY(rlops_cuda, m) {
       "int n_rows, int vocab, int inner, int stride_outer, int stride_inner, int ref_inner, int ref_stride_outer, "
       "int ref_stride_inner, int dx_stride_outer, int dx_stride_inner, float inv_tau) -> ()");
   m.def(
-      "gae(Tensor rewards, Tensor values, Tensor mask, Tensor? bootstrap, Tensor(a!) adv, Tensor(b!) ret, "
-      "float gamma, float lam) -> ()");
+      "gae(Tensor rewards, Tensor values, Tensor mask, Tensor? bootstrap, Tensor? cu_seqlens, Tensor(a!) adv, "
+      "Tensor(b!) ret, float gamma, float lam) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlops_cuda, CUDA, m) {

@@ -172,14 +172,18 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
 
 
 def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, bootstrap: torch.Tensor | None,
-            gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+            gamma: float, lam: float, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rlops.kernels.gae_fwd on the CUDA kernel, which reads float32 values and a uint8 mask (an
-    O(B*T) cast, small beside the scan)."""
+    O(B*T) cast, small beside the scan). Packed (cu_seqlens (S+1,)): rewards, values and mask (N,)
+    or (1, N), one block per sequence."""
     adv = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
     if adv.numel():
-        r, v = (unit_stride(x.to(torch.float32)) for x in (rewards, values))
+        packed = cu_seqlens is not None
+        r, v, m = (x.reshape(-1) if packed else x for x in (rewards, values, mask))
+        r, v = (unit_stride(x.to(torch.float32)) for x in (r, v))
         boot = None if bootstrap is None else bootstrap.reshape(-1).to(torch.float32).contiguous()
-        ops().gae(rewards=r, values=v, mask=unit_stride(byte_mask(mask)), bootstrap=boot, adv=adv, ret=ret,
-                  gamma=gamma, lam=lam)
+        cu = cu_seqlens.to(torch.int64).contiguous() if packed else None
+        ops().gae(rewards=r, values=v, mask=unit_stride(byte_mask(m)), bootstrap=boot, cu_seqlens=cu,
+                  adv=adv.view(-1) if packed else adv, ret=ret.view(-1) if packed else ret, gamma=gamma, lam=lam)
     return adv, ret

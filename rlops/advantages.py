@@ -2,6 +2,11 @@
 
 All of these produce training targets, not losses: inputs are detached and nothing here
 carries a gradient.
+
+Each takes `cu_seqlens=` for packed (padding-free) batches (rlops.packing): the S sequences
+concatenated into one row of N tokens, per-token tensors (N,) or (1, N), per-sequence ones (S,),
+and cu_seqlens int32/int64 (S+1,) = [0, cumsum(lengths)] (lengths 0 and 1 allowed). A packed call
+gives, on every token of every sequence, what the padded (S, T) call gives on the same sequences.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from torch import Tensor
 from . import torch_backend
 from ._validation import check_choice, check_float, check_float_tensor, check_mask, check_tensor
 from .ops.gae import gae_dispatch
+from .packing import INDEX_DTYPES, Layout, check_cu_seqlens
 
 
 def _unit_interval(name: str, value: object) -> float:
@@ -19,6 +25,25 @@ def _unit_interval(name: str, value: object) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return value
+
+
+def _is_packed_row(x: Tensor) -> bool:
+    """x has a packed per-token shape: (N,) or (1, N)."""
+    return x.dim() == 1 or (x.dim() == 2 and x.shape[0] == 1)
+
+
+def _token_layout(name: str, x: Tensor, cu_seqlens: object) -> tuple[tuple[int, ...], Tensor | None, int]:
+    """The per-token shape of x, cu_seqlens checked against it (int64, or None when not packed) and
+    the number of sequences: (B, T), None, B padded; (N,) or (1, N), cu_seqlens, S packed."""
+    if cu_seqlens is None:
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point (B, T) tensor, got {x.dtype} {tuple(x.shape)}")
+        return tuple(x.shape), None, x.shape[0]
+    if not _is_packed_row(x) or not x.is_floating_point():
+        raise ValueError(f"with cu_seqlens, {name} must be a floating-point (N,) or (1, N) tensor (packed "
+                         f"sequences), got {x.dtype} {tuple(x.shape)}")
+    cu = check_cu_seqlens(cu_seqlens, x.shape[-1], x, name)
+    return tuple(x.shape), cu, cu.numel() - 1
 
 
 def gae(
@@ -29,6 +54,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     bootstrap: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation with masked positions skipped (SPEC.md section 5).
@@ -40,30 +66,34 @@ def gae(
     Past the last valid token V_next is `bootstrap` (or 0) and A_next is 0.
 
     Args:
-        rewards: (B, T) float token-level rewards (e.g. from `kl_shaped_rewards`).
-        values: (B, T) float critic values.
-        mask: (B, T) bool or 0/1, 1 = a response token; None = all.
+        rewards: (B, T) float token-level rewards (e.g. from `kl_shaped_rewards`); packed: (N,) or (1, N).
+        values: float critic values, rewards' shape.
+        mask: bool or 0/1 of rewards' shape, 1 = a response token; None = all.
         gamma, lam: discount and GAE lambda, in [0, 1].
-        bootstrap: (B,) float value of the state after the last valid token, or None (0).
-        backend: "auto" (the reverse-scan Triton kernel on CUDA, the PyTorch backend's loop on CPU),
-            "triton", "cuda" or "torch".
+        bootstrap: (B,) float value of the state after each row's last valid token, or None (0);
+            packed: (S,), one per sequence.
+        cu_seqlens: int32/int64 (S+1,) boundaries of packed sequences, or None (padded rows). The
+            scan restarts at every boundary exactly as at the end of a padded row: the packed
+            result equals the padded (S, max_len) result on the same sequences. Every backend
+            takes the whole packed batch at once (one kernel launch; no loop over sequences).
+        backend: "auto" (the reverse-scan Triton kernel on CUDA, the PyTorch backend on CPU: its
+            loop over time, or a segmented scan when packed), "triton", "cuda" or "torch".
 
     Returns:
-        (advantages, returns): float32 (B, T), 0 where mask is 0. Not whitened: see
+        (advantages, returns): float32 of rewards' shape, 0 where mask is 0. Not whitened: see
         `masked_whiten`.
     """
     rewards = check_tensor("rewards", rewards)
-    if rewards.dim() != 2 or not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a floating-point (B, T) tensor, got {rewards.dtype} {tuple(rewards.shape)}")
-    shape = tuple(rewards.shape)
-    values = check_float_tensor("values", values, rewards, [shape], f"rewards' shape (B, T) = {shape}")
+    shape, cu, n_seqs = _token_layout("rewards", rewards, cu_seqlens)
+    values = check_float_tensor("values", values, rewards, [shape], f"rewards' shape {shape}", "rewards")
     mask = torch.ones(shape, dtype=torch.bool, device=rewards.device) if mask is None \
-        else check_mask(mask, shape, rewards)
+        else check_mask(mask, shape, rewards, like_name="rewards")
     if bootstrap is not None:
-        bootstrap = check_float_tensor("bootstrap", bootstrap, rewards, [shape[:1]], f"(B,) = {shape[:1]}")
+        described = f"(B,) = ({n_seqs},)" if cu is None else f"(S,) = ({n_seqs},), one value per packed sequence"
+        bootstrap = check_float_tensor("bootstrap", bootstrap, rewards, [(n_seqs,)], described, "rewards")
         bootstrap = bootstrap.detach()
     gamma, lam = _unit_interval("gamma", gamma), _unit_interval("lam", lam)
-    return gae_dispatch(rewards.detach(), values.detach(), mask, bootstrap, (gamma, lam), backend)
+    return gae_dispatch(rewards.detach(), values.detach(), mask, bootstrap, cu, (gamma, lam), backend)
 
 
 def group_advantages(
@@ -73,37 +103,55 @@ def group_advantages(
     *,
     scale_by_std: bool = True,
     eps: float = 1e-6,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """GRPO's group-relative advantage of each response: (R_i - mean_g) / (std_g + eps).
 
     Args:
-        rewards: (B,) or (B, 1) float sequence rewards.
+        rewards: (B,) or (B, 1) float sequence rewards. Packed (cu_seqlens given): (S,) or (S, 1)
+            per-sequence scores, or (N,) or (1, N) token-level rewards, summed over each sequence's
+            tokens (as verl's compute_grpo_outcome_advantage sums token_level_rewards). The rule,
+            as for policy_loss's advantages: (N,) and (1, N) are read per token, (S,) and (S, 1)
+            per sequence, and a 1-D tensor that fits both (S == N: only with empty sequences, or
+            when every length is 1 and both readings agree) per token; pass (S, 1) to have it
+            read per sequence.
         group_size: G, when the batch holds groups of G consecutive responses to one prompt.
         group_ids: (B,) integer group of each response (any order), instead of group_size.
+            Packed, both count sequences: (S,) ids, groups of G consecutive sequences.
         scale_by_std: False gives R_i - mean_g (Dr. GRPO).
         eps: added to the unbiased group std.
+        cu_seqlens: int32/int64 (S+1,) boundaries of packed sequences, or None.
 
     Returns:
-        float32 (B,). A group of one response gets 0.
+        float32 (B,). A group of one response gets 0. Packed: float32 (N,), each token the
+        advantage of its sequence (verl's scores broadcast over (B, T); multiply by the response
+        mask for zeros on the prompt tokens). With per-sequence rewards N, the output's size,
+        is read back from cu_seqlens[-1].
     """
     rewards = check_tensor("rewards", rewards)
-    if not rewards.is_floating_point() or rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[1] != 1):
+    layout = None
+    if cu_seqlens is not None:
+        rewards, layout = _packed_rewards(rewards, cu_seqlens)
+    elif not rewards.is_floating_point() or rewards.dim() not in (1, 2) or rewards.shape[1:] not in ((), (1,)):
         raise ValueError(f"rewards must be a floating-point (B,) or (B, 1) tensor, got {rewards.dtype} "
                          f"{tuple(rewards.shape)}")
     r = rewards.detach().reshape(-1).to(torch.float32)
     n = r.shape[0]
+    what = "(B,)" if layout is None else "(S,)"
     if (group_size is None) == (group_ids is None):
         raise ValueError("give exactly one of group_size (consecutive groups) and group_ids")
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
         if n % group_size:
-            raise ValueError(f"group_size {group_size} does not divide the batch of {n} rewards")
+            raise ValueError(f"group_size {group_size} does not divide the batch of {n} "
+                             f"{'rewards' if layout is None else 'sequences'}")
         ids = torch.arange(n, device=r.device) // group_size
     else:
         ids = check_tensor("group_ids", group_ids)
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or ids.shape != (n,):
-            raise ValueError(f"group_ids must be an integer (B,) = ({n},) tensor, got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError(f"group_ids must be an integer {what} = ({n},) tensor, got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
         if ids.device != r.device:
             raise ValueError(f"group_ids is on {ids.device} but rewards is on {r.device}")
         ids = torch.unique(ids, return_inverse=True)[1]
@@ -112,25 +160,65 @@ def group_advantages(
     count = torch.zeros(n_groups, device=r.device).index_add_(0, ids, torch.ones_like(r))
     mean = torch.zeros(n_groups, device=r.device).index_add_(0, ids, r) / count
     centered = r - mean[ids]
-    if not scale_by_std:
-        return centered
-    sq = torch.zeros(n_groups, device=r.device).index_add_(0, ids, centered * centered)
-    std = torch.where(count > 1, sq / (count - 1).clamp(min=1), 0.0).sqrt()
-    return centered / (std[ids] + eps)
+    if scale_by_std:
+        sq = torch.zeros(n_groups, device=r.device).index_add_(0, ids, centered * centered)
+        std = torch.where(count > 1, sq / (count - 1).clamp(min=1), 0.0).sqrt()
+        centered = centered / (std[ids] + eps)
+    return centered if layout is None else layout.per_token(centered)
 
 
-def masked_whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True) -> Tensor:
+def _packed_rewards(rewards: Tensor, cu_seqlens: object) -> tuple[Tensor, Layout]:
+    """group_advantages' packed rewards as (S,) sequence rewards, with the layout of the N tokens."""
+    if not rewards.is_floating_point() or rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype} {tuple(rewards.shape)}")
+    cu = check_tensor("cu_seqlens", cu_seqlens)
+    n_seqs, shape = cu.numel() - 1, tuple(rewards.shape)
+    if shape not in ((n_seqs,), (n_seqs, 1)) and not _is_packed_row(rewards):
+        raise ValueError(f"with cu_seqlens, rewards must have shape (S,) = ({n_seqs},) or (S, 1) (one per "
+                         f"sequence) or (N,) or (1, N) (token-level), got {shape}")
+    per_seq, n_tokens = False, rewards.shape[-1]  # token-level rewards: (N,) or (1, N)
+    if shape in ((n_seqs,), (n_seqs, 1)):  # per sequence, unless a 1-D tensor has N entries too
+        # N, the output's size, is read back (and checked below with the rest of cu_seqlens).
+        n_cu = int(cu[-1]) if cu.dim() == 1 and cu.numel() and cu.dtype in INDEX_DTYPES else -1
+        per_seq = shape == (n_seqs, 1) or n_cu != n_seqs
+        n_tokens = n_cu if per_seq else n_tokens
+    try:
+        cu = check_cu_seqlens(cu, n_tokens, rewards, "rewards")
+    except ValueError as err:
+        if per_seq or cu.dim() != 1 or cu.numel() < 1:
+            raise
+        try:  # on this error path only: is cu_seqlens sound, ending at another N?
+            check_cu_seqlens(cu, int(cu[-1]), rewards, "rewards")
+        except ValueError:
+            raise err from None
+        raise ValueError(f"with cu_seqlens, rewards must have S = {n_seqs} entries (one per sequence) or "
+                         f"N = {int(cu[-1])} (token-level, (N,) or (1, N)), got {tuple(rewards.shape)}") from None
+    layout = Layout.of(torch.ones(n_tokens, dtype=torch.bool, device=rewards.device), cu)
+    return (rewards if per_seq else layout.seq_totals(rewards.detach().reshape(-1).to(torch.float32))), layout
+
+
+def masked_whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True,
+                  cu_seqlens: Tensor | None = None) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the masked entries, variance unbiased (SPEC.md section 5).
 
     x: (...) float; mask: x's shape, bool or 0/1 (None = all). shift_mean=False adds the
     mean back (TRL's option for rewards). Returns float32 of x's shape, 0 where mask is 0;
     with fewer than two masked entries the variance is taken as 0.
+
+    The statistics are over all masked entries of the batch, not per sequence, so a packed batch
+    (cu_seqlens int32/int64 (S+1,) given) needs nothing more: x and mask are (N,) or (1, N),
+    cu_seqlens is checked against N, and the result equals the padded one on the same entries.
     """
     x = check_tensor("x", x)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if cu_seqlens is not None:
+        if not _is_packed_row(x):
+            raise ValueError(f"with cu_seqlens, x must have shape (N,) or (1, N) (packed sequences), "
+                             f"got {tuple(x.shape)}")
+        check_cu_seqlens(cu_seqlens, x.shape[-1], x, "x")
     m = torch.ones(x.shape, dtype=torch.bool, device=x.device) if mask is None \
-        else check_mask(mask, tuple(x.shape), x)
+        else check_mask(mask, tuple(x.shape), x, like_name="x")
     v = torch.where(m, x.detach().to(torch.float32), 0.0)
     n = m.sum()
     mean = v.sum() / n.clamp(min=1)
@@ -149,36 +237,49 @@ def kl_shaped_rewards(
     mask: Tensor,
     kl_coef: float,
     estimator: str = "k1",
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """The PPO-RLHF token reward: -kl_coef * KL per token, plus the sequence score on its last valid token.
 
     Args:
-        scores: (B,) or (B, 1) float reward-model scores.
+        scores: (B,) or (B, 1) float reward-model scores; packed: (S,) or (S, 1).
         logprobs, ref_logprobs: (B, T) float log-probs of the sampled tokens under the policy
-            and the reference model.
-        mask: (B, T) bool or 0/1 response mask.
+            and the reference model; packed: (N,) or (1, N).
+        mask: bool or 0/1 response mask of logprobs' shape.
         kl_coef: >= 0.
         estimator: "k1" (TRL's and OpenRLHF's default), "k2" or "k3" (SPEC.md section 3).
+        cu_seqlens: int32/int64 (S+1,) boundaries of packed sequences, or None. Each score goes on
+            the last valid (mask 1) token of its sequence, as on the last valid token of a row.
 
     Returns:
-        float32 (B, T) rewards, 0 where mask is 0. A row with no valid token gets no score.
+        float32 rewards of logprobs' shape, 0 where mask is 0. A row (sequence) with no valid
+        token gets no score.
     """
     logprobs = check_tensor("logprobs", logprobs)
-    if logprobs.dim() != 2 or not logprobs.is_floating_point():
-        raise ValueError(f"logprobs must be a floating-point (B, T) tensor, got {logprobs.dtype} "
-                         f"{tuple(logprobs.shape)}")
-    shape = tuple(logprobs.shape)
-    ref_logprobs = check_float_tensor("ref_logprobs", ref_logprobs, logprobs, [shape], f"(B, T) = {shape}")
-    scores = check_float_tensor("scores", scores, logprobs, [shape[:1], (shape[0], 1)], "(B,) or (B, 1)")
-    m = check_mask(mask, shape, logprobs)
+    shape, cu, n_seqs = _token_layout("logprobs", logprobs, cu_seqlens)
+    seqs = f"(B,) or (B, 1) with B = {n_seqs}" if cu is None else \
+        f"(S,) or (S, 1), one per packed sequence (S = {n_seqs})"
+    ref_logprobs = check_float_tensor("ref_logprobs", ref_logprobs, logprobs, [shape], f"logprobs' shape {shape}",
+                                      "logprobs")
+    scores = check_float_tensor("scores", scores, logprobs, [(n_seqs,), (n_seqs, 1)], seqs, "logprobs")
+    m = check_mask(mask, shape, logprobs, like_name="logprobs")
     kl_coef = check_float("kl_coef", kl_coef, ge=0.0)
     check_choice("estimator", estimator, ("k1", "k2", "k3"))
     lp = torch.where(m, logprobs.detach().to(torch.float32), 0.0)
     ref = torch.where(m, ref_logprobs.detach().to(torch.float32), 0.0)
     rewards = torch.where(m, -kl_coef * torch_backend.kl_penalty(lp, ref, estimator), 0.0)
+    score = scores.detach().reshape(-1).to(torch.float32)
+    if cu is not None:
+        # Each sequence's last valid position (-1: none), found with no loop and no read-back.
+        layout = Layout.of(m, cu)
+        positions = torch.arange(m.numel(), device=m.device)
+        last = torch.full((n_seqs,), -1, device=m.device).scatter_reduce(
+            0, layout.seq_ids, torch.where(m.reshape(-1), positions, -1), "amax")
+        is_last = m & (positions.view(shape) == layout.per_token(last))
+        return torch.where(is_last, rewards + layout.per_token(score), rewards)
     positions = torch.arange(shape[1], device=m.device).expand(shape)
     last = torch.where(m, positions, -1).amax(-1)  # -1: no valid token
     has_token = last >= 0
     rows = torch.arange(shape[0], device=m.device)[has_token]
-    rewards[rows, last[has_token]] += scores.detach().reshape(-1).to(torch.float32)[has_token]
+    rewards[rows, last[has_token]] += score[has_token]
     return rewards

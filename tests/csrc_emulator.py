@@ -128,10 +128,17 @@ class HostOps:
         target = self._view(dx, n_rows, vocab, inner, dx_stride_outer, dx_stride_inner)
         target.copy_(d.to(dx.dtype).view(target.shape))
 
-    def gae(self, rewards, values, mask, bootstrap, adv, ret, gamma, lam) -> None:
-        n_rows, n_time = rewards.shape
+    def gae(self, rewards, values, mask, bootstrap, cu_seqlens, adv, ret, gamma, lam) -> None:
+        packed = cu_seqlens is not None
+        if packed and rewards.dim() != 1:
+            raise ValueError("rlops_cuda: rewards must be (N,)")  # as ops.cpp checks
+        n_rows, n_time = (cu_seqlens.numel() - 1, rewards.numel()) if packed else rewards.shape
         rewards, values, mask = _f32(rewards), _f32(values), mask.contiguous()
         bootstrap = None if bootstrap is None else _f32(bootstrap)
-        self.lib.rlops_gae(_ptr(rewards), _ptr(values), _ptr(mask), _ptr(bootstrap), ctypes.c_int64(n_rows),
+        cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
+        out_adv, out_ret = torch.empty(adv.shape), torch.empty(ret.shape)
+        self.lib.rlops_gae(_ptr(rewards), _ptr(values), _ptr(mask), _ptr(bootstrap), _ptr(cu), ctypes.c_int64(n_rows),
                            ctypes.c_int64(n_time), ctypes.c_int(self.gae_threads), ctypes.c_float(gamma),
-                           ctypes.c_float(lam), _ptr(adv), _ptr(ret))
+                           ctypes.c_float(lam), _ptr(out_adv), _ptr(out_ret))
+        adv.copy_(out_adv)
+        ret.copy_(out_ret)

@@ -128,9 +128,12 @@ void rlops_logit_grad(const float* x, const float* y, const int64_t* tokens, con
 }
 
 // gae.cu's tile walk with `threads` threads of K = 8 steps each; the block scans are serial
-// compositions over the threads (the kernel's warp shuffles compute the same maps).
+// compositions over the threads (the kernel's warp shuffles compute the same maps). Padded:
+// n_rows contiguous rows of T steps. Packed (cu_seqlens (n_rows + 1,) given): one row of T
+// tokens, row s of the walk being tokens cu_seqlens[s]..cu_seqlens[s + 1], clamped as in the kernel.
 void rlops_gae(const float* rewards, const float* values, const uint8_t* mask, const float* bootstrap,
-               int64_t n_rows, int64_t T, int threads, float gamma, float lam, float* adv, float* ret) {
+               const int64_t* cu_seqlens, int64_t n_rows, int64_t T, int threads, float gamma, float lam, float* adv,
+               float* ret) {
   constexpr int K = 8;
   const int64_t tile_len = static_cast<int64_t>(threads) * K;
   const float gamma_lam = gamma * lam;
@@ -149,16 +152,22 @@ void rlops_gae(const float* rewards, const float* values, const uint8_t* mask, c
     }
     return acc;
   };
+  auto clamp = [](int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; };
   for (int64_t row = 0; row < n_rows; ++row) {
-    const float *r = rewards + row * T, *v = values + row * T;
-    const uint8_t* m = mask + row * T;
+    int64_t off = row * T, len = T;
+    if (cu_seqlens) {
+      off = clamp(cu_seqlens[row], 0, T);
+      len = clamp(cu_seqlens[row + 1], off, T) - off;
+    }
+    const float *r = rewards + off, *v = values + off;
+    const uint8_t* m = mask + off;
     float next_value = bootstrap ? bootstrap[row] : 0.f, next_adv = 0.f;
-    for (int64_t tile = 0; tile * tile_len < T; ++tile) {
+    for (int64_t tile = 0; tile * tile_len < len; ++tile) {
       for (int i = 0; i < threads; ++i) {
-        const int64_t base = T - (tile + 1) * tile_len + static_cast<int64_t>(i) * K;
+        const int64_t base = len - (tile + 1) * tile_len + static_cast<int64_t>(i) * K;
         for (int j = 0; j <= K; ++j) {
           const int64_t t = base + j;
-          const bool here = t >= 0 && t < T;
+          const bool here = t >= 0 && t < len;
           th[i].valid[j] = here && m[t] != 0;
           th[i].value[j] = here ? v[t] : 0.f;
           if (j < K) th[i].reward[j] = here ? r[t] : 0.f;
@@ -175,11 +184,11 @@ void rlops_gae(const float* rewards, const float* values, const uint8_t* mask, c
       for (int i = 0; i < threads; ++i) {
         float a[K], rt[K];
         gae_outputs<K>(apply(later[i], next_adv), th[i].valid, th[i].value, th[i].delta, gamma_lam, a, rt);
-        const int64_t base = T - (tile + 1) * tile_len + static_cast<int64_t>(i) * K;
+        const int64_t base = len - (tile + 1) * tile_len + static_cast<int64_t>(i) * K;
         for (int j = 0; j < K; ++j) {
           if (base + j >= 0) {
-            adv[row * T + base + j] = a[j];
-            ret[row * T + base + j] = rt[j];
+            adv[off + base + j] = a[j];
+            ret[off + base + j] = rt[j];
           }
         }
       }

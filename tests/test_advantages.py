@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import rlops
 from rlops import baselines, reference
+from rlops.packing import Layout, cu_seqlens_from_lengths, pack
 
 
 def verl_style_gae(rewards, values, mask, gamma, lam, bootstrap=None):
@@ -248,6 +249,113 @@ def test_gae_bad_input(kwargs, error, match) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Packed (padding-free) GAE: the same sequences in one row of N tokens, boundaries in cu_seqlens
+# ------------------------------------------------------------------------------------------
+
+PACKED_LENGTHS = [5, 0, 1, 17, 0, 1, 40, 3, 2, 1, 9]  # lengths 0 and 1, and one longer than a tile of 16
+
+
+def _packed_gae_inputs(lengths: list[int], seed: int = 0, p_mask: float = 0.3):
+    """(padded, packed, bootstrap, cu_seqlens, lengths): padded = rewards, values, mask (S, max_len) with
+    the padding masked; packed = the same three (N,)."""
+    rewards, values, mask, _ = _gae_inputs(len(lengths), max(max(lengths), 1), seed, p_mask=p_mask)
+    lengths = torch.tensor(lengths, device=DEVICE)
+    mask &= torch.arange(mask.shape[1], device=DEVICE) < lengths[:, None]
+    bootstrap = torch.randn(len(lengths), generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    padded = (rewards, values, mask)
+    return padded, tuple(pack(x, lengths) for x in padded), bootstrap, cu_seqlens_from_lengths(lengths), lengths
+
+
+def _check_packed_gae(backend: str, lengths: list[int], seed: int = 0, gamma: float = 0.97, lam: float = 0.9,
+                      with_bootstrap: bool = True, row: bool = False, padded_backend: str | None = None) -> None:
+    """Packed GAE of `backend` equals the padded GAE (of padded_backend, default the same) on the same
+    sequences, and the float64 loop."""
+    padded, packed, bootstrap, cu, n = _packed_gae_inputs(lengths, seed)
+    bootstrap = bootstrap if with_bootstrap else None
+    if row:  # Hugging Face's padding-free layout (1, N)
+        packed = tuple(x[None] for x in packed)
+    adv, ret = rlops.gae(*packed, gamma=gamma, lam=lam, bootstrap=bootstrap, cu_seqlens=cu, backend=backend)
+    assert adv.dtype == ret.dtype == torch.float32 and adv.shape == ret.shape == packed[0].shape
+    want = rlops.gae(*padded, gamma=gamma, lam=lam, bootstrap=bootstrap, backend=padded_backend or backend)
+    oracle = verl_style_gae(*padded, gamma, lam, bootstrap)
+    for got, same, exact, what in zip((adv, ret), want, oracle, ("advantages", "returns"), strict=True):
+        _close(got.reshape(-1), pack(same, n), f"{what} vs padded")
+        _close(got.reshape(-1), pack(exact.to(DEVICE), n), f"{what} vs the loop")
+    assert not adv.reshape(-1)[~packed[2].reshape(-1)].any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_bootstrap, row", [(True, False), (False, True)])
+def test_gae_packed_equals_padded(backend: str, with_bootstrap: bool, row: bool) -> None:
+    _check_packed_gae(backend, PACKED_LENGTHS, with_bootstrap=with_bootstrap, row=row)
+
+
+def test_gae_packed_triton_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tiles of 16 tokens: several programs of several sequences each, sequences across tiles.
+    from rlops.kernels import gae as gae_kernels
+
+    monkeypatch.setattr(gae_kernels, "MAX_BLOCK_T", 16)
+    for seed in range(2):
+        _check_packed_gae("triton", PACKED_LENGTHS[seed:], seed=seed, gamma=1.0, lam=0.95, padded_backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gae_packed_many_short_sequences(backend: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(0, 3, (2000,), generator=g).tolist()
+    _check_packed_gae(backend, lengths, seed=4, padded_backend="torch")  # 2000 interpreted rows would take a minute
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gae_packed_padding_values_never_leak(backend: str) -> None:
+    _, (rewards, values, mask), bootstrap, cu, _ = _packed_gae_inputs(PACKED_LENGTHS, seed=3)
+    clean = rlops.gae(rewards, values, mask, gamma=0.99, bootstrap=bootstrap, cu_seqlens=cu, backend=backend)
+    dirty = rlops.gae(rewards.masked_fill(~mask, float("nan")), values.masked_fill(~mask, float("inf")), mask,
+                      gamma=0.99, bootstrap=bootstrap, cu_seqlens=cu, backend=backend)
+    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gae_packed_empty(backend: str) -> None:
+    empty = torch.zeros(0, device=DEVICE)
+    for cu in ([0], [0, 0, 0]):
+        adv, ret = rlops.gae(empty, empty, cu_seqlens=torch.tensor(cu, device=DEVICE), backend=backend)
+        assert adv.shape == ret.shape == (0,)
+
+
+def test_gae_packed_under_torch_compile() -> None:
+    _, packed, bootstrap, cu, _ = _packed_gae_inputs(PACKED_LENGTHS)
+
+    def fn(r, v, m, b, c):
+        return rlops.gae(r, v, m, gamma=0.99, lam=0.95, bootstrap=b, cu_seqlens=c, backend="triton")
+
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*packed, bootstrap, cu)
+    want = fn(*packed, bootstrap, cu)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"cu_seqlens": lambda cu: cu[:-1]}, ValueError, "cu_seqlens must end at the number of packed tokens"),
+        ({"cu_seqlens": lambda cu: cu.float()}, TypeError, "cu_seqlens must be an int32 or int64"),
+        ({"cu_seqlens": lambda cu: cu.flip(0)}, ValueError, "cu_seqlens must start at 0"),
+        ({"bootstrap": lambda b: b[:-1]}, ValueError, r"bootstrap must have shape \(S,\) = \(11,\)"),
+        ({"rewards": lambda r: torch.stack([r, r])}, ValueError,
+         r"with cu_seqlens, rewards must be a floating-point \(N,\)"),
+        ({"values": lambda v: v[:-1]}, ValueError, "values must have shape"),
+        ({"mask": lambda m: m[None]}, ValueError, "mask must have shape"),
+    ],
+)
+def test_gae_packed_bad_input(change, error, match) -> None:
+    _, (rewards, values, mask), bootstrap, cu, _ = _packed_gae_inputs(PACKED_LENGTHS)
+    args = {"rewards": rewards, "values": values, "mask": mask, "bootstrap": bootstrap, "cu_seqlens": cu}
+    args.update({key: fn(args[key]) for key, fn in change.items()})
+    with pytest.raises(error, match=match):
+        rlops.gae(args.pop("rewards"), args.pop("values"), args.pop("mask"), backend="torch", **args)
+
+
+# ------------------------------------------------------------------------------------------
 # Group advantages, whitening, KL-shaped rewards
 # ------------------------------------------------------------------------------------------
 
@@ -351,3 +459,112 @@ def test_reference_gae_is_the_loop() -> None:
     want_adv, want_ret = verl_style_gae(rewards, values, mask, 0.97, 0.9, bootstrap)
     torch.testing.assert_close(adv.cpu(), want_adv, rtol=0, atol=1e-12)
     torch.testing.assert_close(ret.cpu(), want_ret, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Packed group advantages, whitening and KL-shaped rewards: equal to the padded ones
+# ------------------------------------------------------------------------------------------
+
+
+def _packed_layout(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+    """(lengths, cu_seqlens, layout of the N packed tokens)."""
+    lengths = torch.tensor(lengths, device=DEVICE)
+    cu = cu_seqlens_from_lengths(lengths)
+    n = int(lengths.sum())
+    return lengths, cu, Layout.of(torch.ones(n, dtype=torch.bool, device=DEVICE), cu.long())
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_group_advantages_packed(scale_by_std: bool) -> None:
+    lengths, cu, layout = _packed_layout([3, 0, 1, 4, 1, 2, 0, 5, 1, 1, 2, 6])  # 12 sequences, 3 groups of 4
+    g = torch.Generator().manual_seed(8)
+    scores = torch.randn(12, generator=g).to(DEVICE)
+    ids = torch.tensor([7, 3, 7, 3, 3, 9, 7, 3, 7, 7, 3, 3], device=DEVICE)
+    # Token-level rewards whose sums per sequence are the scores (an empty sequence sums to 0).
+    scores = torch.where(lengths > 0, scores, 0.0)
+    token_rewards = layout.per_token(scores) / layout.per_token(lengths.clamp(min=1).float())
+    for groups in ({"group_size": 4}, {"group_ids": ids}):
+        padded = rlops.group_advantages(scores, **groups, scale_by_std=scale_by_std)
+        want = layout.per_token(padded)  # each token its sequence's advantage
+        for rewards in (scores, scores[:, None], token_rewards, token_rewards[None]):
+            got = rlops.group_advantages(rewards, **groups, scale_by_std=scale_by_std, cu_seqlens=cu)
+            assert got.dtype == torch.float32 and got.shape == (layout.mask.numel(),)
+            _close(got, want, f"{groups.keys()} {tuple(rewards.shape)}")
+
+
+def test_group_advantages_packed_reading_rule() -> None:
+    # S == N == 4 with an empty sequence: (N,) and (1, N) are read per token (as policy_loss reads
+    # advantages), (S, 1) per sequence.
+    _, cu, _ = _packed_layout([2, 0, 1, 1])
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0], device=DEVICE)
+    for rewards, want in ((x, [1.5, 1.5, -2.0, 2.0]),  # sums 3, 0 | 4, 8
+                          (x[None], [1.5, 1.5, -2.0, 2.0]),
+                          (x[:, None], [-0.5, -0.5, -2.0, 2.0])):  # scores 1, 2 | 4, 8
+        assert rlops.group_advantages(rewards, group_size=2, scale_by_std=False, cu_seqlens=cu).tolist() == want
+
+
+@pytest.mark.parametrize(
+    "rewards, kwargs, error, match",
+    [
+        (torch.ones(5), {"group_size": 2}, ValueError, r"rewards must have S = 4 entries .* or N = 4"),
+        (torch.ones(4, 2), {"group_size": 2}, ValueError, r"with cu_seqlens, rewards must have shape \(S,\)"),
+        (torch.ones(4), {"group_ids": torch.zeros(5, dtype=torch.long)}, ValueError,
+         r"group_ids must be an integer \(S,\) = \(4,\)"),
+        (torch.ones(4), {"group_size": 3}, ValueError, "does not divide the batch of 4 sequences"),
+        (torch.ones(1, 4), {"group_size": 2, "cu_seqlens": torch.tensor([0, 2, 1, 4, 4])}, ValueError,
+         "non-decreasing"),
+        (torch.ones(1, 4), {"group_size": 2, "cu_seqlens": torch.tensor([0, 2, 2, 3, 4.0])}, TypeError,
+         "cu_seqlens must be an int32 or int64"),
+    ],
+)
+def test_group_advantages_packed_bad_input(rewards, kwargs, error, match) -> None:
+    kwargs = {"cu_seqlens": torch.tensor([0, 2, 2, 3, 4]), **kwargs}
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        rlops.group_advantages(rewards.to(DEVICE), **kwargs)
+
+
+def test_masked_whiten_packed() -> None:
+    padded, (x, _, mask), _, cu, lengths = _packed_gae_inputs(PACKED_LENGTHS, seed=9)
+    for shift_mean in (True, False):
+        want = pack(rlops.masked_whiten(padded[0], padded[2], shift_mean=shift_mean), lengths)
+        _close(rlops.masked_whiten(x, mask, shift_mean=shift_mean, cu_seqlens=cu), want, "whitened")
+        _close(rlops.masked_whiten(x[None], mask[None], shift_mean=shift_mean, cu_seqlens=cu)[0], want, "(1, N)")
+    nan_x = x.masked_fill(~mask, float("nan"))
+    assert torch.equal(rlops.masked_whiten(nan_x, mask, cu_seqlens=cu), rlops.masked_whiten(x, mask, cu_seqlens=cu))
+    with pytest.raises(ValueError, match=r"with cu_seqlens, x must have shape \(N,\) or \(1, N\)"):
+        rlops.masked_whiten(torch.stack([x, x]), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the number of packed tokens"):
+        rlops.masked_whiten(x[:-1], cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_shaped_rewards_packed(estimator: str) -> None:
+    lengths = [4, 0, 1, 6, 3, 1, 5]
+    g = torch.Generator().manual_seed(12)
+    rows, time = len(lengths), max(lengths)
+    logprobs = (-torch.rand(rows, time, generator=g) * 3).to(DEVICE)
+    ref = (-torch.rand(rows, time, generator=g) * 3).to(DEVICE)
+    n = torch.tensor(lengths, device=DEVICE)
+    mask = (torch.rand(rows, time, generator=g) > 0.3).to(DEVICE) & (torch.arange(time, device=DEVICE) < n[:, None])
+    mask[3] = False  # a sequence with tokens but none valid: no score
+    mask[4, 2] = True  # ends on a valid token
+    mask[4, 1] = False
+    scores = torch.randn(rows, generator=g).to(DEVICE)
+    cu = cu_seqlens_from_lengths(n)
+    want = pack(rlops.kl_shaped_rewards(scores, logprobs, ref, mask, 0.1, estimator), n)
+    # NaN where the mask is 0 must not leak (padding logprobs of any value).
+    lp, rf, m = (pack(x, n) for x in (logprobs.masked_fill(~mask, float("nan")), ref, mask))
+    for s in (scores, scores[:, None]):
+        got = rlops.kl_shaped_rewards(s, lp, rf, m, 0.1, estimator, cu_seqlens=cu)
+        assert got.shape == lp.shape and got.dtype == torch.float32
+        _close(got, want, "packed rewards")
+    got = rlops.kl_shaped_rewards(scores, lp[None], rf[None], m[None], 0.1, estimator, cu_seqlens=cu)
+    assert got.shape == (1, lp.numel())
+    _close(got[0], want, "(1, N) rewards")
+    with pytest.raises(ValueError, match=r"scores must have shape \(S,\) or \(S, 1\), one per packed sequence \(S = 7"):
+        rlops.kl_shaped_rewards(scores[:-1], lp, rf, m, 0.1, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"with cu_seqlens, logprobs must be a floating-point \(N,\) or \(1, N\)"):
+        rlops.kl_shaped_rewards(scores, torch.stack([lp, lp]), rf, m, 0.1, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="ref_logprobs must have shape"):
+        rlops.kl_shaped_rewards(scores, lp, rf[:-1], m, 0.1, cu_seqlens=cu)

@@ -28,6 +28,8 @@ VECTOR = {
     "_policy_loss_fwd_kernel": ("ld_v4",),
     "_gae_kernel": ("st_v4",),
 }
+# A packed batch's sequences start at any token, so packed GAE's accesses stay scalar.
+UNALIGNED = ("_gae_kernel[HAS_BOOT=0,PACKED=1]", "_gae_kernel[HAS_BOOT=1,PACKED=1]")
 KEYS = [case_key(fn, switches, dtype, arch) for fn, switches in CASES for dtype in ("bf16", "fp32") for arch in ARCHS]
 
 
@@ -52,7 +54,7 @@ def test_every_kernel_is_covered() -> None:
 def test_compiles_vectorised_without_spills(compiled: dict, key: str) -> None:
     result = compiled[key]
     assert "error" not in result, result.get("error")
-    for access in VECTOR[key.split("[")[0]]:
+    for access in () if key.startswith(UNALIGNED) else VECTOR[key.split("[")[0]]:
         assert result[access], f"no 16-byte vector {'loads' if access == 'ld_v4' else 'stores'}"
     assert result.get("LOCAL", 0) == 0 and result.get("STACK", 0) == 0, f"spills to local memory: {result}"
 

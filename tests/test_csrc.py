@@ -24,11 +24,20 @@ import test_linear_policy_loss as linear_tests
 import test_policy_loss as policy_tests
 import test_token_stats as stats_tests
 import torch
-from test_advantages import GAE_CASES, _close, _gae_inputs, verl_style_gae
+from test_advantages import (
+    GAE_CASES,
+    PACKED_LENGTHS,
+    _check_packed_gae,
+    _close,
+    _gae_inputs,
+    _packed_gae_inputs,
+    verl_style_gae,
+)
 
 import rlops
 from rlops import _cuda
 from rlops.ops import _backend
+from rlops.packing import pack
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 KERNEL_SOURCES = ["token_stats.cu", "gae.cu"]
@@ -242,10 +251,40 @@ def test_gae_tiles(host_lib, threads: int, time: int) -> None:
     ops = csrc_emulator.HostOps(host_lib, gae_threads=threads)
     rewards, values, mask, bootstrap = _gae_inputs(4, time, seed=time)
     adv, ret = torch.empty(4, time), torch.empty(4, time)
-    ops.gae(rewards, values, mask.to(torch.uint8), bootstrap, adv, ret, 0.97, 0.9)
+    ops.gae(rewards, values, mask.to(torch.uint8), bootstrap, None, adv, ret, 0.97, 0.9)
     want_adv, want_ret = verl_style_gae(rewards, values, mask, 0.97, 0.9, bootstrap)
     _close(adv, want_adv, "advantages")
     _close(ret, want_ret, "returns")
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("with_bootstrap, row", [(True, False), (False, True)])
+def test_gae_packed(with_bootstrap: bool, row: bool) -> None:
+    # One block per sequence, in one launch: equal to the padded launch and to the float64 loop.
+    _check_packed_gae("cuda", PACKED_LENGTHS, with_bootstrap=with_bootstrap, row=row)
+    _check_packed_gae("cuda", torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(1)).tolist())
+
+
+@pytest.mark.usefixtures("emulated")
+def test_gae_packed_padding_values_never_leak() -> None:
+    _, (rewards, values, mask), bootstrap, cu, _ = _packed_gae_inputs(PACKED_LENGTHS, seed=3)
+    rewards = rewards.bfloat16()  # and a float mask: the launcher's casts
+    clean = rlops.gae(rewards, values, mask, gamma=0.99, bootstrap=bootstrap, cu_seqlens=cu, backend="cuda")
+    dirty = rlops.gae(rewards.masked_fill(~mask, float("nan")), values.masked_fill(~mask, float("inf")),
+                      mask.float(), gamma=0.99, bootstrap=bootstrap, cu_seqlens=cu, backend="cuda")
+    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gae_packed_tiles(host_lib, threads: int) -> None:
+    # Tiles of 8, 16 and 24 steps: sequences of up to 40 tokens span several, with a partial leftmost one.
+    ops = csrc_emulator.HostOps(host_lib, gae_threads=threads)
+    padded, (rewards, values, mask), bootstrap, cu, lengths = _packed_gae_inputs(PACKED_LENGTHS, seed=threads)
+    adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
+    ops.gae(rewards, values, mask.to(torch.uint8), bootstrap, cu.long(), adv, ret, 0.97, 0.9)
+    want_adv, want_ret = verl_style_gae(*padded, 0.97, 0.9, bootstrap)
+    _close(adv, pack(want_adv, lengths), "advantages")
+    _close(ret, pack(want_ret, lengths), "returns")
 
 
 # ---- dispatch ------------------------------------------------------------------------------
