@@ -151,16 +151,20 @@ def _train_one(args: argparse.Namespace, config: Any) -> int:
 
         tokenizer = arithmetic.CharTokenizer()
         model = LlamaForCausalLM(arithmetic.tiny_model_config(tokenizer))
-    if args.kind == "sft":
-        trainer = SFTTrainer(model, tokenizer, [(p.prompt, p.solution) for p in demos], config, TASK, heldout)
-    elif args.kind == "reward":
-        trainer = RewardTrainer(ValueModel.from_causal_lm(model), tokenizer, arithmetic.preference_pairs(rest, 0),
-                                config, arithmetic.preference_pairs(heldout, 1))
-    elif args.kind == "grpo":
-        trainer = GRPOTrainer(model, tokenizer, TASK, rest, config, heldout)
-    else:
-        reward_model = None if args.reward_model is None else ValueModel.from_pretrained(args.reward_model, device)
-        trainer = PPOTrainer(model, tokenizer, TASK, rest, config, heldout, reward_model=reward_model)
+    try:
+        if args.kind == "sft":
+            trainer = SFTTrainer(model, tokenizer, [(p.prompt, p.solution) for p in demos], config, TASK, heldout)
+        elif args.kind == "reward":
+            pairs = arithmetic.preference_pairs(rest, 0), arithmetic.preference_pairs(heldout, 1)
+            trainer = RewardTrainer(ValueModel.from_causal_lm(model), tokenizer, pairs[0], config, pairs[1])
+        elif args.kind == "grpo":
+            trainer = GRPOTrainer(model, tokenizer, TASK, rest, config, heldout)
+        else:
+            reward_model = None if args.reward_model is None else ValueModel.from_pretrained(args.reward_model, device)
+            trainer = PPOTrainer(model, tokenizer, TASK, rest, config, heldout, reward_model=reward_model)
+    except ValueError as e:  # a model the options cannot train (--packing with its attention): one line
+        print(f"rlops train {args.kind}: error: {e}", file=sys.stderr)
+        return 2
     metrics = trainer.train()
     if trainer.procs.main:
         shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k.startswith(("eval_", "reward", "loss")))

@@ -46,6 +46,8 @@ HELP: dict[str, str] = {
                  "eager: the same loss in eager PyTorch",
     "backend": "backend of the fused ops: auto (Triton on CUDA, PyTorch on CPU), triton, cuda or torch",
     "gradient_checkpointing": "recompute each decoder layer in the backward instead of keeping its activations",
+    "packing": "pack each minibatch's sequences into one row without padding (position ids restart at 0 per "
+               "sequence); the same step as padded, fewer tokens; needs sdpa, eager, flex or flash attention",
     # grpo
     "group_size": "samples per prompt; advantages are relative to the group",
     "loss_agg": "how token losses are aggregated (SPEC.md): token-mean (DAPO), seq-mean-token-mean (GRPO), ...",

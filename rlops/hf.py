@@ -73,3 +73,20 @@ def lm_head_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
 
 
 __all__ = ["LMHeadInputs", "lm_head", "lm_head_inputs"]
+
+
+def packs_sequences_apart(model: nn.Module) -> bool:
+    """Whether transformers keeps the sequences of a packed row apart in model's attention.
+
+    Given position ids that restart at 0 and no attention mask, transformers (>= 4.54) finds
+    the packed sequences (`masking_utils.find_packed_sequence_indices`) and builds a
+    block-diagonal causal mask for sdpa, eager and flex_attention, or flash attention's varlen
+    boundaries: for the implementations with a mask function in
+    `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS`. Any other would attend across sequences.
+    """
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, find_packed_sequence_indices  # noqa: F401
+    except ImportError:  # transformers before 4.54 finds no packed sequences in position ids
+        return False
+    return attention is not None and attention in ALL_MASK_ATTENTION_FUNCTIONS

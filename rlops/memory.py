@@ -4,7 +4,8 @@
 prints it beside the measured peaks. Every term counts the tensors that rlops' trainers and
 the Hugging Face Llama/Qwen2 code they run keep alive, for a batch of B sequences of
 L = prompt + response tokens (N = B * L tokens, R = B * response tokens scored) in dtype of
-b bytes:
+b bytes; with the trainers' packing, N and R are the sums of the sequences' own lengths, and sdpa
+attends through an (N, N) mask:
 
 - weights: the policy, the frozen reference (when kl_coef > 0), and for PPO the critic and
   the reward model (each a copy of the decoder with a scalar head);
@@ -19,7 +20,9 @@ b bytes:
   its exponential for the entropy) and adds a gradient of the same size; rlops' fused loss
   keeps the logits and writes one gradient; the fused-linear loss keeps neither (a chunk
   of logits at a time, and a float32 weight gradient V h);
-- generation's key-value cache, 2 layers B L n_kv d b, and one prefill chunk's work.
+- generation's key-value cache, 2 layers B L n_kv d b, and one prefill chunk's work;
+- sdpa's attention mask where a forward needs one (padding: B L^2; packing: N^2 bytes), and the
+  additive copy in the dtype that each layer makes and keeps for its backward.
 
 The estimate is checked against measured peaks (tests on CPU with small configs; on a GPU
 with `rlops profile`), and aims at 15%.
@@ -97,6 +100,8 @@ class StepShape:
     temperature: float = 1.0
     gradient_checkpointing: bool = False
     device: str = "cuda"  # AdamW's update is multi-tensor on CUDA, one tensor at a time on CPU
+    packing: bool = False  # the sequences in one row without padding (the trainers' packing)
+    response_lens: tuple[int, ...] | None = None  # each sequence's response tokens; None: all response_len
 
 
 # The stages of a trainer step, in the order a step runs them.
@@ -120,7 +125,14 @@ def estimate(dims: ModelDims, s: StepShape) -> MemoryEstimate:
     """The memory of one GRPO or PPO step of rlops' trainers (see the module docstring)."""
     b, h, i, v = s.dtype_bytes, dims.hidden, dims.intermediate, dims.vocab
     L = s.prompt_len + s.response_len
-    n, r = s.batch * L, s.batch * s.response_len
+    lens = s.response_lens or (s.response_len,) * s.batch
+    # Padded, every sequence takes L positions and T scored tokens; packed, its own prompt + response.
+    n_pad, r_pad = s.batch * L, s.batch * s.response_len
+    n, r = (sum(s.prompt_len + t for t in lens), sum(lens)) if s.packing else (n_pad, r_pad)
+    # sdpa's boolean mask, which a forward needs once there is padding (or packing: (N, N)); each layer's sdpa
+    # makes an additive copy in the dtype and keeps it for its backward.
+    mask_pad = s.batch * L * L if min(lens) < s.response_len else 0
+    mask = n * n if s.packing else mask_pad
     ppo = s.algo == "ppo"
     policy = dims.params * b
     value_model = (dims.decoder_params + h + 1) * b
@@ -139,6 +151,7 @@ def estimate(dims: ModelDims, s: StepShape) -> MemoryEstimate:
     per_layer = h * b if s.gradient_checkpointing else dims.activation_bytes(b)
     c["activations"] = n * (dims.layers * per_layer + (FP32 + 2 * b) * h)
     recompute = n * (dims.activation_bytes(b) + 2 * i * b + FP32 * h) if s.gradient_checkpointing else 0
+    c["attention masks"] = mask + (1 if s.gradient_checkpointing else dims.layers) * mask * b
     c["logits"] = 0 if s.loss_impl == "fused-linear" else r * v * b
 
     # A no-gradient forward over tokens at its widest moment (the MLP: gate after SiLU, up, product;
@@ -156,21 +169,23 @@ def estimate(dims: ModelDims, s: StepShape) -> MemoryEstimate:
         logprob_head = chunk_rows * v * b
     elif s.loss_impl == "fused":
         logprob_head = r * v * b
-    else:  # the logits, divided by the temperature (a copy), then one row's log-softmax at a time
-        logprob_head = r * v * b + r * v * b + s.response_len * v * b
-    logprob_pass = weights + max(no_grad_forward(n), n * h * b + logprob_head)
+    else:  # the logits, divided by the temperature (a copy), then one row's log-softmax at a time (packed: one row)
+        logprob_head = r * v * b + r * v * b + (r if s.packing else s.response_len) * v * b
+    # Without gradients each layer's copy of the mask is freed after its attention: the boolean mask stays.
+    logprob_pass = weights + mask + max(no_grad_forward(n), n * h * b + logprob_head)
     if ppo:  # PPO's several updates per batch are clipped against the old log-probs
         est.stages["old_logprobs"] = logprob_pass
     if s.reference:
         est.stages["reference_logprobs"] = logprob_pass
     if ppo:
-        est.stages["reward"] = weights + no_grad_forward(n) if s.reward_model else weights
-        est.stages["values"] = weights + no_grad_forward(n)
-        est.stages["advantages"] = weights + 8 * r * FP32  # rewards, values, advantages, returns: (B, T) floats
+        # The reward model scores the padded rollout; GAE runs on the padded (B, T) layout.
+        est.stages["reward"] = weights + mask_pad + no_grad_forward(n_pad) if s.reward_model else weights
+        est.stages["values"] = weights + mask + no_grad_forward(n)
+        est.stages["advantages"] = weights + 8 * r_pad * FP32  # rewards, values, advantages, returns: (B, T) floats
 
-    forward = weights + c["activations"] + c["logits"]
+    forward = weights + c["activations"] + c["attention masks"] + c["logits"]
     # A checkpointed forward runs each layer without keeping its work: one layer's worth at a time.
-    est.stages["policy_forward"] = weights + c["activations"] + max(
+    est.stages["policy_forward"] = weights + c["activations"] + c["attention masks"] + max(
         c["logits"], no_grad_forward(n) if s.gradient_checkpointing else 0)
     copies = 3 + (0 if s.temperature == 1.0 else 1)
     loss_buffers = {
@@ -193,7 +208,7 @@ def estimate(dims: ModelDims, s: StepShape) -> MemoryEstimate:
     if recompute:  # after the head's backward, the layers: the logits are gone, the head's gradient stays
         est.stages["backward"] = max(est.stages["backward"], forward - c["logits"] + v * h * b + recompute)
     if ppo:
-        critic_activations = n * dims.layers * per_layer + recompute
+        critic_activations = n * dims.layers * per_layer + c["attention masks"] + recompute
         # The critic's gradients but its embedding's, which arrives when the activations are gone.
         est.stages["critic"] = weights + policy + critic_activations + value_model - v * h * b
     # AdamW's first step: the gradients, the two moments it creates, and the temporaries of its update:

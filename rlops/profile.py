@@ -16,7 +16,8 @@ estimate of `rlops.memory` checked, on any machine.
 The generation stage is the memory of decoding, measured without decoding token by token: a
 chunked prefill of prompt and response that fills the same key-value cache (generation's
 peak is the full cache plus one step's activations). The sampled tokens are random ids, all
-responses of full length.
+responses of full length unless min_response_len spreads their lengths (padding, which the
+trainers' packing removes).
 
 The command line (arguments, tables, the timeline plot) is rlops.profile_cli; this module is the
 measuring: the allocation meters, the step's configuration and model, and rlops.memory's estimate of it.
@@ -258,6 +259,9 @@ class ProfileConfig:
     group_size: int | None = None  # GRPO's sequences per prompt; None: default_group_size(batch)
     prompt_len: int = 256
     response_len: int = 1024
+    # Responses' lengths spread evenly from this to response_len (padding in the batch); None: all response_len.
+    min_response_len: int | None = None
+    packing: bool = False  # the trainers' packing: the sequences in one row without padding
     dtype: str = "bf16"  # weights, activations, gradients and optimizer states
     kl_coef: float = 0.04  # > 0: a reference model; 0: none
     reward_model: bool = True  # PPO: a reward model of the policy's size (GRPO uses rule rewards)
@@ -277,9 +281,20 @@ class ProfileConfig:
         for name in ("batch", "prompt_len", "response_len", "generation_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.min_response_len is not None and not (isinstance(self.min_response_len, int)
+                                                      and 1 <= self.min_response_len <= self.response_len):
+            raise ValueError(f"min_response_len must be an int in [1, response_len = {self.response_len}], got "
+                             f"{self.min_response_len!r}")
         if self.algo == "grpo" and (self.group_size < 2 or self.batch % self.group_size):
             raise ValueError(f"GRPO's batch ({self.batch}) must be a multiple of group_size ({self.group_size}), "
                              "and group_size at least 2")
+
+
+    @property
+    def response_lens(self) -> tuple[int, ...]:
+        """Each sequence's response tokens: evenly spread from min_response_len up to response_len."""
+        low = self.response_len if self.min_response_len is None else self.min_response_len
+        return tuple(low + (self.response_len - low) * k // max(self.batch - 1, 1) for k in range(self.batch))
 
 
 @dataclass
@@ -338,7 +353,8 @@ def _build(config: ProfileConfig, device: torch.device) -> tuple[Any, list[nn.Mo
     backend = "triton" if device.type == "cpu" and kernels.INTERPRETED else "auto"
     common = {"steps": 1, "progress": False, "device": str(device), "max_new_tokens": config.response_len,
               "minibatches": 1, "epochs": 1, "kl_coef": config.kl_coef, "loss_impl": config.loss_impl,
-              "backend": backend, "gradient_checkpointing": config.gradient_checkpointing}
+              "backend": backend, "gradient_checkpointing": config.gradient_checkpointing,
+              "packing": config.packing}
     if config.algo == "grpo":
         trainer = GRPOTrainer(policy, tokens, task, list(range(config.batch)), GRPOConfig(
             prompts_per_step=config.batch // config.group_size, group_size=config.group_size, **common))
@@ -361,8 +377,10 @@ def _synthetic_rollout(config: ProfileConfig):
             prompt = torch.randint(2, vocab, (n, config.prompt_len), device=device)
             completion = torch.randint(2, vocab, (n, config.response_len), device=device)
             prefill(self.model, torch.cat([prompt, completion], dim=1)[:, :-1], config.generation_chunk)
-        ones = torch.ones_like
-        return Rollout(prompt, ones(prompt), completion, ones(completion), [""] * n)
+        # Each response ends at its length (the rest is padding), as sampling stops at end-of-sequence.
+        lens = torch.tensor(config.response_lens[:n], device=device)
+        mask = (torch.arange(config.response_len, device=device) < lens[:, None]).long()
+        return Rollout(prompt, torch.ones_like(prompt), completion.masked_fill(mask == 0, 0), mask, [""] * n)
 
     return rollout
 
@@ -417,4 +435,5 @@ def estimate_for(config: ProfileConfig, device: str = "cuda") -> MemoryEstimate:
         algo=config.algo, loss_impl=config.loss_impl, batch=config.batch, prompt_len=config.prompt_len,
         response_len=config.response_len, dtype_bytes=torch.finfo(DTYPES[config.dtype]).bits // 8,
         reference=config.kl_coef > 0, reward_model=config.reward_model, generation_chunk=config.generation_chunk,
-        gradient_checkpointing=config.gradient_checkpointing, device=device))
+        gradient_checkpointing=config.gradient_checkpointing, device=device, packing=config.packing,
+        response_lens=config.response_lens))

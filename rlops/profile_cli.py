@@ -40,7 +40,9 @@ def _gb(n: int | float | None) -> str:
 
 def _describe(c: ProfileConfig) -> str:
     ckpt = ", gradient checkpointing" if c.gradient_checkpointing else ""
-    return f"{c.model}, batch {c.batch} x ({c.prompt_len} + {c.response_len}) tokens, {c.dtype}{ckpt}"
+    spread = "" if c.min_response_len is None else f", responses of {c.min_response_len} to {c.response_len} tokens"
+    packing = ", packed" if c.packing else ""
+    return f"{c.model}, batch {c.batch} x ({c.prompt_len} + {c.response_len}) tokens{spread}{packing}, {c.dtype}{ckpt}"
 
 
 def stage_table(profile: StepProfile, est: MemoryEstimate | None = None) -> str:
@@ -140,6 +142,12 @@ def build_parser(prog: str = "rlops profile") -> argparse.ArgumentParser:
                         help=f"prompt tokens per sequence (default: {d.prompt_len})")
     parser.add_argument("--response-len", type=int, nargs="+", default=[d.response_len], metavar="TOKENS",
                         help=f"response tokens per sequence; one or more, a step each (default: {d.response_len})")
+    parser.add_argument("--min-response-len", type=int, metavar="TOKENS",
+                        help="shortest response in tokens: the responses' lengths spread evenly from it to "
+                             "--response-len, the rest of each row padding (default: every response full length)")
+    parser.add_argument("--packing", action="store_true",
+                        help="the trainers' packing: each step's sequences in one row without padding (sdpa then "
+                             "needs an (N, N) mask of the N packed tokens)")
     parser.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
                         help=f"dtype of weights, activations, gradients and optimizer states, one of: "
                              f"{', '.join(DTYPES)} (default: {d.dtype})")
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None, prog: str = "rlops profile") -> int:
     try:
         configs = [ProfileConfig(model=args.model, algo=algo, loss_impl=loss, batch=args.batch,
                                  group_size=group, prompt_len=args.prompt_len, response_len=t,
+                                 min_response_len=args.min_response_len, packing=args.packing,
                                  dtype=args.dtype, kl_coef=args.kl_coef, reward_model=not args.no_reward_model,
                                  gradient_checkpointing=args.gradient_checkpointing,
                                  generation_chunk=args.generation_chunk, device=args.device)

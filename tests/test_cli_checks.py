@@ -94,6 +94,18 @@ def test_every_option_has_a_help_line_and_its_choices() -> None:
                 assert tuple(action.choices) == CHOICES[action.dest], action.option_strings[0]
 
 
+def test_packing_flag_parses() -> None:
+    from rlops.cli_checks import check_train_args
+
+    parser = cli.train_parser()
+    for kind in ("grpo", "ppo"):
+        assert parser.parse_args([kind]).packing is False
+        args = parser.parse_args([kind, "--packing"])
+        args.out_dir = None  # nothing to create
+        assert args.packing is True and check_train_args(args, args.config_class).packing is True
+        assert parser.parse_args([kind, "--packing", "--no-packing"]).packing is False
+
+
 def test_ctrl_c_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     def interrupted(*args: object) -> int:

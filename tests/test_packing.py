@@ -192,6 +192,8 @@ def test_linear_token_stats_accept_the_packed_layout() -> None:
     got = rlops.linear_token_logprobs_and_entropy(hidden, weight, tokens, cu_seqlens=cu)
     want = rlops.linear_token_logprobs_and_entropy(hidden, weight, tokens)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    flat = rlops.linear_token_logprobs_and_entropy(hidden, weight, tokens[0], cu_seqlens=cu)  # (1, N, H), (N,)
+    assert all(torch.equal(a, b[0]) for a, b in zip(flat, want, strict=True))
     with pytest.raises(ValueError, match="cu_seqlens must end at the number of packed tokens N = 7"):
         rlops.linear_token_logprobs_and_entropy(hidden, weight, tokens, cu_seqlens=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match=r"hidden must have shape \(N, H\) or \(1, N, H\)"):

@@ -83,6 +83,31 @@ def test_estimate_components() -> None:
     assert checkpointed.components["activations"] < grpo.components["activations"] / 10
 
 
+def test_estimate_with_packing_counts_the_packed_tokens() -> None:
+    # Responses of 256 to 1024 tokens: packed, the step holds the tokens there are, not B x (P + T).
+    dims = ModelDims.from_config(model_config("Qwen/Qwen2.5-0.5B"))
+    lens = (256, 512, 768, 1024)
+    shape = {"batch": 4, "prompt_len": 256, "response_len": 1024, "response_lens": lens}
+    for impl in ("fused-linear", "eager"):
+        padded = estimate(dims, StepShape("grpo", impl, **shape))
+        packed = estimate(dims, StepShape("grpo", impl, packing=True, **shape))
+        assert packed.peak < padded.peak, impl
+        n, padded_n = 4 * 256 + sum(lens), 4 * (256 + 1024)
+        assert packed.components["activations"] * padded_n == padded.components["activations"] * n
+        assert packed.components["attention masks"] == n * n * (1 + 2 * dims.layers)  # sdpa's (N, N) mask
+        if impl == "eager":
+            assert packed.components["logits"] == sum(lens) * dims.vocab * 2
+    # Without padding, packing saves nothing and costs sdpa's (N, N) mask.
+    full = {"batch": 4, "prompt_len": 256, "response_len": 1024}
+    assert estimate(dims, StepShape("grpo", "fused-linear", packing=True, **full)).peak > \
+        estimate(dims, StepShape("grpo", "fused-linear", **full)).peak
+    config = ProfileConfig(batch=4, min_response_len=256, packing=True)  # rlops profile --packing's step
+    assert config.response_lens == lens
+    assert estimate_for(config).peak == estimate(dims, StepShape("grpo", "fused-linear", packing=True, **shape)).peak
+    with pytest.raises(ValueError, match="min_response_len"):
+        ProfileConfig(response_len=64, min_response_len=65)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_estimate_is_within_15_percent_of_measured_steps(tiny_config: str, algo: str, checkpointing: bool) -> None:
@@ -153,6 +178,9 @@ def test_group_size_defaults_to_a_divisor_of_the_batch(capsys: pytest.CaptureFix
     assert ProfileConfig(batch=12).group_size == 6
     assert profile_cli.main(["--batch", "4", "--algo", "grpo", "--loss", "fused-linear", "--estimate"]) == 0
     assert "batch 4 x (256 + 1024) tokens" in capsys.readouterr().out
+    assert profile_cli.main(["--algo", "grpo", "--loss", "fused-linear", "--min-response-len", "256", "--packing",
+                             "--estimate"]) == 0
+    assert "batch 4 x (256 + 1024) tokens, responses of 256 to 1024 tokens, packed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, module, install", [

@@ -164,7 +164,7 @@ def patch(trainer: Any, *, path: str = "linear", backend: str = "auto", padding_
         problems.append("cast_lm_head_to_fp32 with path='logits' (the model computes its logits in its own dtype; "
                         "path='linear' honours it)")
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    if padding_free and not _keeps_packed_sequences_apart(model):
+    if padding_free and not hf.packs_sequences_apart(model):
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         problems.append(f"padding_free with attn_implementation={attention!r} (transformers builds the packed "
                         "sequences' block-diagonal mask from position ids only for sdpa, eager, flex_attention and "
@@ -179,18 +179,6 @@ def patch(trainer: Any, *, path: str = "linear", backend: str = "auto", padding_
     trainer.rlops_path = path
     trainer.rlops_padding_free = padding_free
     return trainer
-
-
-def _keeps_packed_sequences_apart(model: torch.nn.Module) -> bool:
-    """Whether transformers gives model's attention implementation a mask function, the one that
-    turns position ids restarting at 0 (and no attention mask) into a block-diagonal causal mask
-    (sdpa, eager, flex) or flash attention's varlen boundaries. Others would attend across sequences."""
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, find_packed_sequence_indices  # noqa: F401
-    except ImportError:  # transformers before 4.54 finds no packed sequences in position ids
-        return False
-    return attention is not None and attention in ALL_MASK_ATTENTION_FUNCTIONS
 
 
 def _add_hidden_states_forward(model: torch.nn.Module) -> None:

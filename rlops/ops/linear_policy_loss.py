@@ -271,12 +271,19 @@ def linear_token_logprobs_and_entropy(
         (logp, entropy), float32 of tokens' shape; gradients reach hidden, weight and bias.
     """
     vocab = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
-    check_token_ids(tokens, tuple(hidden.shape[:-1]), vocab, hidden, like_name="hidden")
+    rows = hidden
     if cu_seqlens is not None:
+        # Packed: (N, H) or (1, N, H) hidden with (N,) or (1, N) tokens, in either pairing.
         if hidden.dim() not in (2, 3) or (hidden.dim() == 3 and hidden.shape[0] != 1):
             raise ValueError(f"with cu_seqlens, hidden must have shape (N, H) or (1, N, H) (packed sequences), "
                              f"got {tuple(hidden.shape)}")
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.shape[0] == 1:
+            rows = rows[None]
+    check_token_ids(tokens, tuple(rows.shape[:-1]), vocab, hidden, like_name="hidden")
+    if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, tokens.numel(), hidden, "hidden")
+    hidden = rows
     temperature = check_positive_float("temperature", temperature)
     n = tokens.numel()
     chunk = _chunk(chunk_size, n, hidden, vocab, False)

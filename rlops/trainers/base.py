@@ -34,6 +34,7 @@ from .checkpoint import (
     unmark_finished,
 )
 from .faults import crash_point
+from .packed import PackedRollout, check_packing, row_chunks
 from .processes import Processes, seed_everything
 from .rollout import PolicyForward, Rollout, Task, Tokenizer, enable_checkpointing, evaluate, minibatches, sample
 from .runlog import RunLog, read_metrics
@@ -84,6 +85,8 @@ class RLConfig(TrainConfig):
     loss_impl: str = "fused-linear"
     backend: str = "auto"  # of the fused ops: auto (Triton on CUDA, the reference on CPU), triton, torch
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward instead of keeping it
+    # Each minibatch's sequences in one row without padding (rlops.trainers.packed); the same step as padded.
+    packing: bool = False
     eval_every: int = 50  # steps between held-out evaluations (and at the end)
 
     def __post_init__(self) -> None:
@@ -242,6 +245,8 @@ class Trainer:
         return {k: v for k, v in records[-1].items() if k not in ("step", "time_s")} if records else {}
 
 
+# The options of policy_loss that are per-token tensors (B, T), packed with the minibatch.
+PER_TOKEN = ("old_logprobs", "ref_logprobs")
 # A step's per-sample tensors that the losses of a minibatch read (advantages, old log-probs,
 # ...), by name; None where a configuration does without one (no reference model, say).
 PerSample = dict[str, Tensor | None]
@@ -267,6 +272,8 @@ class RLTrainer(Trainer):
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if config.packing:  # before anything trains on a layout the model would get wrong
+            check_packing(self.model, "policy")
         if config.gradient_checkpointing:
             enable_checkpointing(self.model)
         self.policy = self.procs.wrap(PolicyForward(self.model, logits=config.loss_impl != "fused-linear"))
@@ -283,10 +290,21 @@ class RLTrainer(Trainer):
     @torch.no_grad()
     def logprobs(self, model: nn.Module, rollout: Rollout) -> Tensor:
         """Per-token log-probs (B, T) of the completions under model, no gradient, by loss_impl."""
-        impl, temperature, tokens = self.config.loss_impl, self.config.temperature, rollout.completion_ids
-        outs = PolicyForward(model, logits=impl != "fused-linear")(rollout.input_ids, rollout.attention_mask,
-                                                                   tokens.shape[1])
-        backend = self.config.backend
+        if not self.config.packing:
+            forward = PolicyForward(model, logits=self.config.loss_impl != "fused-linear")
+            return self._token_logprobs(forward(rollout.input_ids, rollout.attention_mask,
+                                                rollout.completion_ids.shape[1]), rollout.completion_ids)
+        return self.packed_pass(rollout, lambda p: self._token_logprobs(self._packed_forward(model, p),
+                                                                        p.completion_ids))
+
+    def _packed_forward(self, model: nn.Module, packed: PackedRollout) -> tuple[Tensor | None, ...]:
+        """PolicyForward's outputs (1, R, ...) for the completions of a packed rollout under model."""
+        forward = PolicyForward(model, logits=self.config.loss_impl != "fused-linear")
+        return forward(packed.input_ids, None, packed.scored, packed.positions)
+
+    def _token_logprobs(self, outs: tuple[Tensor | None, ...], tokens: Tensor) -> Tensor:
+        """Log-probs of tokens (B, T) or (1, R) from PolicyForward's outputs, by loss_impl."""
+        impl, temperature, backend = self.config.loss_impl, self.config.temperature, self.config.backend
         if impl == "fused-linear":
             return linear_token_logprobs_and_entropy(outs[0], outs[1], tokens, bias=outs[2], temperature=temperature,
                                                      backend=backend)[0]
@@ -294,20 +312,42 @@ class RLTrainer(Trainer):
             return token_logprobs(outs[0], tokens, temperature, backend=backend)
         return baselines.trl_selective_log_softmax(outs[0] / temperature, tokens).float()
 
+    def packed_pass(self, rollout: Rollout, fn: Callable[[PackedRollout], Tensor]) -> Tensor:
+        """fn's per-token values (1, R) on the packed layout, as (B, T) (0 at the padding). The rows are
+        packed a minibatch's worth at a time: sdpa and eager attend through an (N, N) mask, so no pass
+        is wider than the training forward."""
+        parts = [PackedRollout.of(rollout.select(torch.arange(rows.start, rows.stop, device=self.procs.device)))
+                 for rows in row_chunks(rollout.completion_ids.shape[0], self.config.minibatches)]
+        return torch.cat([p.unpack(fn(p)) for p in parts])
+
     def policy_loss(self, batch: Rollout, advantages: Tensor, **options: Any) -> PolicyLossOutput:
-        """The policy's forward on batch and its loss by loss_impl (options as rlops.policy_loss)."""
+        """The policy's forward on batch and its loss by loss_impl (options as rlops.policy_loss; the
+        per-token tensors (B, T) of the padded layout, advantages (B, T) or (B,))."""
         cfg = self.config
-        with self.stage("policy_forward"):
-            outs = self.policy(batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1])
-        options = {"mask": batch.completion_mask.bool(), "temperature": cfg.temperature, "clip_low": cfg.clip_low,
-                   "clip_high": cfg.clip_high, "entropy_coef": cfg.entropy_coef, **options}
+        tokens = batch.completion_ids
+        if cfg.packing:
+            packed = PackedRollout.of(batch)
+            with self.stage("policy_forward"):
+                outs = self.policy(packed.input_ids, None, packed.scored, packed.positions)
+            # The per-token inputs travel padded with the step's samples; the loss reads the packed layout,
+            # each completion a sequence (cu_seqlens), with the padded layout's T for seq-mean-token-sum-norm.
+            tokens = packed.completion_ids
+            advantages = packed.pack(advantages) if advantages.dim() == 2 else advantages
+            options = {"cu_seqlens": packed.cu_seqlens, "norm_len": packed.width,
+                       **{k: packed.pack(v) if k in PER_TOKEN and v is not None else v for k, v in options.items()}}
+        else:
+            with self.stage("policy_forward"):
+                outs = self.policy(batch.input_ids, batch.attention_mask, tokens.shape[1])
+            options = {"mask": batch.completion_mask.bool(), **options}
+        options = {"temperature": cfg.temperature, "clip_low": cfg.clip_low, "clip_high": cfg.clip_high,
+                   "entropy_coef": cfg.entropy_coef, **options}
         with self.stage("loss"):
             if cfg.loss_impl == "fused-linear":
-                return linear_policy_loss(outs[0], outs[1], batch.completion_ids, advantages, bias=outs[2],
-                                          backend=cfg.backend, **options)
+                return linear_policy_loss(outs[0], outs[1], tokens, advantages, bias=outs[2], backend=cfg.backend,
+                                          **options)
             if cfg.loss_impl == "fused":
-                return policy_loss(outs[0], batch.completion_ids, advantages, backend=cfg.backend, **options)
-            return baselines.eager_policy_loss_output(outs[0], batch.completion_ids, advantages, **options)
+                return policy_loss(outs[0], tokens, advantages, backend=cfg.backend, **options)
+            return baselines.eager_policy_loss_output(outs[0], tokens, advantages, **options)
 
     def optimise(self, rollout: Rollout, per_sample: PerSample, loss_fn: PolicyLossFn, *,
                  after_backward: AfterBackwardFn | None = None, kl_metric: bool = False) -> dict[str, float]:

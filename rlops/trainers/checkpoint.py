@@ -50,6 +50,8 @@ class Checkpoint:
         """Restores everything; returns (step, extra). Refuses a checkpoint of another config."""
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         saved, now = state["config"], asdict(config)
+        # A field added since the checkpoint was written (packing, say) had its default there.
+        saved = {**{f.name: f.default for f in fields(config)}, **saved}
         changed = sorted(k for k in now if k not in _RUN_ONLY and saved.get(k) != now[k])
         if changed:
             raise ValueError(f"{self.path} was written with a different config ({', '.join(changed)}); use a new "

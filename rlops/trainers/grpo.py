@@ -9,6 +9,9 @@ One step:
 4. update: `epochs` passes over `minibatches` shuffled minibatches, each
    `rlops.linear_policy_loss` on the policy's last hidden states and lm_head (the (B, T, V)
    logits are never made), clipped against the old log-probs.
+
+With packing=True the forwards of steps 3 and 4 see each minibatch's sequences in one row without
+padding, and the loss their completions with cu_seqlens (rlops.trainers.packed): the same step.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ One step:
    (kl_mode="loss"); then `rlops.gae` and `rlops.masked_whiten` for the advantages;
 5. update: `epochs` passes over `minibatches` minibatches: `rlops.linear_policy_loss` for the
    policy (no (B, T, V) logits) and the clipped value loss for the critic.
+
+With packing=True the policy's, the reference's and the critic's forwards (steps 3 and 5) see each
+minibatch's sequences in one row without padding (rlops.trainers.packed), the losses read the
+completions' tokens packed; the reward model and GAE stay on the padded (B, T) layout.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..advantages import gae, kl_shaped_rewards, masked_whiten
 from ..ops.policy_loss import PolicyLossOutput
 from .base import PerSample, RLConfig, RLTrainer, check_choice, check_positive
 from .checkpoint import save_model
+from .packed import PackedRollout, check_packing
 from .rollout import Rollout, Task, Tokenizer, enable_checkpointing
 from .value_head import ValueModel
 
@@ -55,8 +60,10 @@ class PPOConfig(RLConfig):
         check_choice(self, "kl_mode", KL_MODES)
 
 
-def critic_values(critic: nn.Module, rollout: Rollout) -> Tensor:
-    """(B, T) values of the states before each completion token."""
+def critic_values(critic: nn.Module, rollout: Rollout | PackedRollout) -> Tensor:
+    """(B, T) values of the states before each completion token; (1, R) on a packed rollout."""
+    if isinstance(rollout, PackedRollout):
+        return critic(rollout.input_ids, None, rollout.positions)[:, rollout.scored]
     t = rollout.completion_ids.shape[1]
     return critic(rollout.input_ids, rollout.attention_mask)[:, -t - 1:-1]
 
@@ -74,6 +81,8 @@ class PPOTrainer(RLTrainer):
         super().__init__(model, tokenizer, task, items, config, eval_items)
         device = self.procs.device
         self.critic = (critic or ValueModel.from_causal_lm(self.model)).to(device)
+        if config.packing:
+            check_packing(self.critic, "critic")
         if config.gradient_checkpointing:
             enable_checkpointing(self.critic.decoder)
         self.reward_model = None if reward_model is None else reward_model.to(device).eval().requires_grad_(False)
@@ -105,7 +114,8 @@ class PPOTrainer(RLTrainer):
         with self.stage("reference_logprobs"):
             ref = old if self.reference is None else self.logprobs(self.reference, rollout)
         with self.stage("values"), torch.no_grad():
-            old_values = critic_values(self.critic, rollout)
+            old_values = self.packed_pass(rollout, lambda p: critic_values(self.critic, p)) if cfg.packing \
+                else critic_values(self.critic, rollout)
         with self.stage("advantages"):
             shaped = cfg.kl_mode == "reward" and self.reference is not None
             rewards = kl_shaped_rewards(scores, old, ref, mask, cfg.kl_coef if shaped else 0.0)
@@ -134,7 +144,13 @@ class PPOTrainer(RLTrainer):
         cfg, mask = self.config, batch.completion_mask.bool()
         old_values, returns = rows["old_values"], rows["returns"]
         with self.stage("critic"):
-            values = critic_values(self.critic_ddp, batch)
+            if cfg.packing:  # the completions' tokens only, in one row: every one counts
+                packed = PackedRollout.of(batch)
+                values = critic_values(self.critic_ddp, packed)
+                old_values, returns = packed.pack(old_values), packed.pack(returns)
+                mask = torch.ones_like(values, dtype=torch.bool)
+            else:
+                values = critic_values(self.critic_ddp, batch)
             clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
             per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
             value_loss = 0.5 * torch.where(mask, per_token, 0.0).sum() / mask.sum().clamp(min=1)

@@ -51,7 +51,18 @@ class PolicyForward(nn.Module):
         super().__init__()
         self.model, self.logits = model, logits
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int) -> tuple[Tensor | None, ...]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, completion_len: int | Tensor,
+                positions: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        """Padded: input_ids and attention_mask (B, L), completion_len T: (B, T, ...) for the last T tokens.
+        Packed (rlops.trainers.packed): input_ids and positions (1, N), attention_mask None (so that
+        transformers finds the packed sequences in the positions), completion_len the (R,) indices of the
+        states that predict the completion tokens: (1, R, ...)."""
+        if attention_mask is None:
+            if self.logits:
+                return (self.model(input_ids=input_ids, position_ids=positions, logits_to_keep=completion_len,
+                                   use_cache=False).logits,)
+            inputs = hf.lm_head_inputs(self.model, input_ids, None, position_ids=positions, use_cache=False)
+            return inputs.hidden[:, completion_len], inputs.weight, inputs.bias
         positions = position_ids(attention_mask)
         if self.logits:
             # Without the last token no logits need slicing off (whose backward would copy all of them).

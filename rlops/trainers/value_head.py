@@ -30,10 +30,12 @@ class ValueModel(nn.Module):
         """A value model on a copy of model's decoder (the critic or reward model starts from the policy)."""
         return cls(copy.deepcopy(model.get_decoder()))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, L) float32 values, one per position (the value of the prefix ending there)."""
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids(attention_mask), use_cache=False)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, positions: Tensor | None = None) -> Tensor:
+        """(B, L) float32 values, one per position (the value of the prefix ending there). Packed
+        (rlops.trainers.packed): attention_mask None and positions (1, N) restarting at 0 per sequence."""
+        if positions is None:
+            positions = position_ids(attention_mask)
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         return self.head(out.last_hidden_state).squeeze(-1).float()
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
