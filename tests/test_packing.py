@@ -260,3 +260,55 @@ def test_pack_unpack_and_layout() -> None:
     assert layout.seq_ids.tolist() == [0, 0, 2, 2, 2, 3] and layout.n_seqs == 4
     assert layout.seq_totals(packed[None]).tolist() == [1.0, 0.0, 27.0, 12.0]
     assert layout.per_token(torch.arange(4.0)).tolist() == [[0.0, 0.0, 2.0, 2.0, 2.0, 3.0]]
+
+
+# ---- real sizes on a GPU -----------------------------------------------------------------------
+
+def check_half_padded(backend: str, rows: int, time: int, vocab: int, device: str, options: dict) -> None:
+    """A bf16 batch whose rows are half padding, padded against packed: equal loss, log-probs and
+    (bf16) gradients. Lengths spread from time/4 to 3 time/4, so packed N = rows * time / 2."""
+    g = torch.Generator(device=device).manual_seed(0)
+    lengths = torch.linspace(time / 4, 3 * time / 4, rows).round().long()
+    lengths[-1] += rows * time // 2 - int(lengths.sum())
+    logits = (torch.randn(rows, time, vocab, generator=g, device=device) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, vocab, (rows, time), generator=g, device=device)
+    old = -torch.rand(rows, time, generator=g, device=device) * 12
+    advantages = torch.randn(rows, generator=g, device=device)
+    mask = torch.arange(time, device=device) < lengths.to(device)[:, None]
+    padded_leaf = logits.requires_grad_(True)
+    padded = rlops.policy_loss(padded_leaf, tokens, advantages, mask=mask, old_logprobs=old, ref_logprobs=old - 0.1,
+                               backend=backend, **options)
+    (padded_grad,) = torch.autograd.grad(padded.loss * 0.7, padded_leaf)
+    padded_grad, padded_logp, padded_loss = pack(padded_grad, lengths), pack(padded.logprobs, lengths), padded.loss
+    packed_logits = pack(logits.detach(), lengths)
+    del logits, padded_leaf, padded
+    packed_leaf = packed_logits.requires_grad_(True)
+    if device == "cuda":
+        assert packed_leaf.numel() > 2**31  # int64 offsets throughout
+    cu_seqlens = cu_seqlens_from_lengths(lengths).to(device)
+    packed = rlops.policy_loss(packed_leaf, pack(tokens, lengths), advantages, old_logprobs=pack(old, lengths),
+                               ref_logprobs=pack(old - 0.1, lengths), cu_seqlens=cu_seqlens, backend=backend, **options)
+    (packed_grad,) = torch.autograd.grad(packed.loss * 0.7, packed_leaf)
+    assert_values_close(packed.loss, padded_loss, 1e-6 * (1 + padded_loss.abs().item()), "loss")
+    assert_values_close(packed.logprobs, padded_logp, 1e-6 * padded_logp.abs().max().item(), "logprobs")
+    assert_values_close(packed_grad, padded_grad, 2.0**-7 * padded_grad.abs().max().item(), "bf16 grad")
+
+
+HALF_PADDED_OPTIONS = {
+    "k3": {"kl_coef": 0.04, "kl_estimator": "k3", "clip_high": 0.28, "entropy_coef": 0.01,
+           "loss_agg": "seq-mean-token-mean"},
+    "gspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean"},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(HALF_PADDED_OPTIONS))
+def test_half_padded_qwen_vocabulary_past_2_pow_31(case: str, gpu_backend: str) -> None:
+    # 32 rows of 1024 tokens, half padding: packed 16384 x 151936 bf16 logits (> 2**31 elements).
+    check_half_padded(gpu_backend, 32, 1024, 151_936, "cuda", HALF_PADDED_OPTIONS[case])
+
+
+@pytest.mark.parametrize("case", list(HALF_PADDED_OPTIONS))
+def test_half_padded_small_on_cpu(case: str) -> None:
+    # The GPU test's own code at a small size, so that it cannot rot where no GPU runs it.
+    check_half_padded("torch", 4, 8, 50, "cpu", HALF_PADDED_OPTIONS[case])
