@@ -312,3 +312,23 @@ def test_half_padded_qwen_vocabulary_past_2_pow_31(case: str, gpu_backend: str) 
 def test_half_padded_small_on_cpu(case: str) -> None:
     # The GPU test's own code at a small size, so that it cannot rot where no GPU runs it.
     check_half_padded("torch", 4, 8, 50, "cpu", HALF_PADDED_OPTIONS[case])
+
+
+def test_torch_compile_holds_the_packed_loss() -> None:
+    lengths = torch.tensor([3, 0, 1, 4])
+    g = torch.Generator().manual_seed(1)
+    logits, tokens = torch.randn(8, 13, generator=g), torch.randint(0, 13, (8,), generator=g)
+    advantages, old = torch.randn(4, generator=g), -torch.rand(8, generator=g)
+    cu = cu_seqlens_from_lengths(lengths)
+
+    def loss_fn(x):
+        return rlops.policy_loss(x, tokens, advantages, old_logprobs=old, cu_seqlens=cu, backend="triton",
+                                 loss_agg="seq-mean-token-mean", ratio_level="sequence").loss
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    x = logits.clone().requires_grad_(True)
+    got = compiled(x)
+    (g_got,) = torch.autograd.grad(got, x)
+    want = loss_fn(x)
+    (g_want,) = torch.autograd.grad(want, x)
+    assert torch.equal(got.detach(), want.detach()) and torch.equal(g_got, g_want)
