@@ -168,31 +168,21 @@ def group_advantages(
 
 
 def _packed_rewards(rewards: Tensor, cu_seqlens: object) -> tuple[Tensor, Layout]:
-    """group_advantages' packed rewards as (S,) sequence rewards, with the layout of the N tokens."""
+    """group_advantages' packed rewards as (S,) sequence rewards, with the layout of the N tokens.
+
+    N, the output's size, is read back from cu_seqlens[-1] (with the checks' own read-back)."""
     if not rewards.is_floating_point() or rewards.dim() not in (1, 2):
         raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype} {tuple(rewards.shape)}")
     cu = check_tensor("cu_seqlens", cu_seqlens)
-    n_seqs, shape = cu.numel() - 1, tuple(rewards.shape)
-    if shape not in ((n_seqs,), (n_seqs, 1)) and not _is_packed_row(rewards):
-        raise ValueError(f"with cu_seqlens, rewards must have shape (S,) = ({n_seqs},) or (S, 1) (one per "
-                         f"sequence) or (N,) or (1, N) (token-level), got {shape}")
-    per_seq, n_tokens = False, rewards.shape[-1]  # token-level rewards: (N,) or (1, N)
-    if shape in ((n_seqs,), (n_seqs, 1)):  # per sequence, unless a 1-D tensor has N entries too
-        # N, the output's size, is read back (and checked below with the rest of cu_seqlens).
-        n_cu = int(cu[-1]) if cu.dim() == 1 and cu.numel() and cu.dtype in INDEX_DTYPES else -1
-        per_seq = shape == (n_seqs, 1) or n_cu != n_seqs
-        n_tokens = n_cu if per_seq else n_tokens
-    try:
-        cu = check_cu_seqlens(cu, n_tokens, rewards, "rewards")
-    except ValueError as err:
-        if per_seq or cu.dim() != 1 or cu.numel() < 1:
-            raise
-        try:  # on this error path only: is cu_seqlens sound, ending at another N?
-            check_cu_seqlens(cu, int(cu[-1]), rewards, "rewards")
-        except ValueError:
-            raise err from None
-        raise ValueError(f"with cu_seqlens, rewards must have S = {n_seqs} entries (one per sequence) or "
-                         f"N = {int(cu[-1])} (token-level, (N,) or (1, N)), got {tuple(rewards.shape)}") from None
+    if not (cu.dim() == 1 and cu.numel() and cu.dtype in INDEX_DTYPES):
+        check_cu_seqlens(cu, 0, rewards, "rewards")  # raises its named TypeError or ValueError
+    n_seqs, n_tokens, shape = cu.numel() - 1, int(cu[-1]), tuple(rewards.shape)
+    # The rule of docs/packed.md: a 1-D tensor that fits both readings (S = N) is per token.
+    per_seq = shape == (n_seqs, 1) or (shape == (n_seqs,) and n_seqs != n_tokens)
+    if not per_seq and shape not in ((n_tokens,), (1, n_tokens)):
+        raise ValueError(f"with cu_seqlens, rewards must have shape (S,) = ({n_seqs},) or (S, 1) (one per sequence), "
+                         f"or (N,) = ({n_tokens},) or (1, N) (token-level), got {shape}")
+    cu = check_cu_seqlens(cu, n_tokens, rewards, "rewards")
     layout = Layout.of(torch.ones(n_tokens, dtype=torch.bool, device=rewards.device), cu)
     return (rewards if per_seq else layout.seq_totals(rewards.detach().reshape(-1).to(torch.float32))), layout
 

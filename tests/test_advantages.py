@@ -506,7 +506,8 @@ def test_group_advantages_packed_reading_rule() -> None:
 @pytest.mark.parametrize(
     "rewards, kwargs, error, match",
     [
-        (torch.ones(5), {"group_size": 2}, ValueError, r"rewards must have S = 4 entries .* or N = 4"),
+        (torch.ones(5), {"group_size": 2}, ValueError, r"rewards must have shape \(S,\) = \(4,\) or \(S, 1\) \(one per "
+                                                      r"sequence\), or \(N,\) = \(4,\) or \(1, N\)"),
         (torch.ones(4, 2), {"group_size": 2}, ValueError, r"with cu_seqlens, rewards must have shape \(S,\)"),
         (torch.ones(4), {"group_ids": torch.zeros(5, dtype=torch.long)}, ValueError,
          r"group_ids must be an integer \(S,\) = \(4,\)"),
