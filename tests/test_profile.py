@@ -112,7 +112,10 @@ def test_estimate_with_packing_counts_the_packed_tokens() -> None:
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_estimate_is_within_15_percent_of_measured_steps(tiny_config: str, algo: str, checkpointing: bool) -> None:
     peaks = {}
-    for impl in ("fused-linear", "fused", "eager") if not checkpointing else ("fused-linear", "eager"):
+    # Three implementations where the loss's stages are the peak (GRPO without checkpointing), the
+    # two extremes elsewhere: fused sits between them and shares their estimate's terms.
+    impls = ("fused-linear", "fused", "eager") if algo == "grpo" and not checkpointing else ("fused-linear", "eager")
+    for impl in impls:
         config = ProfileConfig(model=tiny_config, algo=algo, loss_impl=impl, batch=4, group_size=2, prompt_len=16,
                                response_len=64, generation_chunk=32, gradient_checkpointing=checkpointing)
         measured = profile_step(config)
