@@ -12,6 +12,7 @@ docs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -75,8 +76,17 @@ class PolicyLossConfig:
     @classmethod
     def from_call(cls, arguments: dict[str, object]) -> PolicyLossConfig:
         """The config of a public function's call: its fields picked from the call's arguments
-        (`locals()`), so that the keyword signature is not listed a second time."""
-        return cls(**{name: arguments[name] for name in CONFIG_FIELDS if name in arguments})
+        (`locals()`), so that the keyword signature is not listed a second time.
+
+        A training loop calls with the same options every step: the checked config is cached
+        by their values (the checks cost more host time than the rest of a small call's glue)."""
+        fields = {name: arguments[name] for name in CONFIG_FIELDS if name in arguments}
+        if torch.compiler.is_compiling():
+            return cls(**fields)
+        try:  # keyed by type too: True == 1, but only one of them is a valid bool option
+            return _cached_config(tuple((name, type(v), v) for name, v in fields.items()))
+        except TypeError:  # an unhashable value: the checks name it
+            return cls(**fields)
 
     @property
     def kl_used(self) -> str:
@@ -117,6 +127,11 @@ class PolicyLossConfig:
 
 # Read once: torch.compile traces `from_call` but not dataclasses.fields().
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_config(fields: tuple[tuple[str, type, object], ...]) -> PolicyLossConfig:
+    return PolicyLossConfig(**{name: value for name, _, value in fields})
 
 
 def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = None) -> Tensor:

@@ -87,10 +87,14 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str | None = None) -> str
 
 def launchers(backend: str) -> ModuleType:
     """The launchers (token_stats_fwd, logits_grad, policy_loss_fwd, gae_fwd) of backend "triton" or "cuda"."""
-    if backend == "cuda":
-        from .. import _cuda
+    module = _LAUNCHERS.get(backend)
+    if module is None:  # imported on first use (the CUDA backend's, the kernels'), then kept
+        if backend == "cuda":
+            from .. import _cuda as module
+        else:
+            from .. import kernels as module
+        _LAUNCHERS[backend] = module
+    return module
 
-        return _cuda
-    from .. import kernels
 
-    return kernels
+_LAUNCHERS: dict[str, ModuleType] = {}

@@ -33,6 +33,7 @@ from ..options import Epilogue, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..packing import Layout, check_cu_seqlens
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
+from ._fast import FastOp
 from .token_stats import grad_to_logits, named_inputs, save_for_grad, token_stats_op
 
 
@@ -47,10 +48,10 @@ def _policy_loss(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, toke
                                               Epilogue.unpack(epilogue))
 
 
-policy_loss_op = torch.library.custom_op("rlops::policy_loss", mutates_args=())(_policy_loss)
+_policy_loss_op = torch.library.custom_op("rlops::policy_loss", mutates_args=())(_policy_loss)
 
 
-@policy_loss_op.register_fake
+@_policy_loss_op.register_fake
 def _(logits, tokens, ref_logits, token_inputs, epilogue, inplace_grad, backend) -> Tensor:
     return logits.new_empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32)
 
@@ -67,7 +68,8 @@ def _backward(ctx, grad_out: Tensor):
     return grad_to_logits(ctx, out[GRADS] * grad_out[ROW["loss"]])
 
 
-policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
+policy_loss_op = FastOp(_policy_loss_op, _policy_loss, _setup_context, _backward)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from .. import torch_backend
 from .._validation import check_logits, check_positive_float, check_tokens
 from ..constants import N_STATS, ROW, STAT_GRADS
 from ._backend import launchers, resolve_backend
+from ._fast import FastOp
 
 
 def _token_stats(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask: Tensor | None,
@@ -30,10 +31,10 @@ def _token_stats(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, mask
     return launchers(backend).token_stats_fwd(logits, tokens, temperature, ref_logits, mask)
 
 
-token_stats_op = torch.library.custom_op("rlops::token_stats", mutates_args=())(_token_stats)
+_token_stats_op = torch.library.custom_op("rlops::token_stats", mutates_args=())(_token_stats)
 
 
-@token_stats_op.register_fake
+@_token_stats_op.register_fake
 def _(logits, tokens, ref_logits, mask, temperature, inplace_grad, backend) -> Tensor:
     return logits.new_empty((N_STATS, *tokens.shape), dtype=torch.float32)
 
@@ -81,7 +82,12 @@ def grad_to_logits(ctx, grads: Tensor) -> tuple:
     """
     logits, tokens, stats, ref_logits = ctx.saved_tensors
     args = (logits, tokens, stats, grads, ref_logits, ctx.temperature, ctx.backend)
-    if ctx.inplace_grad:
+    if not torch.compiler.is_compiling():  # eager: the launcher itself (rlops.ops._fast)
+        grad = launchers(ctx.backend).logits_grad(logits, tokens, stats, grads, ctx.temperature, ref_logits,
+                                                  out=logits if ctx.inplace_grad else None)
+        if ctx.inplace_grad:
+            torch.autograd.graph.increment_version(logits)  # what the custom op's declared mutation does
+    elif ctx.inplace_grad:  # a compiled graph holds the custom ops
         _logits_grad_inplace(*args)
         grad = logits
     else:
@@ -115,7 +121,8 @@ def _backward(ctx, grad_stats: Tensor):
     return grad_to_logits(ctx, grads)
 
 
-token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+token_stats_op = FastOp(_token_stats_op, _token_stats, _setup_context, _backward)
 
 
 def _prepare(logits: Tensor, tokens: Tensor, temperature: float, backend: str,
