@@ -123,8 +123,9 @@ def _triton_version() -> str:
 def environment() -> dict[str, object]:
     """Device, commit, date and versions of a run. Outside a git checkout the commit is the installed
     version ("v0.1.0"), so result files are still told apart by what produced them."""
-    commit = _git("rev-parse", "--short=12", "HEAD") or f"v{rlops_version()}"
-    if _git("status", "--porcelain", "--untracked-files=no"):
+    # A copy without .git (the GPU machine's) names its commit in RLOPS_COMMIT.
+    commit = os.environ.get("RLOPS_COMMIT") or _git("rev-parse", "--short=12", "HEAD") or f"v{rlops_version()}"
+    if "RLOPS_COMMIT" not in os.environ and _git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     return {
         "device": device_name(),
@@ -238,12 +239,22 @@ def results_stem(env: dict[str, object]) -> str:
     return f"{stamp}-{str(env['commit']).replace('+', '-')}"
 
 
+def write_json(run: dict[str, object], out_dir: Path) -> Path:
+    """Writes (or rewrites) the run's JSON, renamed into place: `rlops bench` calls it after every
+    case, so a run cut short (a time limit, a crash) keeps the cases it finished."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{results_stem(run)}.json"
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(run, indent=1) + "\n")
+    partial.replace(path)
+    return path
+
+
 def write_results(run: dict[str, object], out_dir: Path) -> list[Path]:
     """Writes the run's JSON, then the markdown table and one plot per op generated from that JSON."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = write_json(run, out_dir)
     stem = results_stem(run)
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(run, indent=1) + "\n")
+    md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown_table(run))
     from .plots import plots  # matplotlib's module is imported only when results are written
 

@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
         return 2
     env = _environment()
     plan = _plan(args)
+    out_dir = args.out or common.default_out_dir(str(env["device"]))
     records = []
     for i, (module, provider, shape) in enumerate(plan, 1):
         keys = getattr(module, "SHAPE_KEYS", ("N", "V"))
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
             continue
         records.append(rec)
         print(f"{label}: {_summary(rec)}", flush=True)
+        common.write_json({**env, "records": [vars(r) for r in records]}, out_dir)
     run = {**env, "records": [vars(r) for r in records]}
-    out_dir = args.out or common.default_out_dir(str(env["device"]))
     for path in common.write_results(run, out_dir):
         print(f"wrote {path}")
     print(common.markdown_table(run))
