@@ -11,7 +11,9 @@
 // consecutive steps: it composes their maps serially, a warp-shuffle scan and a pass over the
 // warps' totals give each thread the composed map of every later step in the tile, and the
 // tile's total map carries E and A into the tile on its left. A row of T steps is T / kTile
-// dependent tile steps instead of T serial ones.
+// dependent tile steps instead of T serial ones. A thread reads its 8 rewards and values as two
+// 16-byte vectors each and its 8 mask bytes as one 8-byte load, and writes its advantages and
+// returns as 16-byte vectors, wherever the row's alignment allows (element accesses otherwise).
 #include "launch.h"
 #include "rlops_math.h"
 
@@ -26,6 +28,61 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ int64_t gae_clamp(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : x > hi ? hi : x;
+}
+
+static_assert(kItems == 8, "a thread's steps are two 16-byte vectors of floats and 8 mask bytes");
+
+template <int ALIGN>
+__device__ __forceinline__ bool aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % ALIGN == 0;
+}
+
+// A thread's kItems steps base.. of a float row of T steps (0 outside [0, T)): two 16-byte loads
+// when all of them lie in the row and p + base is 16-byte aligned, element loads otherwise. The
+// alignment of p + base is the same for every thread of a tile (base steps by kItems floats = 32
+// bytes), so a row takes one path throughout but for the leftmost tile's threads before step 0.
+__device__ __forceinline__ void load_items(const float* p, int64_t base, int64_t T, float* out) {
+  if (base >= 0 && aligned<16>(p + base)) {  // base + kItems <= T always
+    const float4 lo = *reinterpret_cast<const float4*>(p + base);
+    const float4 hi = *reinterpret_cast<const float4*>(p + base + 4);
+    const float got[kItems] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) out[j] = got[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t t = base + j;
+      out[j] = t >= 0 && t < T ? p[t] : 0.f;
+    }
+  }
+}
+
+// The mask of the same steps (false outside [0, T)): one 8-byte load when aligned.
+__device__ __forceinline__ void load_valid(const uint8_t* m, int64_t base, int64_t T, bool* out) {
+  if (base >= 0 && aligned<8>(m + base)) {
+    const uint2 w = *reinterpret_cast<const uint2*>(m + base);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) out[j] = ((j < 4 ? w.x : w.y) >> (8 * (j % 4)) & 0xffu) != 0;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t t = base + j;
+      out[j] = t >= 0 && t < T && m[t] != 0;
+    }
+  }
+}
+
+// Writes the thread's steps that lie in the row (base + j >= 0): two 16-byte stores when aligned.
+__device__ __forceinline__ void store_items(float* p, int64_t base, const float* in) {
+  if (base >= 0 && aligned<16>(p + base)) {
+    *reinterpret_cast<float4*>(p + base) = make_float4(in[0], in[1], in[2], in[3]);
+    *reinterpret_cast<float4*>(p + base + 4) = make_float4(in[4], in[5], in[6], in[7]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (base + j >= 0) p[base + j] = in[j];
+    }
+  }
 }
 
 __device__ __forceinline__ Affine shfl_down(const Affine& f, int offset) {
@@ -84,14 +141,13 @@ __global__ void __launch_bounds__(kThreads) gae_kernel(GaeArgs a) {
     const int64_t base = T - (tile_idx + 1) * kTile + threadIdx.x * kItems;
     bool valid[kItems + 1];
     float value[kItems + 1], reward[kItems];
-#pragma unroll
-    for (int j = 0; j <= kItems; ++j) {
-      const int64_t t = base + j;
-      const bool here = t >= 0 && t < T;
-      valid[j] = here && m[t] != 0;
-      value[j] = here ? v[t] : 0.f;
-      if (j < kItems) reward[j] = here ? r[t] : 0.f;
-    }
+    load_valid(m, base, T, valid);
+    load_items(v, base, T, value);
+    load_items(r, base, T, reward);
+    // The step after the thread's last one (the next thread's first): always an element load.
+    const int64_t after = base + kItems;
+    valid[kItems] = after >= 0 && after < T && m[after] != 0;
+    value[kItems] = after >= 0 && after < T ? v[after] : 0.f;
 
     Affine later, tile;
     block_suffix_scan(gae_value_map<kItems>(valid, value), later, tile);
@@ -102,13 +158,8 @@ __global__ void __launch_bounds__(kThreads) gae_kernel(GaeArgs a) {
     block_suffix_scan(gae_advantage_map<kItems>(valid, delta, gamma_lam), later, tile);
     float adv[kItems], ret[kItems];
     gae_outputs<kItems>(apply(later, next_adv), valid, value, delta, gamma_lam, adv, ret);
-#pragma unroll
-    for (int j = 0; j < kItems; ++j) {
-      if (base + j >= 0) {
-        adv_out[base + j] = adv[j];
-        ret_out[base + j] = ret[j];
-      }
-    }
+    store_items(adv_out, base, adv);
+    store_items(ret_out, base, ret);
     next_adv = apply(tile, next_adv);
   }
 }

@@ -4,12 +4,14 @@
 // output rows, same arithmetic (rlops_math.h).
 //
 // One block per row. Each thread streams 16-byte vectors of the row (8 bf16/fp16 logits) from
-// the first 16-byte boundary, with scalar loads for the unaligned head and the tail; the
-// per-thread online-softmax states are merged by warp shuffles, then across warps through
-// shared memory. Rows that a mask excludes (forward) or whose upstream gradients are all zero
-// (backward) are not read.
+// the first 16-byte boundary, with scalar loads for the unaligned head and the tail, kInFlight
+// 16-byte loads in flight per trip of the vector loop; the backward writes the gradient as
+// 16-byte vectors too. The per-thread online-softmax states are merged by warp shuffles, then
+// across warps through shared memory. Rows that a mask excludes (forward) or whose upstream
+// gradients are all zero (backward) are not read.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <string.h>
 
 #include <type_traits>
 
@@ -48,37 +50,76 @@ __device__ __forceinline__ T from_float(float v) {
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
-template <typename T>
-struct alignas(16) Vec {
-  T v[kVec<T>];
-};
+// 16-byte vectors in flight per thread in the streaming loops: a trip of the vector loop issues
+// kInFlight 16-byte loads (kInFlight / 2 vectors of x and of the reference with HAS_REF) before
+// it uses the first, so that each thread keeps several independent loads outstanding.
+constexpr int kInFlight = 4;
+template <bool HAS_REF>
+constexpr int kUnroll = HAS_REF ? kInFlight / 2 : kInFlight;
 
 template <int N>
 struct Width {
   static constexpr int value = N;
 };
 
-// W consecutive elements at p (W = 1, or a 16-byte aligned vector), as float32.
+// W elements as they sit in memory: one element, or one 16-byte vector held as a uint4 so that
+// it moves with one 128-bit instruction (LDG.E.128 / STG.E.128) whatever T is.
 template <typename T, int W>
-__device__ __forceinline__ void load(const T* p, float* out) {
+using Raw = std::conditional_t<W == 1, T, uint4>;
+
+template <typename T, int W>
+__device__ __forceinline__ Raw<T, W> load_raw(const T* p) {
+  return *reinterpret_cast<const Raw<T, W>*>(p);
+}
+
+// The W elements of r as float32.
+template <typename T, int W>
+__device__ __forceinline__ void unpack(const Raw<T, W>& r, float* out) {
   if constexpr (W == 1) {
-    out[0] = to_float(*p);
+    out[0] = to_float(r);
   } else {
-    Vec<T> v = *reinterpret_cast<const Vec<T>*>(p);
+    T v[W];
+    static_assert(sizeof(v) == sizeof(r), "a vector is 16 bytes");
+    memcpy(v, &r, sizeof(r));
 #pragma unroll
-    for (int k = 0; k < W; ++k) out[k] = to_float(v.v[k]);
+    for (int k = 0; k < W; ++k) out[k] = to_float(v[k]);
   }
 }
 
+// Two floats rounded to nearest into two 16-bit values, the first in the low half (memory order):
+// one packed conversion, the same rounding as from_float on each.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __half>) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  }
+  return u;
+}
+
+// Writes the W floats of in at p in T: one element, or one 16-byte vector (p 16-byte aligned).
 template <typename T, int W>
 __device__ __forceinline__ void store(T* p, const float* in) {
   if constexpr (W == 1) {
     *p = from_float<T>(in[0]);
   } else {
-    Vec<T> v;
+    uint4 r;
+    if constexpr (sizeof(T) == 2) {
+      r = make_uint4(pack2<T>(in[0], in[1]), pack2<T>(in[2], in[3]), pack2<T>(in[4], in[5]), pack2<T>(in[6], in[7]));
+    } else {
+      T v[W];
 #pragma unroll
-    for (int k = 0; k < W; ++k) v.v[k] = from_float<T>(in[k]);
-    *reinterpret_cast<Vec<T>*>(p) = v;
+      for (int k = 0; k < W; ++k) v[k] = from_float<T>(in[k]);
+      memcpy(&r, v, sizeof(r));
+    }
+    // One st.global.v4 (STG.E.128), written out: the optimiser splits a plain uint4 assignment into
+    // four 32-bit stores in some trips, and __stwb's explicit .wb becomes a strong (STG.E.128.STRONG.SM) store.
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(r.x), "r"(r.y), "r"(r.z), "r"(r.w)
+                 : "memory");
   }
 }
 
@@ -96,15 +137,59 @@ __device__ __forceinline__ int64_t head_len(const void* p, int64_t V) {
   return head < V ? head : V;
 }
 
-// Calls f(i, Width<W>) over a row of V elements so that the block covers each element once:
-// scalars up to index head, 16-byte vectors from there, scalars for the tail.
-template <typename T, typename F>
-__device__ __forceinline__ void visit_row(int64_t V, int64_t head, F&& f) {
+// Streams a row of V elements through the block so that it covers each element once: scalars up
+// to index head, 16-byte vectors from there, scalars for the tail. fetch(i, Width<W>{}) loads the
+// W elements at i (returning what it read), use(i, fetched) consumes them.
+//
+// Thread t takes vectors t, t + kThreads, t + 2 kThreads, ... in that order, as a plain strided
+// loop would (so its online-softmax state sees the same sequence: tests/csrc_host.cpp emulates
+// it), but a trip of the vector loop fetches U of them before it uses the first: U independent
+// 16-byte loads per tensor in flight. The last trip's missing vectors are neither loaded nor used.
+template <typename T, int U, typename Fetch, typename Use>
+__device__ __forceinline__ void stream_row(int64_t V, int64_t head, Fetch&& fetch, Use&& use) {
   constexpr int K = kVec<T>;
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) f(i, Width<1>{});
-  int64_t n_vec = (V - head) / K;
-  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) f(head + j * K, Width<K>{});
-  for (int64_t i = head + n_vec * K + threadIdx.x; i < V; i += blockDim.x) f(i, Width<1>{});
+  const int64_t tid = threadIdx.x;
+  for (int64_t i = tid; i < head; i += kThreads) use(i, fetch(i, Width<1>{}));
+  const int64_t n_vec = (V - head) / K;
+  for (int64_t j = tid; j < n_vec; j += U * kThreads) {
+    decltype(fetch(int64_t{0}, Width<K>{})) got[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (j + u * kThreads < n_vec) got[u] = fetch(head + (j + u * kThreads) * K, Width<K>{});
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (j + u * kThreads < n_vec) use(head + (j + u * kThreads) * K, got[u]);
+    }
+  }
+  for (int64_t i = head + n_vec * K + tid; i < V; i += kThreads) use(i, fetch(i, Width<1>{}));
+}
+
+// What fetch reads of one position: W elements of x (v[0]), and of the reference (v[1]) with HAS_REF.
+template <typename T, int W, bool HAS_REF>
+struct Fetched {
+  static constexpr int width = W;
+  Raw<T, W> v[HAS_REF ? 2 : 1];
+};
+
+// fetch for stream_row: the elements of row x (and of the reference row y with HAS_REF) at i.
+template <typename T, bool HAS_REF>
+struct RowReader {
+  const T *x, *y;
+  template <int W>
+  __device__ __forceinline__ Fetched<T, W, HAS_REF> operator()(int64_t i, Width<W>) const {
+    Fetched<T, W, HAS_REF> f;
+    f.v[0] = load_raw<T, W>(x + i);
+    if constexpr (HAS_REF) f.v[1] = load_raw<T, W>(y + i);
+    return f;
+  }
+};
+
+// The fetched elements as float32 (y untouched without HAS_REF).
+template <typename T, int W, bool HAS_REF>
+__device__ __forceinline__ void unpack(const Fetched<T, W, HAS_REF>& f, float* x, float* y) {
+  unpack<T, W>(f.v[0], x);
+  if constexpr (HAS_REF) unpack<T, W>(f.v[HAS_REF ? 1 : 0], y);
 }
 
 template <bool HAS_REF>
@@ -158,11 +243,10 @@ __global__ void __launch_bounds__(kThreads) stats_fwd_kernel(StatsFwdArgs a) {
   if (HAS_REF && head_len<T>(y, V) != head) head = V;  // rows aligned differently: scalar loads
 
   RowState st = empty_state(inv_tau);
-  visit_row<T>(V, head, [&](int64_t i, auto width) {
-    constexpr int W = decltype(width)::value;
+  stream_row<T, kUnroll<HAS_REF>>(V, head, RowReader<T, HAS_REF>{x, y}, [&](int64_t, const auto& f) {
+    constexpr int W = std::decay_t<decltype(f)>::width;
     float xv[W], yv[W];
-    load<T, W>(x + i, xv);
-    if (HAS_REF) load<T, W>(y + i, yv);
+    unpack(f, xv, yv);
     add<W, HAS_REF>(st, xv, yv);
   });
   st = block_merge<HAS_REF>(st);
@@ -214,7 +298,7 @@ __global__ void __launch_bounds__(kThreads) stats_bwd_kernel(StatsBwdArgs a) {
   int64_t head = head_len<T>(dx, V);
   if (g.g_logp == 0.f && g.g_entropy == 0.f && g.g_kl == 0.f) {
     // A masked token: zeros, without reading its logits.
-    visit_row<T>(V, head, [&](int64_t i, auto width) {
+    stream_row<T, kInFlight>(V, head, [](int64_t, auto width) { return width; }, [&](int64_t i, auto width) {
       constexpr int W = decltype(width)::value;
       float zeros[W] = {};
       store<T, W>(dx + i, zeros);
@@ -223,11 +307,10 @@ __global__ void __launch_bounds__(kThreads) stats_bwd_kernel(StatsBwdArgs a) {
   }
   if (head_len<T>(x, V) != head || (HAS_REF && head_len<T>(y, V) != head)) head = V;
   const int64_t tok = a.tokens[row];
-  visit_row<T>(V, head, [&](int64_t i, auto width) {
-    constexpr int W = decltype(width)::value;
+  stream_row<T, kUnroll<HAS_REF>>(V, head, RowReader<T, HAS_REF>{x, y}, [&](int64_t i, const auto& f) {
+    constexpr int W = std::decay_t<decltype(f)>::width;
     float xv[W], yv[W], d[W];
-    load<T, W>(x + i, xv);
-    if (HAS_REF) load<T, W>(y + i, yv);
+    unpack(f, xv, yv);
 #pragma unroll
     for (int k = 0; k < W; ++k) d[k] = logit_grad<HAS_REF>(xv[k], HAS_REF ? yv[k] : 0.f, i + k == tok, g);
     // In place (dx == x) is safe: this thread read these elements above.

@@ -21,8 +21,10 @@ import torch
 from rlops.constants import N_POLICY_ROWS, N_STATS, ROW
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_WARPS = 8  # token_stats.cu: 256 threads per row
-GAE_THREADS = 128  # gae.cu
+KERNEL_WARPS = 8  # token_stats.cu: 256 threads per row (kThreads)
+KERNEL_IN_FLIGHT = 4  # token_stats.cu: 16-byte loads per thread per trip of the vector loop (kInFlight)
+GAE_THREADS = 128  # gae.cu (kThreads)
+GAE_ITEMS = 8  # gae.cu: steps per thread (kItems; tests/csrc_host.cpp's K)
 
 
 def build(out_dir: Path) -> ctypes.CDLL | str:
@@ -53,9 +55,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 class HostOps:
     """The ops of torch.ops.rlops_cuda, same arguments, on CPU tensors."""
 
-    def __init__(self, lib: ctypes.CDLL, gae_threads: int = GAE_THREADS) -> None:
+    def __init__(self, lib: ctypes.CDLL, gae_threads: int = GAE_THREADS, in_flight: int = KERNEL_IN_FLIGHT) -> None:
         self.lib = lib
         self.gae_threads = gae_threads
+        self.in_flight = in_flight
 
     @staticmethod
     def _view(t: torch.Tensor, n: int, vocab: int, inner: int, outer_stride: int, inner_stride: int) -> torch.Tensor:
@@ -85,7 +88,7 @@ class HostOps:
         self.lib.rlops_row_stats(_ptr(x_rows), _ptr(y), _ptr(tokens), _ptr(heads), ctypes.c_int64(n),
                                  ctypes.c_int64(vocab),
                                  ctypes.c_int(16 // x.element_size()), ctypes.c_int(KERNEL_WARPS),
-                                 ctypes.c_float(inv_tau), _ptr(out))
+                                 ctypes.c_int(self.in_flight), ctypes.c_float(inv_tau), _ptr(out))
         return out
 
     def token_stats_fwd(self, x, ref, tokens, mask, out, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner,

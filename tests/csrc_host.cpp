@@ -12,29 +12,47 @@ using namespace rlops;
 
 namespace {
 
-// The partial state of each of `threads` threads after token_stats.cu's visit_row: scalars up
-// to `head`, K-wide vectors from there, scalars for the tail.
+// The partial state of each of `threads` threads after token_stats.cu's stream_row: scalars up
+// to `head`, K-wide vectors from there, scalars for the tail. The vector loop runs in trips of
+// `unroll` vectors per thread (vectors j, j + threads, ..., j + (unroll - 1) threads), all
+// fetched before the first is added, as the kernel does to keep several loads in flight; each
+// thread still adds its vectors in the order of a plain strided loop, so the unroll changes no
+// bit of the result (test_csrc.py checks that too).
 template <int K, bool HAS_REF>
-void thread_states(const float* x, const float* y, int64_t V, int64_t head, int threads, float inv_tau,
+void thread_states(const float* x, const float* y, int64_t V, int64_t head, int threads, int unroll, float inv_tau,
                    std::vector<RowState>& st) {
   st.assign(threads, empty_state(inv_tau));
-  auto visit = [&](int t, int64_t i, int w) {
-    float xv[K], yv[K];
+  struct Fetched {
+    float x[K], y[K];
+  };
+  auto fetch = [&](int64_t i, int w) {
+    Fetched f{};
     for (int k = 0; k < w; ++k) {
-      xv[k] = x[i + k];
-      yv[k] = HAS_REF ? y[i + k] : 0.f;
+      f.x[k] = x[i + k];
+      f.y[k] = HAS_REF ? y[i + k] : 0.f;
     }
+    return f;
+  };
+  auto use = [&](int t, const Fetched& f, int w) {
     if (w == 1) {
-      add<1, HAS_REF>(st[t], xv, yv);
+      add<1, HAS_REF>(st[t], f.x, f.y);
     } else {
-      add<K, HAS_REF>(st[t], xv, yv);
+      add<K, HAS_REF>(st[t], f.x, f.y);
     }
   };
+  std::vector<Fetched> got(unroll);
+  const int64_t n_vec = (V - head) / K;
   for (int t = 0; t < threads; ++t) {
-    for (int64_t i = t; i < head; i += threads) visit(t, i, 1);
-    int64_t n_vec = (V - head) / K;
-    for (int64_t j = t; j < n_vec; j += threads) visit(t, head + j * K, K);
-    for (int64_t i = head + n_vec * K + t; i < V; i += threads) visit(t, i, 1);
+    for (int64_t i = t; i < head; i += threads) use(t, fetch(i, 1), 1);
+    for (int64_t j = t; j < n_vec; j += static_cast<int64_t>(unroll) * threads) {
+      for (int u = 0; u < unroll; ++u) {
+        if (j + u * threads < n_vec) got[u] = fetch(head + (j + u * threads) * K, K);
+      }
+      for (int u = 0; u < unroll; ++u) {
+        if (j + u * threads < n_vec) use(t, got[u], K);
+      }
+    }
+    for (int64_t i = head + n_vec * K + t; i < V; i += threads) use(t, fetch(i, 1), 1);
   }
 }
 
@@ -49,9 +67,9 @@ void butterfly(std::vector<RowState>& st) {
 }
 
 template <int K, bool HAS_REF>
-RowStats row_stats(const float* x, const float* y, int64_t V, int64_t head, int warps, float inv_tau) {
+RowStats row_stats(const float* x, const float* y, int64_t V, int64_t head, int warps, int unroll, float inv_tau) {
   std::vector<RowState> st;
-  thread_states<K, HAS_REF>(x, y, V, head, warps * 32, inv_tau, st);
+  thread_states<K, HAS_REF>(x, y, V, head, warps * 32, unroll, inv_tau, st);
   butterfly<HAS_REF>(st);
   std::vector<RowState> lanes(32, empty_state(inv_tau));  // block_merge: warp 0 merges the warps' states
   for (int w = 0; w < warps; ++w) lanes[w] = st[w * 32];
@@ -59,9 +77,13 @@ RowStats row_stats(const float* x, const float* y, int64_t V, int64_t head, int 
   return finish(lanes[0], HAS_REF);
 }
 
+// in_flight: the kernel's 16-byte loads per thread per trip (kInFlight): that many vectors of x per
+// trip, half as many of x and of y with a reference.
 template <int K>
-RowStats row_stats_k(const float* x, const float* y, int64_t V, int64_t head, int warps, float inv_tau) {
-  return y ? row_stats<K, true>(x, y, V, head, warps, inv_tau) : row_stats<K, false>(x, y, V, head, warps, inv_tau);
+RowStats row_stats_k(const float* x, const float* y, int64_t V, int64_t head, int warps, int in_flight,
+                     float inv_tau) {
+  return y ? row_stats<K, true>(x, y, V, head, warps, in_flight > 1 ? in_flight / 2 : 1, inv_tau)
+           : row_stats<K, false>(x, y, V, head, warps, in_flight, inv_tau);
 }
 
 }  // namespace
@@ -71,18 +93,18 @@ extern "C" {
 // The kernel's stats (kStatsRows, n_rows) in the rows of OutRow, for each row of x (n_rows, V)
 // (float32 values of the logits, in any dtype's vector width `vec`: 1, 2, 4 or 8 elements);
 // y is nullptr or the reference logits; heads[r]: elements before row r's first vector;
-// warps: the block's warps (at most 32).
+// warps: the block's warps (at most 32); in_flight: the kernel's kInFlight (1: a plain strided loop).
 void rlops_row_stats(const float* x, const float* y, const int64_t* tokens, const int64_t* heads, int64_t n_rows,
-                     int64_t V, int vec, int warps, float inv_tau, float* out) {
+                     int64_t V, int vec, int warps, int in_flight, float inv_tau, float* out) {
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* xr = x + r * V;
     const float* yr = y ? y + r * V : nullptr;
     RowStats s{};
     switch (vec) {
-      case 1: s = row_stats_k<1>(xr, yr, V, heads[r], warps, inv_tau); break;
-      case 2: s = row_stats_k<2>(xr, yr, V, heads[r], warps, inv_tau); break;
-      case 4: s = row_stats_k<4>(xr, yr, V, heads[r], warps, inv_tau); break;
-      default: s = row_stats_k<8>(xr, yr, V, heads[r], warps, inv_tau); break;
+      case 1: s = row_stats_k<1>(xr, yr, V, heads[r], warps, in_flight, inv_tau); break;
+      case 2: s = row_stats_k<2>(xr, yr, V, heads[r], warps, in_flight, inv_tau); break;
+      case 4: s = row_stats_k<4>(xr, yr, V, heads[r], warps, in_flight, inv_tau); break;
+      default: s = row_stats_k<8>(xr, yr, V, heads[r], warps, in_flight, inv_tau); break;
     }
     const int64_t tok = tokens[r];
     out[kRowLogp * n_rows + r] = tok >= 0 && tok < V ? token_logp(xr[tok], inv_tau, s) : NAN;
@@ -127,7 +149,8 @@ void rlops_logit_grad(const float* x, const float* y, const int64_t* tokens, con
   }
 }
 
-// gae.cu's tile walk with `threads` threads of K = 8 steps each; the block scans are serial
+// gae.cu's tile walk with `threads` threads of K = 8 steps each (the kernel reads a thread's steps
+// as 16-byte vectors where aligned: the same values); the block scans are serial
 // compositions over the threads (the kernel's warp shuffles compute the same maps). Padded:
 // n_rows contiguous rows of T steps. Packed (cu_seqlens (n_rows + 1,) given): one row of T
 // tokens, row s of the walk being tokens cu_seqlens[s]..cu_seqlens[s + 1], clamped as in the kernel.

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -55,23 +57,158 @@ def _nvcc() -> str | None:
 NVCC = _nvcc()
 
 
+def _cuobjdump() -> str | None:
+    """cuobjdump from the PATH, beside nvcc, under CUDA_HOME, or the copy Triton bundles."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    roots = [Path(NVCC).resolve().parents[1] if NVCC else None, CUDA_HOME]
+    candidates = [shutil.which("cuobjdump"), *(str(Path(root) / "bin" / "cuobjdump") for root in roots if root)]
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin is not None:
+        candidates.append(str(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+
+
+CUOBJDUMP = _cuobjdump()
+
+
 def _compile(cmd: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
     return done
 
 
+@pytest.fixture(scope="module")
+def kernel_build(tmp_path_factory: pytest.TempPathFactory):
+    """build(source, arch) -> (object file, ptxas -v report): each kernel source compiled once per
+    module, for the spill check and the SASS checks alike."""
+    built: dict[tuple[str, str], tuple[Path, str]] = {}
+    out_dir = tmp_path_factory.mktemp("csrc_kernels")
+
+    def build(source: str, arch: str) -> tuple[Path, str]:
+        if (source, arch) not in built:
+            obj = out_dir / f"{source}.sm_{arch}.o"
+            done = _compile([NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                             "-Xptxas", "-v", "-Werror", "all-warnings", f"-I{CSRC}", str(CSRC / source), "-o",
+                             str(obj)])
+            built[source, arch] = obj, done.stderr
+        return built[source, arch]
+
+    return build
+
+
+def _registers(ptxas_report: str) -> dict[str, int]:
+    """Registers per thread of each kernel in a ptxas -v report."""
+    found = re.findall(r"Compiling entry function '(\S+)' for 'sm_\d+'.*?Used (\d+) registers", ptxas_report, re.S)
+    return {name: int(n) for name, n in found}
+
+
+# Registers per thread at most: 64 keeps 4 blocks of token_stats' 256 threads resident per SM.
+MAX_REGISTERS = {"token_stats.cu": 64, "gae.cu": 96}
+
+
 @pytest.mark.nvcc
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("source", KERNEL_SOURCES)
-def test_kernels_compile_without_spills(source: str, arch: str, tmp_path: Path) -> None:
-    obj = tmp_path / f"{source}.sm_{arch}.o"
-    done = _compile([NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                     "-Xptxas", "-v", "-Werror", "all-warnings", f"-I{CSRC}", str(CSRC / source), "-o", str(obj)])
+def test_kernels_compile_without_spills(source: str, arch: str, kernel_build) -> None:
+    obj, report = kernel_build(source, arch)
     assert obj.stat().st_size > 0
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
-    assert spills and not any(spills), f"register spills in {source} for sm_{arch}:\n{done.stderr}"
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    assert spills and not any(spills), f"register spills in {source} for sm_{arch}:\n{report}"
+    registers = _registers(report)
+    assert registers and max(registers.values()) <= MAX_REGISTERS[source], registers
+
+
+# ---- the SASS of the sm_90 build: loads in flight, 128-bit accesses ---------------------------
+
+def _constant(source: str, name: str) -> int:
+    """The value of `constexpr int <name> = <n>;` in csrc/<source>."""
+    return int(re.search(rf"constexpr int {name} = (\d+);", (CSRC / source).read_text()).group(1))
+
+
+def _sass(obj: Path) -> dict[str, list[tuple[int, str]]]:
+    """Each kernel's SASS as (address, instruction) pairs, from cuobjdump -sass."""
+    out = subprocess.run([CUOBJDUMP, "-sass", str(obj)], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    return {part.split("\n", 1)[0].strip(): [(int(addr, 16), text.strip()) for addr, text in
+                                              re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", part)]
+            for part in re.split(r"\n\s*Function : ", out)[1:]}
+
+
+def _loops(code: list[tuple[int, str]]) -> list[list[str]]:
+    """The instructions of each loop: from a backward branch's target up to the branch."""
+    loops = []
+    for addr, text in code:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            loops.append([t for a, t in code if int(branch.group(1), 16) <= a <= addr])
+    return loops
+
+
+def _count(body: list[str], op: str) -> int:
+    """Instructions of body whose opcode (after any predicate) is exactly op."""
+    return sum(1 for text in body if re.match(rf"(?:@!?U?P\w+\s+)?{re.escape(op)}\s", text))
+
+
+def _stores(body: list[str]) -> list[str]:
+    return [op for text in body for op in re.findall(r"\bSTG\S*", text)]
+
+
+STATS_KERNEL = re.compile(r"stats_(fwd|bwd)_kernelI(13__nv_bfloat16|6__half|f|d)Lb([01])E(?:Lb([01])E)?")
+DTYPES = {"13__nv_bfloat16": ("bf16", 8), "6__half": ("fp16", 8), "f": ("fp32", 4), "d": ("fp64", 2)}
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="nvcc or cuobjdump not found")
+def test_token_stats_sass_keeps_loads_in_flight_and_stores_16_bytes(kernel_build) -> None:
+    """In every variant (sm_90) the vector loop issues kInFlight 16-byte loads (of x, or of x and the
+    reference) before its first exp, and the backward writes the gradient, and the zeros of a
+    masked row, with 16-byte stores only."""
+    obj, report = kernel_build("token_stats.cu", "90")
+    in_flight, registers, seen, table = _constant("token_stats.cu", "kInFlight"), _registers(report), set(), []
+    assert in_flight >= 2
+    for name, code in _sass(obj).items():
+        kind, dtype, has_ref, policy = STATS_KERNEL.search(name).group(1, 2, 3, 4)
+        unroll = in_flight // 2 if has_ref == "1" else in_flight
+        variant = f"{kind} {DTYPES[dtype][0]} ref={has_ref}" + ("" if policy is None else f" policy={policy}")
+        where = f"{variant} ({name})"
+        loops = _loops(code)
+        streaming = [body for body in loops if _count(body, "LDG.E.128")]
+        assert len(streaming) == 1, f"{where}: {len(streaming)} loops with 16-byte loads"
+        body = streaming[0]
+        first_exp = next(i for i, text in enumerate(body) if text.startswith("MUFU.EX2"))
+        loads = (_count(body[:first_exp], "LDG.E.128"), _count(body, "LDG.E.128"))
+        assert loads == (in_flight, in_flight), f"{where}: 16-byte loads before the first exp, in the loop: {loads}"
+        if kind == "bwd":
+            assert _stores(body) == ["STG.E.128"] * unroll, f"{where}: {_stores(body)}"
+            zeros = [b for b in loops if not _count(b, "LDG.E.128") and _count(b, "STG.E.128")]
+            assert zeros and all(set(_stores(b)) == {"STG.E.128"} for b in zeros), where
+        else:
+            assert not _stores(body), where
+        seen.add((kind, dtype, has_ref, policy))
+        elements = unroll * DTYPES[dtype][1]
+        table.append(f"{variant}: {registers[name]} registers, loop of {len(body)} "
+                     f"instructions for {elements} elements ({len(body) / elements:.1f} per element)")
+    assert len(seen) == 3 * 4 * 2, seen  # fwd, fwd with the policy epilogue, bwd; four dtypes; two ref cases
+    print("\n".join(sorted(table)))
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="nvcc or cuobjdump not found")
+def test_gae_sass_reads_and_writes_vectors(kernel_build) -> None:
+    """The tile loop (sm_90) reads a thread's 8 rewards and values as two 16-byte vectors each and its
+    mask as 8 bytes, and writes advantages and returns as 16-byte vectors (the element accesses of
+    unaligned rows stay beside them)."""
+    obj, report = kernel_build("gae.cu", "90")
+    (name, code), = _sass(obj).items()
+    tiles = [body for body in _loops(code) if _count(body, "LDG.E.128")]
+    assert len(tiles) == 1, f"{len(tiles)} loops with 16-byte loads"
+    body = tiles[0]
+    counts = {op: _count(body, op) for op in ("LDG.E.128", "LDG.E.64", "STG.E.128")}
+    assert counts == {"LDG.E.128": 4, "LDG.E.64": 1, "STG.E.128": 4}, counts
+    print(f"gae: {_registers(report)[name]} registers, tile loop of {len(body)} instructions (vector and element "
+          f"paths), {counts}")
 
 
 @pytest.mark.nvcc
@@ -116,6 +253,32 @@ def emulated(monkeypatch: pytest.MonkeyPatch, host_lib) -> csrc_emulator.HostOps
     monkeypatch.setattr(_cuda, "ops", lambda: ops)
     monkeypatch.setattr(_backend, "cuda_backend_unavailable", lambda x=None: None)
     return ops
+
+
+def test_emulator_follows_the_kernels_constants() -> None:
+    assert _constant("token_stats.cu", "kThreads") == 32 * csrc_emulator.KERNEL_WARPS
+    assert _constant("token_stats.cu", "kInFlight") == csrc_emulator.KERNEL_IN_FLIGHT
+    assert _constant("gae.cu", "kThreads") == csrc_emulator.GAE_THREADS
+    assert _constant("gae.cu", "kItems") == csrc_emulator.GAE_ITEMS
+    host = (Path(__file__).parent / "csrc_host.cpp").read_text()
+    assert re.search(rf"constexpr int K = {csrc_emulator.GAE_ITEMS};", host)
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_emulated_loads_in_flight_change_no_bit(host_lib, with_ref: bool) -> None:
+    # token_stats.cu's vector loop fetches kInFlight 16-byte vectors per trip, but each thread adds
+    # them in the order of a plain strided loop: the same bits. Rows of 20011 bf16 logits at odd
+    # alignments give each thread several trips, the last one partial, between a head and a tail.
+    n, vocab = 3, 20011
+    storage = stats_tests._logits((2, n * vocab + 5), torch.bfloat16)
+    x, ref = storage[0, 1:1 + n * vocab], storage[1, 3:3 + n * vocab]
+    layout = (n, vocab, 1, vocab, 0)
+    heads = csrc_emulator.HostOps._heads(x, *layout)
+    assert torch.equal(heads, csrc_emulator.HostOps._heads(ref, *layout)) and 0 < heads.max() < 8
+    tokens = stats_tests._tokens((n,), vocab)
+    runs = [csrc_emulator.HostOps(host_lib, in_flight=k)._stats(x, layout, ref if with_ref else None, layout, tokens,
+                                                                 0.7) for k in (1, csrc_emulator.KERNEL_IN_FLIGHT)]
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
 
 
 def _cuda_stats(x, t, tau):
