@@ -3,11 +3,22 @@
 Each check raises TypeError (wrong kind of object or dtype) or ValueError (wrong shape,
 range or option) with the argument's name and what was expected, so a bad call fails at
 the boundary instead of as a wrong number or an illegal memory access inside a kernel.
+
+Two kinds of checks. Checks of types, shapes, devices and options read only metadata and
+always run. Checks of tensor *values* (token ids inside [0, V), 0/1 masks, cu_seqlens
+boundaries) must read the values back to the host, a device-to-host sync that stalls the
+CPU until the GPU has caught up. They run on CPU tensors always, and on any other device
+only when the environment variable RLOPS_CHECK=1 is set (read on every call, so it can be
+switched on for a debugging run); never inside a torch.compile graph. Without them a bad
+value never reads or writes out of bounds: an out-of-range token id gives a NaN log-prob
+(every backend), a mask value other than 0/1 counts as mask != 0, and a bad cu_seqlens
+gives wrong sums (sequence ids are clamped into [0, S)), never a crash.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -15,10 +26,27 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# The environment variable that turns on the value checks on non-CPU tensors.
+CHECK_ENV = "RLOPS_CHECK"
+# Devices whose tensors are always value-checked: reading them back costs no sync.
+ALWAYS_CHECKED_DEVICES = ("cpu",)
+
+
 def compiling() -> bool:
     # Data-dependent checks (reading tensor values back to the host) would break a
     # torch.compile graph; the kernels mask out-of-range ids instead of crashing.
     return torch.compiler.is_compiling()
+
+
+def value_checks_enabled(x: torch.Tensor) -> bool:
+    """Whether the value checks (which read tensor values back to the host) run on tensors like x.
+
+    CPU tensors: always (there is nothing to sync with). Any other device: only with RLOPS_CHECK=1
+    in the environment, since the read-back is a device-to-host sync. Never under torch.compile.
+    """
+    if compiling():
+        return False
+    return x.device.type in ALWAYS_CHECKED_DEVICES or os.environ.get(CHECK_ENV) == "1"
 
 
 def check_tensor(name: str, x: object) -> torch.Tensor:
@@ -61,8 +89,11 @@ def check_token_ids(tokens: object, shape: tuple[int, ...], vocab: int | None, l
 def check_token_range(tokens: torch.Tensor, vocab: int, name: str = "tokens",
                       counted: torch.Tensor | None = None) -> None:
     """Ids inside [0, vocab), only where `counted` (a bool mask of tokens' shape) is True when given:
-    a masked token is never read, so padding ids such as Hugging Face's -100 may stand there."""
-    if not tokens.numel() or compiling():
+    a masked token is never read, so padding ids such as Hugging Face's -100 may stand there.
+
+    A value check (one read-back of two numbers): skipped unless `value_checks_enabled` (CPU
+    tensors, or RLOPS_CHECK=1); unchecked, an id outside [0, vocab) gives a NaN log-prob."""
+    if not tokens.numel() or not value_checks_enabled(tokens):
         return
     ids = tokens if counted is None else torch.where(counted, tokens, 0)
     lo, hi = (int(v) for v in torch.aminmax(ids))
@@ -124,7 +155,10 @@ def check_float_tensor(name: str, x: object, like: torch.Tensor, shapes: Sequenc
 
 def check_mask(mask: object, shape: tuple[int, ...], like: torch.Tensor, name: str = "mask",
                like_name: str = "logits") -> torch.Tensor:
-    """A 0/1 mask (bool, integer or float) of the given shape, returned as bool."""
+    """A 0/1 mask (bool, integer or float) of the given shape, returned as bool (mask != 0).
+
+    That it holds only 0 and 1 is a value check (one read-back), made when `value_checks_enabled`
+    (CPU tensors, or RLOPS_CHECK=1); unchecked, any nonzero value counts as 1."""
     mask = check_tensor(name, mask)
     check_shape(name, mask, [shape], str(shape))
     check_same_device(name, mask, like, like_name)
@@ -132,6 +166,6 @@ def check_mask(mask: object, shape: tuple[int, ...], like: torch.Tensor, name: s
         return mask
     if mask.is_complex():
         raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
-    if mask.numel() and not compiling() and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.numel() and value_checks_enabled(mask) and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1 (1 = the token counts)")
     return mask != 0

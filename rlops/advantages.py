@@ -7,6 +7,10 @@ Each takes `cu_seqlens=` for packed (padding-free) batches (rlops.packing): the 
 concatenated into one row of N tokens, per-token tensors (N,) or (1, N), per-sequence ones (S,),
 and cu_seqlens int32/int64 (S+1,) = [0, cumsum(lengths)] (lengths 0 and 1 allowed). A packed call
 gives, on every token of every sequence, what the padded (S, T) call gives on the same sequences.
+
+None of them reads a value back from a GPU tensor (no device-to-host sync), except where noted:
+the value checks of masks and cu_seqlens run on CPU tensors, and elsewhere only with RLOPS_CHECK=1
+(rlops._validation.value_checks_enabled).
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from ._validation import check_choice, check_float, check_float_tensor, check_mask, check_tensor
+from ._validation import (
+    check_choice,
+    check_float,
+    check_float_tensor,
+    check_mask,
+    check_tensor,
+    value_checks_enabled,
+)
 from .ops.gae import gae_dispatch
 from .packing import INDEX_DTYPES, Layout, check_cu_seqlens
 
@@ -104,6 +115,7 @@ def group_advantages(
     scale_by_std: bool = True,
     eps: float = 1e-6,
     cu_seqlens: Tensor | None = None,
+    num_tokens: int | None = None,
 ) -> Tensor:
     """GRPO's group-relative advantage of each response: (R_i - mean_g) / (std_g + eps).
 
@@ -121,17 +133,22 @@ def group_advantages(
         scale_by_std: False gives R_i - mean_g (Dr. GRPO).
         eps: added to the unbiased group std.
         cu_seqlens: int32/int64 (S+1,) boundaries of packed sequences, or None.
+        num_tokens: N, the packed batch's token count (cu_seqlens[-1]), or None. Only per-sequence
+            packed rewards need it (it is the output's size): without it, N is read back from
+            cu_seqlens[-1], a device-to-host sync on a GPU. Token-level rewards give N themselves.
 
     Returns:
         float32 (B,). A group of one response gets 0. Packed: float32 (N,), each token the
         advantage of its sequence (verl's scores broadcast over (B, T); multiply by the response
-        mask for zeros on the prompt tokens). With per-sequence rewards N, the output's size,
-        is read back from cu_seqlens[-1].
+        mask for zeros on the prompt tokens).
+
+    Nothing is read back from the device (no host sync), with group_size or group_ids (whose
+    groups are found by a sort), except N for per-sequence packed rewards without num_tokens.
     """
     rewards = check_tensor("rewards", rewards)
     layout = None
     if cu_seqlens is not None:
-        rewards, layout = _packed_rewards(rewards, cu_seqlens)
+        rewards, layout = _packed_rewards(rewards, cu_seqlens, num_tokens)
     elif not rewards.is_floating_point() or rewards.dim() not in (1, 2) or rewards.shape[1:] not in ((), (1,)):
         raise ValueError(f"rewards must be a floating-point (B,) or (B, 1) tensor, got {rewards.dtype} "
                          f"{tuple(rewards.shape)}")
@@ -147,6 +164,7 @@ def group_advantages(
             raise ValueError(f"group_size {group_size} does not divide the batch of {n} "
                              f"{'rewards' if layout is None else 'sequences'}")
         ids = torch.arange(n, device=r.device) // group_size
+        n_groups = n // group_size
     else:
         ids = check_tensor("group_ids", group_ids)
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or ids.shape != (n,):
@@ -154,11 +172,10 @@ def group_advantages(
                              f"{tuple(ids.shape)}")
         if ids.device != r.device:
             raise ValueError(f"group_ids is on {ids.device} but rewards is on {r.device}")
-        ids = torch.unique(ids, return_inverse=True)[1]
+        ids, n_groups = _dense_ids(ids), n  # at most n groups: slots of absent groups stay empty
     eps = check_float("eps", eps, ge=0.0)
-    n_groups = int(ids.max()) + 1 if n else 0
     count = torch.zeros(n_groups, device=r.device).index_add_(0, ids, torch.ones_like(r))
-    mean = torch.zeros(n_groups, device=r.device).index_add_(0, ids, r) / count
+    mean = torch.zeros(n_groups, device=r.device).index_add_(0, ids, r) / count.clamp(min=1)
     centered = r - mean[ids]
     if scale_by_std:
         sq = torch.zeros(n_groups, device=r.device).index_add_(0, ids, centered * centered)
@@ -167,16 +184,37 @@ def group_advantages(
     return centered if layout is None else layout.per_token(centered)
 
 
-def _packed_rewards(rewards: Tensor, cu_seqlens: object) -> tuple[Tensor, Layout]:
+def _dense_ids(ids: Tensor) -> Tensor:
+    """Each id's rank among the distinct ids (torch.unique's inverse), by a sort: no read-back of
+    the number of groups, which torch.unique's variable-sized output would need."""
+    if not ids.numel():
+        return ids.long()
+    sorted_ids, order = torch.sort(ids)
+    rank = torch.cat([sorted_ids.new_zeros(1, dtype=torch.long), (sorted_ids[1:] != sorted_ids[:-1]).long().cumsum(0)])
+    return torch.empty_like(rank).scatter_(0, order, rank)
+
+
+def _packed_rewards(rewards: Tensor, cu_seqlens: object, num_tokens: int | None) -> tuple[Tensor, Layout]:
     """group_advantages' packed rewards as (S,) sequence rewards, with the layout of the N tokens.
 
-    N, the output's size, is read back from cu_seqlens[-1] (with the checks' own read-back)."""
+    N, the output's size: num_tokens when given; else the token-level rewards' length, or, for
+    rewards that may be per sequence, cu_seqlens[-1] read back (free on CPU; one sync on a GPU).
+    With the value checks on (CPU, RLOPS_CHECK=1) N is always cu_seqlens[-1], which they read."""
     if not rewards.is_floating_point() or rewards.dim() not in (1, 2):
         raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype} {tuple(rewards.shape)}")
     cu = check_tensor("cu_seqlens", cu_seqlens)
     if not (cu.dim() == 1 and cu.numel() and cu.dtype in INDEX_DTYPES):
         check_cu_seqlens(cu, 0, rewards, "rewards")  # raises its named TypeError or ValueError
-    n_seqs, n_tokens, shape = cu.numel() - 1, int(cu[-1]), tuple(rewards.shape)
+    n_seqs, shape = cu.numel() - 1, tuple(rewards.shape)
+    if num_tokens is not None:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be None or an int >= 0, got {num_tokens!r}")
+        n_tokens = num_tokens
+    elif _is_packed_row(rewards) and shape not in ((n_seqs,), (n_seqs, 1)) and not value_checks_enabled(cu):
+        n_tokens = shape[-1]  # token-level rewards (N,) or (1, N) tell N: nothing is read back
+    else:
+        # Per-sequence rewards (or a bad shape, for its error); with the value checks on, they read it anyway.
+        n_tokens = int(cu[-1])
     # The rule of docs/packed.md: a 1-D tensor that fits both readings (S = N) is per token.
     per_seq = shape == (n_seqs, 1) or (shape == (n_seqs,) and n_seqs != n_tokens)
     if not per_seq and shape not in ((n_tokens,), (1, n_tokens)):
@@ -260,6 +298,8 @@ def kl_shaped_rewards(
     rewards = torch.where(m, -kl_coef * torch_backend.kl_penalty(lp, ref, estimator), 0.0)
     score = scores.detach().reshape(-1).to(torch.float32)
     if cu is not None:
+        if n_seqs == 0:  # no sequence (any tokens, only with an unchecked cu_seqlens, get no score)
+            return rewards
         # Each sequence's last valid position (-1: none), found with no loop and no read-back.
         layout = Layout.of(m, cu)
         positions = torch.arange(m.numel(), device=m.device)
@@ -267,9 +307,9 @@ def kl_shaped_rewards(
             0, layout.seq_ids, torch.where(m.reshape(-1), positions, -1), "amax")
         is_last = m & (positions.view(shape) == layout.per_token(last))
         return torch.where(is_last, rewards + layout.per_token(score), rewards)
+    if not m.numel():
+        return rewards
     positions = torch.arange(shape[1], device=m.device).expand(shape)
-    last = torch.where(m, positions, -1).amax(-1)  # -1: no valid token
-    has_token = last >= 0
-    rows = torch.arange(shape[0], device=m.device)[has_token]
-    rewards[rows, last[has_token]] += score[has_token]
-    return rewards
+    last = torch.where(m, positions, -1).amax(-1, keepdim=True)  # -1: no valid token
+    # A where, not indexing by the rows that have a token: that would read their count back.
+    return torch.where(m & (positions == last), rewards + score[:, None], rewards)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._validation import check_same_device, check_tensor, compiling
+from ._validation import check_same_device, check_tensor, value_checks_enabled
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -25,9 +25,10 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def check_cu_seqlens(cu_seqlens: object, n_tokens: int, like: Tensor, like_name: str = "logits") -> Tensor:
     """Checks cu_seqlens (S+1,) int32/int64 on like's device: 0 first, non-decreasing, n_tokens last.
 
-    Returns it as int64. The value checks read three numbers back to the host in one transfer
-    (skipped under torch.compile, where a bad cu_seqlens gives wrong sums but never reads out of
-    bounds).
+    Returns it as int64. The dtype and shape are always checked; the values (three numbers read
+    back to the host in one transfer) only when `value_checks_enabled` (CPU tensors, or
+    RLOPS_CHECK=1 on other devices; never under torch.compile). Unchecked, a bad cu_seqlens gives
+    wrong sums but never reads out of bounds (`Layout.of` clamps the sequence ids).
     """
     cu = check_tensor("cu_seqlens", cu_seqlens)
     if cu.dtype not in INDEX_DTYPES:
@@ -36,7 +37,7 @@ def check_cu_seqlens(cu_seqlens: object, n_tokens: int, like: Tensor, like_name:
         raise ValueError(f"cu_seqlens must have shape (S + 1,) with S >= 0 sequences, got {tuple(cu.shape)}")
     check_same_device("cu_seqlens", cu, like, like_name)
     cu = cu.long()
-    if compiling():
+    if not value_checks_enabled(cu):
         return cu
     first, last, step = (int(v) for v in torch.stack([cu[0], cu[-1], cu.diff().amin() if cu.numel() > 1
                                                        else cu.new_zeros(())]).tolist())
@@ -115,20 +116,33 @@ class Layout(NamedTuple):
 
     @classmethod
     def of(cls, mask: Tensor, cu_seqlens: Tensor | None = None) -> Layout:
-        """The layout of a checked bool mask, packed when cu_seqlens (checked, int64) is given."""
+        """The layout of a checked bool mask, packed when cu_seqlens (int64 (S+1,)) is given.
+
+        The sequence ids are clamped into [0, S - 1], so that a cu_seqlens whose values were not
+        checked (`check_cu_seqlens` on a GPU without RLOPS_CHECK=1, or under torch.compile) gives
+        wrong sums but never an out-of-bounds index: tokens past cu_seqlens[-1] join the last
+        sequence. With S = 0 (and tokens, only possible with such a cu_seqlens) the tokens belong
+        to no sequence: `seq_totals` ignores them and `per_token` gives them 0.
+        """
         if cu_seqlens is None:
             return cls(mask, None, mask.shape[0] if mask.dim() else 1)
+        n_seqs = cu_seqlens.numel() - 1
         positions = torch.arange(mask.numel(), device=mask.device)
-        return cls(mask, torch.searchsorted(cu_seqlens[1:], positions, right=True), cu_seqlens.numel() - 1)
+        seq_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).clamp_(max=max(n_seqs - 1, 0))
+        return cls(mask, seq_ids, n_seqs)
 
     def seq_totals(self, x: Tensor) -> Tensor:
         """Per-sequence sums (B,) or (S,) of x (mask's shape); differentiable."""
         if self.seq_ids is None:
             return x.sum(-1)
+        if self.n_seqs == 0:  # no sequence to add into (see `of`)
+            return x.new_zeros(0) + 0 * x.sum()
         return x.new_zeros(self.n_seqs).index_add(0, self.seq_ids, x.reshape(-1))
 
     def per_token(self, per_seq: Tensor) -> Tensor:
         """Each token's value of its sequence from (B,) or (S,) values, broadcastable to mask's shape."""
         if self.seq_ids is None:
             return per_seq[:, None]
+        if self.n_seqs == 0:  # tokens of no sequence (see `of`): 0, without indexing the empty per_seq
+            return per_seq.new_zeros(self.mask.shape) + 0 * per_seq.sum()
         return per_seq[self.seq_ids].view(self.mask.shape)

@@ -170,11 +170,22 @@ def _log_softmax(x: Tensor, temperature: float) -> Tensor:
     return torch.log_softmax((x - x.detach().amax(-1, keepdim=True)) / temperature, dim=-1)
 
 
+def _sampled(logp_all: Tensor, tokens: Tensor) -> Tensor:
+    """logp_all (n, V) at each row's token (n,). An id outside [0, V) (possible when the value checks
+    are off: a GPU without RLOPS_CHECK=1, or torch.compile) gives NaN, as in the kernels, and is
+    never used as an index: gather with an out-of-range index would fail (a device-side assert on
+    a GPU)."""
+    vocab = logp_all.shape[-1]
+    in_vocab = (tokens >= 0) & (tokens < vocab)
+    picked = logp_all.gather(-1, tokens.clamp(0, vocab - 1)[:, None]).squeeze(-1)
+    return torch.where(in_vocab, picked, float("nan"))
+
+
 def _logp_rows(x: Tensor, tokens: Tensor, *, temperature: float) -> tuple[Tensor]:
     # log_softmax forms (z - max) - log sum exp(z - max); z[a] - logsumexp(z) would carry the
     # rounding of the log-sum-exp at the logits' magnitude (3e-5 at |z| = 1e3), and its
     # gradient exp(z - lse) that rounding relative to p.
-    return (_log_softmax(x, temperature).gather(-1, tokens[:, None]).squeeze(-1),)
+    return (_sampled(_log_softmax(x, temperature), tokens),)
 
 
 def _stats_rows(x: Tensor, tokens: Tensor, ref: Tensor | None = None, *, temperature: float) -> tuple[Tensor, ...]:
@@ -183,7 +194,7 @@ def _stats_rows(x: Tensor, tokens: Tensor, ref: Tensor | None = None, *, tempera
     # Logits of -inf (a masked vocabulary) give p = 0; 0 * log 0 is 0, never 0 * -inf = NaN,
     # and the fill comes before the product so that its gradient is finite too.
     entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
-    logp = logp_all.gather(-1, tokens[:, None]).squeeze(-1)
+    logp = _sampled(logp_all, tokens)
     if ref is None:
         return logp, entropy
     log_ratio = (logp_all - _log_softmax(ref, temperature)).masked_fill(p == 0, 0.0)
@@ -199,7 +210,9 @@ def _rows_fn(fn: Callable[..., tuple[Tensor, ...]], temperature: float) -> Calla
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, *,
                    chunk_size: int | None = None) -> Tensor:
-    """log pi(a | s) per token. logits (..., V) float, tokens (...) int -> float32 (...) (float64 for float64)."""
+    """log pi(a | s) per token. logits (..., V) float, tokens (...) int -> float32 (...) (float64 for float64).
+
+    An id outside [0, V) gives NaN, as in the kernels (it is never used as an index)."""
     (logp,) = _rowwise(_rows_fn(_logp_rows, temperature), [logits], [tokens.long()], chunk_size)
     return logp
 

@@ -12,7 +12,10 @@ through the projection at once, so one (chunk, V) buffer serves every chunk:
     sequence-level ratio (GSPO) and the token statistics alone: the forward keeps per-token
         statistics only and the backward recomputes each chunk's logits (four matmuls).
 
-Masked tokens are dropped before the projection, so padding costs no matmul work either.
+Masked tokens: on CPU tensors they are dropped before the projection (a nonzero(), free there).
+On a GPU finding them would be a device-to-host sync, so every row is projected: a masked row is
+zeroed (no padding value, even NaN, reaches a logit or a gradient), has weight 0 and id 0, and the
+kernels skip it, but its share of the matmuls is spent. Packed batches (cu_seqlens) have no padding.
 """
 
 # No `from __future__ import annotations` here, to match the other ops modules.
@@ -115,14 +118,15 @@ def _gradient_buffers(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None) 
     ]
 
 
-def _project(hidden: Tensor, head: Head, start: int, stop: int) -> Tensor:
-    return F.linear(hidden[start:stop], head.weight, head.bias)
+def _project(rows: Tensor, head: Head) -> Tensor:
+    return F.linear(rows, head.weight, head.bias)
 
 
 @dataclass
 class _Chunks:
     """What the chunked autograd functions need besides the differentiable hidden, weight and bias:
-    the counted rows' token ids (n,), the reference (hidden rows, head) for the exact KL, and
+    the rows' token ids (n,), the reference (hidden rows, head) for the exact KL, which rows
+    count (mask, bool (n,), when every row is projected; None when only counted rows are), and
     for the loss the per-token inputs (each (n,)) and the kernel epilogue."""
 
     tokens: Tensor
@@ -132,9 +136,15 @@ class _Chunks:
     backend: str
     inputs: TokenInputs | None = None
     epilogue: Epilogue | None = None
+    mask: Tensor | None = None
+
+    def rows(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of x (hidden or reference hidden states), those of masked tokens zeroed."""
+        rows = x[start:stop]
+        return rows if self.mask is None else torch.where(self.mask[start:stop, None], rows, 0)
 
     def ref_logits(self, start: int, stop: int) -> Tensor | None:
-        return None if self.ref is None else _project(self.ref[0], self.ref[1], start, stop)
+        return None if self.ref is None else _project(self.rows(self.ref[0], start, stop), self.ref[1])
 
 
 class _LinearStats(torch.autograd.Function):
@@ -147,7 +157,8 @@ class _LinearStats(torch.autograd.Function):
         for s in range(0, n, chunks.chunk):
             e = min(s + chunks.chunk, n)
             stats[:, s:e] = launchers(chunks.backend).token_stats_fwd(
-                _project(hidden, head, s, e), chunks.tokens[s:e], chunks.temperature, chunks.ref_logits(s, e))
+                _project(chunks.rows(hidden, s, e), head), chunks.tokens[s:e], chunks.temperature,
+                chunks.ref_logits(s, e), None if chunks.mask is None else chunks.mask[s:e])
         ctx.save_for_backward(hidden, weight, bias, stats)
         ctx.chunks = chunks
         ctx.mark_non_differentiable(stats[ROW["max"]:])
@@ -160,11 +171,12 @@ class _LinearStats(torch.autograd.Function):
         grads = _gradient_buffers(ctx, hidden, weight, bias)
         for s in range(0, hidden.shape[0], chunks.chunk):
             e = min(s + chunks.chunk, hidden.shape[0])
-            logits = _project(hidden, head, s, e)
+            rows = chunks.rows(hidden, s, e)
+            logits = _project(rows, head)
             launchers(chunks.backend).logits_grad(logits, chunks.tokens[s:e], stats[:, s:e],
                                                   grad_stats[STAT_GRADS, s:e], chunks.temperature,
                                                   chunks.ref_logits(s, e), out=logits)
-            _push_through_head(logits, hidden[s:e], weight, grads, s, e)
+            _push_through_head(logits, rows, weight, grads, s, e)
         grad_hidden, grad_weight, grad_bias = grads
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None)
@@ -181,7 +193,8 @@ class _LinearPolicyLoss(torch.autograd.Function):
         kernels = launchers(chunks.backend)
         for s in range(0, n, chunks.chunk):
             e = min(s + chunks.chunk, n)
-            logits, ref = _project(hidden, head, s, e), chunks.ref_logits(s, e)
+            rows = chunks.rows(hidden, s, e)
+            logits, ref = _project(rows, head), chunks.ref_logits(s, e)
             chunk_out = kernels.policy_loss_fwd(
                 logits[None], chunks.tokens[None, s:e], None if ref is None else ref[None],
                 chunks.inputs.map(lambda x, s=s, e=e: x[None, s:e]), chunks.epilogue)[:, 0]
@@ -189,7 +202,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
             if any(g is not None for g in grads):
                 kernels.logits_grad(logits, chunks.tokens[s:e], chunk_out, chunk_out[GRADS], chunks.temperature, ref,
                                     out=logits)
-                _push_through_head(logits, hidden[s:e], weight, grads, s, e)
+                _push_through_head(logits, rows, weight, grads, s, e)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(out)
@@ -345,6 +358,9 @@ def linear_policy_loss(
     Returns:
         PolicyLossOutput (per-token outputs shaped like tokens); gradients reach hidden,
         weight and bias.
+
+    Masked tokens cost no vocabulary work. On CPU tensors their rows are not projected either; on a
+    GPU they are (finding them would be a host sync): pack batches with much padding (cu_seqlens).
     """
     config = PolicyLossConfig.from_call(locals())
     ref = None if ref_hidden is None and ref_weight is None and ref_bias is None \
@@ -371,17 +387,20 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     batch = check_per_token_inputs(PolicyBatch(*(x[None] if one_sequence and x is not None and x.dim() == 1 else x
                                                  for x in batch)))
     layout = Layout(batch.mask, None, batch.mask.shape[0]) if layout is None else layout._replace(mask=batch.mask)
-    check_token_range(batch.tokens, vocab, counted=batch.mask)  # masked tokens are never projected
+    check_token_range(batch.tokens, vocab, counted=batch.mask)  # a masked token's id is never read
     check_kl_inputs(config, batch.ref_logprobs, ref is not None,
                     "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
     check_packed_options(config, layout)
     backend = resolve_backend(config.backend, hidden, "linear_policy_loss")
-    # Only the tokens that count go through the projection.
-    counted = batch.mask.reshape(-1).nonzero().squeeze(1)
     full_kl = config.kl_used == "full"
-    chunks = _Chunks(batch.tokens.reshape(-1)[counted],
-                  (ref[0].reshape(-1, ref[0].shape[-1])[counted], ref[1]) if full_kl else None, config.temperature,
-                  _chunk(chunk_size, max(counted.numel(), 1), hidden, vocab, full_kl), backend)
+    mask = batch.mask.reshape(-1)
+    # The projected rows: on the CPU the counted ones (indices); elsewhere all (a slice: finding them
+    # would read their count back), a masked one with weight 0, id 0 and zeros for hidden states.
+    counted = mask.nonzero().squeeze(1) if _drops_masked_rows(hidden) else slice(None)
+    tokens = torch.where(mask, batch.tokens.reshape(-1), 0)[counted]  # padding ids (-100) never read
+    chunks = _Chunks(tokens, (ref[0].reshape(-1, ref[0].shape[-1])[counted], ref[1]) if full_kl else None,
+                     config.temperature, _chunk(chunk_size, max(tokens.numel(), 1), hidden, vocab, full_kl), backend,
+                     mask=mask if isinstance(counted, slice) else None)
     inputs = TokenInputs.of(batch, layout, config)
     counted_hidden = hidden.reshape(-1, hidden.shape[-1])[counted]
     if backend != "torch" and config.ratio_level == "token":
@@ -399,18 +418,28 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     return PolicyLossOutput.of(terms, batch, config, layout, caller_shape)
 
 
-def _scatter(values: Tensor, counted: Tensor, shape: torch.Size) -> Tensor:
-    """(n,) values of the counted rows placed in a zero (B, T) tensor (differentiable in values)."""
+def _drops_masked_rows(hidden: Tensor) -> bool:
+    """Whether masked rows are dropped before the projection: on CPU tensors (nonzero() is no sync there)."""
+    return hidden.device.type == "cpu"
+
+
+def _scatter(values: Tensor, counted: Tensor | slice, shape: torch.Size) -> Tensor:
+    """(n,) values of the projected rows as (B, T): placed in a zero tensor at `counted` (differentiable
+    in values), or as they are when every row was projected (counted a slice)."""
+    if isinstance(counted, slice):
+        return values.view(shape)
     return torch.zeros(shape.numel(), dtype=values.dtype, device=values.device).index_copy(
         0, counted, values).view(shape)
 
 
 def _counted_stats(counted_hidden: Tensor, head: Head, chunks: _Chunks, shape: torch.Size,
-                   counted: Tensor) -> TokenStats:
-    """(B, T) token statistics computed on the counted rows only (masked rows are never projected)."""
+                   counted: Tensor | slice) -> TokenStats:
+    """(B, T) token statistics of the projected rows (those of masked tokens, if any, for the caller to mask)."""
     if chunks.backend == "torch":
-        stats = torch_backend.linear_token_stats(counted_hidden, head, chunks.tokens, chunks.temperature, chunks.ref,
-                                                 chunk_size=chunks.chunk)
+        n, ref = counted_hidden.shape[0], chunks.ref
+        stats = torch_backend.linear_token_stats(chunks.rows(counted_hidden, 0, n), head, chunks.tokens,
+                                                 chunks.temperature, None if ref is None else
+                                                 (chunks.rows(ref[0], 0, n), ref[1]), chunk_size=chunks.chunk)
         values = [v if v is None else v.to(torch.float32) for v in stats]
     else:
         out = _LinearStats.apply(counted_hidden, *head, chunks)
