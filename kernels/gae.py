@@ -142,8 +142,10 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, boo
     """
     if values.shape != rewards.shape or mask.shape != rewards.shape:
         raise ValueError("rewards, values and mask must share one shape")
-    adv = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
-    ret = torch.empty_like(adv)
+    # Packed: zeros, so that tokens an unchecked bad cu_seqlens leaves out of every sequence read 0.
+    alloc = torch.empty if cu_seqlens is None else torch.zeros
+    adv = alloc(rewards.shape, dtype=torch.float32, device=rewards.device)
+    ret = torch.zeros_like(adv) if cu_seqlens is not None else torch.empty_like(adv)
     boot = None if bootstrap is None else bootstrap.reshape(-1).contiguous()
     if cu_seqlens is not None:
         if rewards.dim() != 1 and (rewards.dim() != 2 or rewards.shape[0] != 1):
