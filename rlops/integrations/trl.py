@@ -58,7 +58,7 @@ from ..ops._backend import BACKENDS
 from ..ops.linear_policy_loss import linear_policy_loss
 from ..ops.policy_loss import policy_loss
 from ..ops.token_stats import token_stats_op
-from ..packing import cu_seqlens_from_lengths
+from ..packing import Layout, cu_seqlens_from_lengths
 from ..torch_backend import token_logprobs as _torch_logprobs
 
 # Loss types of TRL that SPEC.md covers, and their aggregation (dapo's is set per batch).
@@ -330,27 +330,20 @@ def _log_metrics(self: Any, mode: str, out: Any, mask: Tensor, advantages: Tenso
                  entropy_coef: float) -> None:
     """TRL's metrics of the loss: kl, entropy, the clip ratios (global means over processes), and
     with the entropy bonus policy_loss and entropy_coef. Padded (B, C) or packed (N_c,) tokens."""
+    # The sequences are the rows (padded) or the packed segments: rlops.packing.Layout.
+    layout = Layout.of(mask != 0, None if cu_seqlens is None else cu_seqlens.long())
     mask = mask.to(torch.float32)
-    if cu_seqlens is None:
-        n_seqs, seq_ids = mask.shape[0], torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
-    else:
-        n_seqs = cu_seqlens.numel() - 1
-        seq_ids = torch.repeat_interleave(torch.arange(n_seqs, device=mask.device), cu_seqlens.diff().long(),
-                                          output_size=mask.numel())
-    seq_ids = seq_ids.reshape(-1)
-
-    def seq_sums(x: Tensor) -> Tensor:  # (S,) sums of the tokens of each sequence
-        return mask.new_zeros(n_seqs).index_add(0, seq_ids, x.reshape(-1).to(torch.float32))
-
-    counts = seq_sums(mask)
+    counts = layout.seq_totals(mask)
     per_seq_adv = advantages.dim() == 1
-    adv = advantages[seq_ids].view(mask.shape) if per_seq_adv else advantages
+    adv = layout.per_token(advantages) if per_seq_adv else advantages
     sequence = self.importance_sampling_level == "sequence"
     ratio = out.ratio
     if sequence:  # TRL's (B, 1) ratio: the sequence ratio (that of its valid tokens), 1 with none
-        seq_ratio = mask.new_zeros(n_seqs).scatter_reduce(0, seq_ids, (ratio * mask).reshape(-1), "amax")
+        masked = ratio * mask
+        seq_ratio = masked.amax(-1).clamp(min=0) if layout.seq_ids is None else \
+            mask.new_zeros(layout.n_seqs).scatter_reduce(0, layout.seq_ids, masked.reshape(-1), "amax")
         seq_ratio = torch.where(counts > 0, seq_ratio, 1.0)
-        ratio = seq_ratio[seq_ids].view(mask.shape)
+        ratio = layout.per_token(seq_ratio)
     per_sequence = sequence and per_seq_adv  # TRL's metrics then hold one value per sequence
 
     def global_mean(x: Tensor, one_per_sequence: bool = False) -> float:
@@ -379,7 +372,7 @@ def _log_metrics(self: Any, mode: str, out: Any, mask: Tensor, advantages: Tenso
     else:
         low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
         high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-        seq_low, seq_high = seq_sums(low * mask) / counts, seq_sums(high * mask) / counts
+        seq_low, seq_high = layout.seq_totals(low * mask) / counts, layout.seq_totals(high * mask) / counts
     metrics["clip_ratio/low_mean"].append(global_mean(low, per_sequence))
     metrics["clip_ratio/high_mean"].append(global_mean(high, per_sequence))
     metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high), per_sequence))

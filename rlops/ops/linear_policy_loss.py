@@ -386,7 +386,7 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     one_sequence = hidden.dim() == 2
     batch = check_per_token_inputs(PolicyBatch(*(x[None] if one_sequence and x is not None and x.dim() == 1 else x
                                                  for x in batch)))
-    layout = Layout(batch.mask, None, batch.mask.shape[0]) if layout is None else layout._replace(mask=batch.mask)
+    layout = Layout.of(batch.mask) if layout is None else layout._replace(mask=batch.mask)
     check_token_range(batch.tokens, vocab, counted=batch.mask)  # a masked token's id is never read
     check_kl_inputs(config, batch.ref_logprobs, ref is not None,
                     "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")

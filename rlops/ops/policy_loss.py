@@ -305,7 +305,7 @@ def check_batch(logits: Tensor, ref_logits: Tensor | None,
                            f"logits' shape {tuple(logits.shape)}")
     batch = check_per_token_inputs(batch)
     check_token_range(batch.tokens, vocab, counted=batch.mask)
-    layout = Layout(batch.mask, None, batch.mask.shape[0]) if layout is None else layout._replace(mask=batch.mask)
+    layout = Layout.of(batch.mask) if layout is None else layout._replace(mask=batch.mask)
     return logits, ref_logits, batch, layout
 
 
