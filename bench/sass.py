@@ -5,9 +5,11 @@ cuobjdump. tests/test_compile.py checks its results.
 
 Run in a process without TRITON_INTERPRET (the interpreter replaces @triton.jit functions,
 helpers included, with Python it cannot compile). Results, one per case:
-{"<kernel>[<switches>]/<dtype>/sm_<arch>": {"ld_v4": bool, "st_v4": bool, "REG": int, "STACK": int,
-"LOCAL": int, "ctas_per_sm": int, "loop_instructions": [int, ...], "instr_per_elem": float}}
-or {"<...>": {"error": "..."}} for a kernel that does not compile.
+{"<kernel>[<switches>]/<dtype>[/V=<vocab>]/sm_<arch>": {"ld_v4": bool, "st_v4": bool,
+"loop_ld_v4": bool, "loop_st_v4": bool, "REG": int, "STACK": int, "LOCAL": int, "ctas_per_sm": int,
+"loop_instructions": [int, ...], "instr_per_elem": float}}
+or {"<...>": {"error": "..."}} for a kernel that does not compile. Without /V= the vocabulary is
+Qwen's 151936 (sizes and strides multiples of 16); ODD_VOCABS have rows at any 2-byte offset.
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ CASES = (
                                   "KL_RATIO": False})]
     + [(_gae_kernel, {"HAS_BOOT": boot, "PACKED": packed}) for packed in (False, True) for boot in (False, True)]
 )
+# Vocabulary sizes: the JIT specialises on whether V and the row strides are multiples of 16, so
+# DEFAULT_VOCAB stands for every such V, and one compile serves all of ODD_VOCABS (GPT-2's and a
+# Llama-style 32000 + 1: neither sizes nor strides are, so each row starts at any 2-byte offset
+# from a 16-byte boundary). ODD_CASES run at those in bf16, for every architecture asked; the
+# launchers' alignment switches (reference or logits rows aligned otherwise than the rows the
+# kernel streams from) for sm_90 only (ODD_ARCH), which keeps the test's compile time down.
+DEFAULT_VOCAB = 151936
+ODD_VOCABS = (50257, 32001)
+ODD_ARCH = 90
+_PL = {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True}
+ODD_CASES = (
+    [(_token_stats_fwd_kernel, {"HAS_REF": ref, "HAS_MASK": False}, None) for ref in (False, True)]
+    + [(_token_stats_bwd_kernel, {"HAS_REF": ref}, None) for ref in (False, True)]
+    + [(_policy_loss_fwd_kernel, {**_PL, "KL_KIND": 4, "KL_RATIO": True}, None),
+       (_policy_loss_fwd_kernel, {**_PL, "KL_KIND": 3, "KL_RATIO": True}, ODD_ARCH),
+       (_token_stats_fwd_kernel, {"HAS_REF": True, "HAS_MASK": False, "REF_ALIGNED": False}, ODD_ARCH),
+       (_token_stats_bwd_kernel, {"HAS_REF": False, "X_ALIGNED": False}, ODD_ARCH),
+       (_token_stats_bwd_kernel, {"HAS_REF": True, "X_ALIGNED": False, "REF_ALIGNED": False}, ODD_ARCH)]
+)
 # Per kernel: the constexpr block size the launchers use, and the element type of its
 # "logit-like" pointers (GAE's rewards and values take the dtype under test).
 BLOCKS = {"_gae_kernel": ("BLOCK_T", 1024)}
@@ -60,14 +81,28 @@ def jit_function(fn: object) -> object:
     return fn
 
 
-def case_key(fn: object, switches: dict[str, object], dtype: str, arch: int) -> str:
+def case_key(fn: object, switches: dict[str, object], dtype: str, arch: int, vocab: int = DEFAULT_VOCAB) -> str:
     name = jit_function(fn).__name__
     flags = ",".join(f"{k}={int(v)}" for k, v in switches.items())
-    return f"{name}[{flags}]/{dtype}/sm_{arch}"
+    size = "" if vocab == DEFAULT_VOCAB else f"/V={vocab}"
+    return f"{name}[{flags}]/{dtype}{size}/sm_{arch}"
 
 
-def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
+def report_cases(archs: list[int], dtypes: tuple[str, ...] = ("bf16", "fp32")
+                 ) -> list[tuple[str, object, dict[str, object], str, int, int]]:
+    """(key, kernel, switches, dtype, arch, vocab) of every case of the report: CASES in each dtype
+    at DEFAULT_VOCAB, then ODD_CASES in bf16 at each of ODD_VOCABS (their architecture, if any)."""
+    cases = [(fn, switches, dtype, arch, DEFAULT_VOCAB) for fn, switches in CASES for dtype in dtypes
+             for arch in archs]
+    cases += [(fn, switches, "bf16", arch, vocab) for fn, switches, only in ODD_CASES for vocab in ODD_VOCABS
+              for arch in archs if only in (None, arch)]
+    return [(case_key(fn, sw, dtype, arch, vocab), fn, sw, dtype, arch, vocab) for fn, sw, dtype, arch, vocab in cases]
+
+
+def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object], vocab: int = DEFAULT_VOCAB
               ) -> tuple[dict[str, str], dict[str, object], dict[tuple[int, ...], list]]:
+    """Argument types, constexprs and the divisibility the JIT would find: pointers and N always
+    (fresh allocations, a row count), V and the strides when vocab is a multiple of 16."""
     fn = jit_function(fn)
     block_name, block = BLOCKS.get(fn.__name__, ("BLOCK_V", 4096))
     sig, constexprs, attrs = {}, {block_name: block, **switches}, {}
@@ -79,6 +114,8 @@ def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
             continue
         if param.is_constexpr:
             sig[name] = "constexpr"
+            if name not in constexprs and param.has_default:
+                constexprs[name] = param.default  # a switch the case leaves at the kernel's default
             continue
         if name in LOGIT_PTRS:
             sig[name] = f"*{dtype}"
@@ -96,8 +133,9 @@ def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object]
             sig[name] = "fp32"
         else:
             raise KeyError(f"unknown argument {name!r} of {fn.__name__}: give it a type in compile_kernels.py")
-        if name.endswith("_ptr") or name in ("N", "V", "T") or name in STRIDE_ARGS:
-            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers for V = 151936
+        sized_by_vocab = name == "V" or name in STRIDE_ARGS
+        if name.endswith("_ptr") or name in ("N", "T") or (sized_by_vocab and vocab % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers (for V = 151936: V and strides too)
     return sig, constexprs, attrs
 
 
@@ -119,16 +157,21 @@ def resources(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 
-def loop_instructions(sass: str) -> list[int]:
-    """Instructions in each loop body of the SASS listing: from a backward branch's target up to
-    the branch itself."""
+def loop_bodies(sass: str) -> list[list[str]]:
+    """The instructions of each loop body of the SASS listing: from a backward branch's target up
+    to the branch itself."""
     code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for addr, text in code:
         branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < addr:
-            loops.append(sum(1 for a, _ in code if int(branch.group(1), 16) <= a <= addr))
+            loops.append([t for a, t in code if int(branch.group(1), 16) <= a <= addr])
     return loops
+
+
+def loop_instructions(sass: str) -> list[int]:
+    """Instructions in each loop body of the SASS listing."""
+    return [len(body) for body in loop_bodies(sass)]
 
 
 def ctas_per_sm(regs: int) -> int:
@@ -139,19 +182,25 @@ def ctas_per_sm(regs: int) -> int:
 
 
 def measure(fn: object, cubin: bytes) -> dict[str, object]:
-    """resources, CTAs per SM, each loop's instruction count, and the longest loop's instructions
-    per element it streams (a block of BLOCK elements per iteration, spread over THREADS threads)."""
+    """resources, CTAs per SM, each loop's instruction count, the longest loop's instructions per
+    element it streams (a block of BLOCK elements per iteration, spread over THREADS threads) and
+    whether that loop loads and stores 16-byte vectors (LDG/STG .128)."""
     res = resources(cubin)
-    loops = loop_instructions(_cuobjdump(cubin, "-sass"))
+    bodies = loop_bodies(_cuobjdump(cubin, "-sass"))
+    loops = [len(body) for body in bodies]
+    hot = max(bodies, key=len) if bodies else []
     per_thread = BLOCKS.get(jit_function(fn).__name__, ("BLOCK_V", 4096))[1] / THREADS
     return {**res, "ctas_per_sm": ctas_per_sm(res.get("REG", 255)), "loop_instructions": loops,
-            "instr_per_elem": round(max(loops) / per_thread, 2) if loops else None}
+            "instr_per_elem": round(max(loops) / per_thread, 2) if loops else None,
+            "loop_ld_v4": any(re.search(r"\bLDG(?:\.\w+)*\.128\b", t) for t in hot),
+            "loop_st_v4": any(re.search(r"\bSTG(?:\.\w+)*\.128\b", t) for t in hot)}
 
 
-def compile_case(fn: object, switches: dict[str, object], dtype: str, arch: int) -> dict[str, object]:
+def compile_case(fn: object, switches: dict[str, object], dtype: str, arch: int,
+                 vocab: int = DEFAULT_VOCAB) -> dict[str, object]:
     """One case's report (or {"error": ...} when it does not compile)."""
     try:
-        sig, constexprs, attrs = signature(fn, dtype, switches)
+        sig, constexprs, attrs = signature(fn, dtype, switches, vocab)
         src = ASTSource(jit_function(fn), sig, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
     except Exception as e:  # reported to the caller, which says which kernel and why
@@ -169,8 +218,14 @@ def main(archs: list[int], dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[s
     # Triton 3.9 warns that its FP-fusion default will change; the launchers compile with fusion
     # on (the counts assume fused multiply-adds), so the report says so explicitly.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return {case_key(fn, switches, dtype, arch): compile_case(fn, switches, dtype, arch)
-            for fn, switches in CASES for dtype in dtypes for arch in archs}
+    results, compiled = {}, {}
+    for key, fn, switches, dtype, arch, vocab in report_cases(archs, dtypes):
+        # Vocabularies with the same divisibility compile to the same code: once.
+        same_code = (case_key(fn, switches, dtype, arch), vocab % 16 == 0)
+        if same_code not in compiled:
+            compiled[same_code] = compile_case(fn, switches, dtype, arch, vocab)
+        results[key] = compiled[same_code]
+    return results
 
 
 def table(results: dict[str, dict[str, object]]) -> str:

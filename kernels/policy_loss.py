@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import check_policy_launch, per_token, ref_layout, row_layout
+from rlops._layout import check_policy_launch, per_token, ref_layout, row_layout, same_alignment
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, ROW
 from rlops.options import Epilogue, TokenInputs
 
@@ -90,7 +90,7 @@ def _policy_loss_fwd_kernel(
     inv_tau, clip_low, clip_high, dual_clip, kl_coef,
     # switches
     HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr,
-    KL_RATIO: tl.constexpr, BLOCK_V: tl.constexpr,
+    KL_RATIO: tl.constexpr, BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr = True,
 ):
     """Reads N*V logits once (2*N*V with the exact KL) and ~6 floats per token; writes N_POLICY_ROWS
     floats per token."""
@@ -108,7 +108,8 @@ def _policy_loss_fwd_kernel(
     else:
         x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
         ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
-        m, log_s, entropy, lse_gap, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, KL_KIND == KL_FULL, BLOCK_V)
+        m, log_s, entropy, lse_gap, kl, x_row = softmax_row_stats(x_row, ref_row, V, inv_tau, KL_KIND == KL_FULL,
+                                                                  REF_ALIGNED, BLOCK_V)
         logp = sampled_logp(x_row, tokens_ptr, row, V, m, log_s, inv_tau)
 
         # Importance ratio; torch.clamp passes the gradient at the bounds, so the same here. On
@@ -177,6 +178,6 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
             # switches (HAS_OLD, HAS_ISW and HAS_ENT follow the inputs present)
             KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=block_v(logits.shape[-1]),
-            num_warps=8,
+            REF_ALIGNED=ref_logits is None or same_alignment(rows, ref_rows), num_warps=8,
         )
     return out

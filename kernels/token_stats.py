@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import byte_mask, grad_strides, ref_layout, row_layout
+from rlops._layout import RowLayout, byte_mask, grad_strides, ref_layout, row_layout, same_alignment
 from rlops.constants import N_GRADS, N_STATS
 
 from ._common import (
@@ -30,6 +30,8 @@ from ._common import (
     ROW_LSE_GAP,
     ROW_MAX,
     block_v,
+    row_edges,
+    row_head,
     row_start,
     sampled_logp,
     softmax_row_stats,
@@ -49,7 +51,7 @@ def _token_stats_fwd_kernel(
     # scalars
     inv_tau,
     # switches
-    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr = True,
 ):
     """Reads N*V logits once (2*N*V with HAS_REF) plus the token ids; writes N_STATS float32 per row."""
     row = tl.program_id(0)
@@ -61,11 +63,28 @@ def _token_stats_fwd_kernel(
     if valid:
         x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
         ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
-        m, log_s, entropy, lse_gap, kl = softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF, BLOCK_V)
+        m, log_s, entropy, lse_gap, kl, x_row = softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF, REF_ALIGNED,
+                                                                  BLOCK_V)
         logp = sampled_logp(x_row, tokens_ptr, row, V, m, log_s, inv_tau)
         store_stats(stats_ptr, N, row, logp, entropy, kl, m, log_s, lse_gap)
     else:
         store_stats(stats_ptr, N, row, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@triton.jit
+def _logits_grad_block(x, y, one_hot, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl, inv_tau, k, log2_s,
+                       HAS_REF: tl.constexpr):
+    """dx of logits x (reference logits y with HAS_REF); one_hot: g_logp at the sampled token, else 0."""
+    xm = x - m
+    log_p = xm * inv_tau - log_s
+    p = tl.exp2(xm * k - log2_s)  # exp(log_p) with the scales folded: two fused multiply-adds
+    # Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
+    log_p = tl.where(p > 0, log_p, 0.0)
+    coef = g_logp + g_entropy * (log_p + entropy)
+    if HAS_REF:
+        coef -= g_kl * (tl.where(p > 0, (x - y) * inv_tau, 0.0) - lse_gap - kl)
+    dz = one_hot - p * coef
+    return dz * inv_tau
 
 
 @triton.jit
@@ -81,7 +100,7 @@ def _token_stats_bwd_kernel(
     # scalars
     inv_tau,
     # switches
-    HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr, X_ALIGNED: tl.constexpr = True, REF_ALIGNED: tl.constexpr = True,
 ):
     """Reads N*V logits (2*N*V with HAS_REF), writes N*V gradients, plus 9 scalars per row:
 
@@ -93,7 +112,14 @@ def _token_stats_bwd_kernel(
     logits' magnitude.
 
     A row whose three upstream gradients are all 0 (a masked token) is written as zeros without
-    reading its logits.
+    reading its logits. Whatever V and the row strides, the gradient row is written in 16-byte
+    vectors from its first 16-byte boundary (row_head), after one block holding the scalar head
+    and tail (row_edges). The logits and reference rows are read in vectors too when X_ALIGNED
+    and REF_ALIGNED (the host found each of their rows as far from a 16-byte boundary as the
+    gradient row: rlops/_layout.py, same_alignment), else in scalars: in place, or into a fresh
+    gradient of contiguous logits, everything streams in vectors. The sampled token's one-hot
+    term is left out of the loop (a compare and a select per element) and its element written
+    once more after it.
     """
     row = tl.program_id(0)
     inv_tau = tl.cast(inv_tau, tl.float32)
@@ -109,29 +135,61 @@ def _token_stats_bwd_kernel(
     g_logp = tl.load(grads_ptr + ROW_LOGP * N + row)
     g_entropy = tl.load(grads_ptr + ROW_ENTROPY * N + row)
     g_kl = tl.load(grads_ptr + ROW_KL * N + row)
-    tok = tl.load(tokens_ptr + row).to(tl.int64)
+    tok = tl.load(tokens_ptr + row)
+    has_tok = (tok >= 0) & (tok < V)  # an id outside [0, V) (host check skipped) adds no one-hot term
+    tok = tl.where(has_tok, tok, 0)
     k = inv_tau * LOG2E
     log2_s = log_s * LOG2E
+    DX_TY: tl.constexpr = dx_row.dtype.element_ty
+    VEC: tl.constexpr = 128 // DX_TY.primitive_bitwidth  # elements per 16 bytes
+    head = row_head(dx_row, V)
+    n_body = (V - head) // VEC * VEC
+    edge, in_edge = row_edges(head, n_body, V, VEC)
+    # The body: 16-byte aligned from its start and a multiple of VEC long, hints the compiler
+    # cannot derive (the row's alignment is known only at run time).
+    dx_body = tl.multiple_of(dx_row + head, 16)
+    n_body = tl.multiple_of(n_body, VEC)
     if (g_logp == 0) & (g_entropy == 0) & (g_kl == 0):
-        for start in range(0, V, BLOCK_V):
+        tl.store(dx_row + edge, tl.zeros([2 * VEC], DX_TY), mask=in_edge)
+        for start in range(0, n_body, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            tl.store(dx_row + offs, tl.zeros([BLOCK_V], dx_row.dtype.element_ty), mask=offs < V)
+            tl.store(dx_body + offs, tl.zeros([BLOCK_V], DX_TY), mask=offs < n_body)
     else:
-        for start in range(0, V, BLOCK_V):
+        # The sampled token's logits, read before the loop (in place, the loop overwrites them): its
+        # element is written again after the loop with the one-hot term, which the loop leaves out.
+        x_tok = tl.load(x_row + tok).to(tl.float32)
+        y_tok = x_tok
+        if HAS_REF:
+            y_tok = tl.load(ref_row + tok).to(tl.float32)
+        x_edge = tl.load(x_row + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
+        y_edge = x_edge
+        if HAS_REF:
+            y_edge = tl.load(ref_row + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
+        dx_edge = _logits_grad_block(x_edge, y_edge, 0.0, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl,
+                                     inv_tau, k, log2_s, HAS_REF)
+        tl.store(dx_row + edge, dx_edge.to(DX_TY), mask=in_edge)
+        x_body = x_row + head
+        if X_ALIGNED:
+            x_body = tl.multiple_of(x_body, 16)
+        ref_body = ref_row + head
+        if REF_ALIGNED:
+            ref_body = tl.multiple_of(ref_body, 16)
+        for start in range(0, n_body, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            in_row = offs < V
-            x = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-            xm = x - m
-            log_p = xm * inv_tau - log_s
-            p = tl.exp2(xm * k - log2_s)  # exp(log_p) with the scales folded: two fused multiply-adds
-            # Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
-            log_p = tl.where(p > 0, log_p, 0.0)
-            coef = g_logp + g_entropy * (log_p + entropy)
+            in_row = offs < n_body
+            x = tl.load(x_body + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+            y = x
             if HAS_REF:
-                y = tl.load(ref_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-                coef -= g_kl * (tl.where(p > 0, (x - y) * inv_tau, 0.0) - lse_gap - kl)
-            dz = tl.where(offs == tok, g_logp, 0.0) - p * coef
-            tl.store(dx_row + offs, (dz * inv_tau).to(dx_row.dtype.element_ty), mask=in_row)
+                y = tl.load(ref_body + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+            dx = _logits_grad_block(x, y, 0.0, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl, inv_tau, k,
+                                    log2_s, HAS_REF)
+            # In place (dx_row = x_row) is safe: these elements were read above.
+            tl.store(dx_body + offs, dx.to(DX_TY), mask=in_row)
+        # The barrier orders this store after the loop's store of the same element (by another thread).
+        tl.debug_barrier()
+        dx_tok = _logits_grad_block(x_tok, y_tok, g_logp, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl,
+                                    inv_tau, k, log2_s, HAS_REF)
+        tl.store(dx_row + tok, dx_tok.to(DX_TY), mask=has_tok)
 
 
 def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
@@ -154,8 +212,9 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
             stats,
             # sizes, strides, scalars
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:], 1.0 / temperature,
-            # switches (HAS_MASK follows the mask)
-            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]), num_warps=8,
+            # switches (HAS_MASK follows the mask; REF_ALIGNED: reference rows that stream in 16-byte vectors too)
+            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]),
+            REF_ALIGNED=ref_logits is None or same_alignment(rows, ref_rows), num_warps=8,
         )
     return stats
 
@@ -175,6 +234,7 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
     dx_strides = grad_strides(out, logits, rows)
     n = rows.n_rows
     if n:
+        dx_rows = RowLayout(out, n, rows.inner, *dx_strides)
         stats = stats.reshape(-1, n)[:N_STATS].contiguous()
         grads = grads.reshape(N_GRADS, n).to(torch.float32).contiguous()
         _token_stats_bwd_kernel[(n,)](
@@ -182,7 +242,8 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
             rows.tensor, ref_rows.tensor, tokens.reshape(-1), stats, grads, out,
             # sizes, strides, scalars
             n, logits.shape[-1], *rows[2:], *ref_rows[2:], *dx_strides, 1.0 / temperature,
-            # switches
-            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]), num_warps=8,
+            # switches (the alignment ones: rows that stream in 16-byte vectors with the gradient's)
+            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]), X_ALIGNED=same_alignment(dx_rows, rows),
+            REF_ALIGNED=ref_logits is None or same_alignment(dx_rows, ref_rows), num_warps=8,
         )
     return out

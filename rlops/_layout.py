@@ -56,6 +56,32 @@ def row_layout(x: torch.Tensor) -> RowLayout:
     return RowLayout(x, n_rows, inner, s_outer, s_inner)
 
 
+def _strides_for(rows: RowLayout, inner: int) -> tuple[int, int] | None:
+    """rows' (stride_outer, stride_inner) with `inner` rows per outer step, when expressible."""
+    if rows.inner == inner or rows.n_rows <= 1:
+        return rows.stride_outer, rows.stride_inner
+    if rows.inner >= rows.n_rows:  # evenly spaced rows: row r at r * stride_inner
+        return inner * rows.stride_inner, rows.stride_inner
+    return None
+
+
+def same_alignment(a: RowLayout, b: RowLayout) -> bool:
+    """Whether every row of b starts as far from a 16-byte boundary as the same row of a (and
+    holds elements of the same size), so that both stream in 16-byte vectors from the same
+    element: kernels/_common.py, row_head. Exact for the layouts row_layout gives, unless both
+    have two strides with different inner counts; False there unless every row of each is."""
+    size = a.tensor.element_size()
+    if b.tensor.element_size() != size or (a.tensor.data_ptr() - b.tensor.data_ptr()) % 16:
+        return False
+    inner = a.inner if a.inner < a.n_rows else b.inner
+    strides_a, strides_b = _strides_for(a, inner), _strides_for(b, inner)
+    if strides_a is None or strides_b is None:
+        return all(all(size * st % 16 == 0 for st in rows[3:]) for rows in (a, b))
+    outer_ok = a.n_rows <= inner or size * (strides_a[0] - strides_b[0]) % 16 == 0
+    inner_ok = min(inner, a.n_rows) <= 1 or size * (strides_a[1] - strides_b[1]) % 16 == 0
+    return outer_ok and inner_ok
+
+
 def ref_layout(ref_logits: torch.Tensor | None, logits: torch.Tensor) -> RowLayout:
     """The reference logits' rows, or the logits' own as a placeholder the kernel never reads."""
     if ref_logits is None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import sys
 
-from rlops.bench.sass import CASES, case_key, main
+from rlops.bench.sass import CASES, case_key, main, report_cases
 
-__all__ = ["CASES", "case_key", "main"]
+__all__ = ["CASES", "case_key", "main", "report_cases"]
 
 if __name__ == "__main__":
     print(json.dumps(main([int(a) for a in sys.argv[1:]] or [80, 90])))
