@@ -10,6 +10,7 @@
 #              linear_policy_loss        N=16384, V=151936, H=4096
 #              gae                       B=512, T=8192
 #              packed_policy_loss        its default shapes (N in {16384, 32768}, V=151936)
+#              policy_loss               small N (256, 1024; V=151936): the split-vocabulary path
 #   profile  rlops profile: Qwen/Qwen2.5-0.5B, batch 4, one response length (4096):
 #            a GRPO run, then a PPO run, each eager vs fused vs fused-linear               the rest
 #
@@ -87,6 +88,7 @@ bench_jobs() {  # one `rlops bench` run per line, most important first
     echo "--ops linear_policy_loss --shapes 16384x151936x4096"
     echo "--ops gae --shapes 512x8192"
     echo "--ops packed_policy_loss"
+    echo "--ops policy_loss --shapes 256x151936,1024x151936"  # small N: the split-vocabulary path
 }
 
 profile_jobs() {  # one `rlops profile` run per line

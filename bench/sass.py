@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 
 from rlops.kernels.gae import _gae_kernel
 from rlops.kernels.policy_loss import _policy_loss_fwd_kernel
-from rlops.kernels.token_stats import _token_stats_bwd_kernel, _token_stats_fwd_kernel
+from rlops.kernels.token_stats import _row_states_kernel, _token_stats_bwd_kernel, _token_stats_fwd_kernel
 
 # (kernel, constexpr switches): every feature combination the launchers can ask for.
 CASES = (
@@ -36,6 +36,11 @@ CASES = (
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "HAS_ENT": False, "KL_KIND": 0,
                                   "KL_RATIO": False})]
     + [(_gae_kernel, {"HAS_BOOT": boot, "PACKED": packed}) for packed in (False, True) for boot in (False, True)]
+    # Small N (vocab_splits): each row's vocabulary split over SPLITS programs, merged in the forward.
+    + [(_row_states_kernel, {"HAS_REF": ref, "HAS_LIVE": True, "SPLITS": 8}) for ref in (False, True)]
+    + [(_token_stats_fwd_kernel, {"HAS_REF": True, "HAS_MASK": True, "HAS_PARTS": True, "SPLITS": 8}),
+       (_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": 4, "KL_RATIO": True,
+                                  "HAS_PARTS": True, "SPLITS": 8})]
 )
 # Vocabulary sizes: the JIT specialises on whether V and the row strides are multiples of 16, so
 # DEFAULT_VOCAB stands for every such V, and one compile serves all of ODD_VOCABS (GPT-2's and a
@@ -62,7 +67,7 @@ BLOCKS = {"_gae_kernel": ("BLOCK_T", 1024)}
 LOGIT_PTRS = {"x_ptr", "dx_ptr", "ref_ptr", "r_ptr", "v_ptr"}
 INDEX_PTRS = {"tokens_ptr", "cu_ptr", "seq_ptr"}
 BYTE_PTRS = {"mask_ptr", "m_ptr"}
-I32_ARGS = {"N", "V", "T", "inner", "ref_inner", "n_seqs", "seqs_per_prog"}
+I32_ARGS = {"N", "V", "T", "inner", "ref_inner", "n_seqs", "seqs_per_prog", "chunk"}
 STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
                "dx_stride_inner", "r_stride", "v_stride", "m_stride"}
 FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "gamma", "lam"}
@@ -71,7 +76,8 @@ FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entro
 # Switches that triton.heuristics derives from a pointer's None-ness: off means that pointer is None
 # (GAE's PACKED: both of a packed batch's index pointers).
 SWITCH_PTRS = {"HAS_MASK": ("mask_ptr",), "HAS_OLD": ("old_ptr",), "HAS_ISW": ("isw_ptr",),
-               "HAS_ENT": ("ent_coef_ptr",), "HAS_BOOT": ("boot_ptr",), "PACKED": ("cu_ptr", "seq_ptr")}
+               "HAS_ENT": ("ent_coef_ptr",), "HAS_BOOT": ("boot_ptr",), "PACKED": ("cu_ptr", "seq_ptr"),
+               "HAS_PARTS": ("part_ptr",), "HAS_LIVE": ("live_ptr",)}
 
 
 def jit_function(fn: object) -> object:
@@ -106,7 +112,9 @@ def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object], v
     fn = jit_function(fn)
     block_name, block = BLOCKS.get(fn.__name__, ("BLOCK_V", 4096))
     sig, constexprs, attrs = {}, {block_name: block, **switches}, {}
-    absent = {ptr for k, on in switches.items() if k in SWITCH_PTRS and not on for ptr in SWITCH_PTRS[k]}
+    # A switch the case leaves out takes the kernel's default (HAS_PARTS=False: part_ptr is None).
+    given = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **switches}
+    absent = {ptr for k, on in given.items() if k in SWITCH_PTRS and not on for ptr in SWITCH_PTRS[k]}
     for i, param in enumerate(fn.params):
         name = param.name
         if name in absent:
@@ -181,15 +189,29 @@ def ctas_per_sm(regs: int) -> int:
     return min(65536 // (per_warp * NUM_WARPS), 2048 // THREADS, 32)
 
 
-def measure(fn: object, cubin: bytes) -> dict[str, object]:
+# Kernels whose vocabulary loop streams two 16-byte vectors per thread per iteration
+# (kernels/_common.py, softmax_row_stats), not a block of BLOCK_V elements.
+TWO_VECTOR_LOOPS = {"_token_stats_fwd_kernel", "_policy_loss_fwd_kernel", "_row_states_kernel"}
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def elements_per_thread(fn: object, dtype: str) -> float:
+    """Elements one thread streams per iteration of the kernel's main loop."""
+    name = jit_function(fn).__name__
+    if name in TWO_VECTOR_LOOPS:
+        return 2 * 16 / ELEMENT_BYTES[dtype]
+    return BLOCKS.get(name, ("BLOCK_V", 4096))[1] / THREADS
+
+
+def measure(fn: object, cubin: bytes, dtype: str) -> dict[str, object]:
     """resources, CTAs per SM, each loop's instruction count, the longest loop's instructions per
-    element it streams (a block of BLOCK elements per iteration, spread over THREADS threads) and
-    whether that loop loads and stores 16-byte vectors (LDG/STG .128)."""
+    element it streams (elements_per_thread) and whether that loop loads and stores 16-byte
+    vectors (LDG/STG .128)."""
     res = resources(cubin)
     bodies = loop_bodies(_cuobjdump(cubin, "-sass"))
     loops = [len(body) for body in bodies]
     hot = max(bodies, key=len) if bodies else []
-    per_thread = BLOCKS.get(jit_function(fn).__name__, ("BLOCK_V", 4096))[1] / THREADS
+    per_thread = elements_per_thread(fn, dtype)
     return {**res, "ctas_per_sm": ctas_per_sm(res.get("REG", 255)), "loop_instructions": loops,
             "instr_per_elem": round(max(loops) / per_thread, 2) if loops else None,
             "loop_ld_v4": any(re.search(r"\bLDG(?:\.\w+)*\.128\b", t) for t in hot),
@@ -209,7 +231,7 @@ def compile_case(fn: object, switches: dict[str, object], dtype: str, arch: int,
     return {
         "ld_v4": bool(re.search(r"ld\.global(?:\.\w+)*\.v4", ptx)),
         "st_v4": bool(re.search(r"st\.global(?:\.\w+)*\.v4", ptx)),
-        **measure(fn, compiled.asm["cubin"]),
+        **measure(fn, compiled.asm["cubin"], dtype),
     }
 
 

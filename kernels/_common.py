@@ -4,6 +4,9 @@ gradient. The row layout itself is rlops/_layout.py (shared with the CUDA launch
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -13,7 +16,12 @@ from rlops.constants import ROW
 # -inf - -inf = NaN, for a block of -inf logits (e = 0 then).
 FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)
 LOG2E = tl.constexpr(1.4426950408889634)
+# Two bf16 -inf in one 32-bit word (a masked load's fill in _tile).
+BF16_PAIR_NEG_INF = tl.constexpr(0xFF80FF80)
 MAX_BLOCK_V = 4096
+# Threads of a vocabulary-streaming program: the launchers' num_warps.
+NUM_WARPS = 8
+THREADS = tl.constexpr(NUM_WARPS * 32)
 
 # Rows of the per-token output buffers (rlops/constants.py), as compile-time constants.
 ROW_LOGP = tl.constexpr(ROW["logp"])
@@ -27,7 +35,46 @@ STATS_FIRST = tl.constexpr(ROW["logp"])
 
 
 def block_v(vocab: int) -> int:
-    return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    """Logits per tile: the row rounded up to a power of two, at least one 16-byte vector of any
+    dtype (16 elements) and at most MAX_BLOCK_V."""
+    return min(max(triton.next_power_of_2(vocab), 16), MAX_BLOCK_V)
+
+
+# Small N: one program per row leaves a GPU idle when the rows are fewer than the programs it
+# holds at once (SMs x CTAS_PER_SM). Then each row's vocabulary is split over several programs
+# (at least SPLIT_MIN_LOGITS logits each, at most MAX_SPLITS of them, a power of two so that few
+# variants compile); the forward merges their online-softmax states in the epilogue kernel, the
+# backward needs no merge.
+CTAS_PER_SM = 8  # the forward and backward loops at 32 registers (tests/test_compile.py)
+SPLIT_MIN_LOGITS = 4 * MAX_BLOCK_V
+MAX_SPLITS = 64
+# The online-softmax state rows of a split (row_states): m, s, t, m_ref, s_ref, c.
+N_STATES = 6
+# Tests set this to split rows on the CPU interpreter, where no GPU says how many programs fit.
+FORCED_PROGRAMS: int | None = None
+
+
+@functools.cache
+def _resident_programs(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count * CTAS_PER_SM
+
+
+def vocab_splits(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk): programs per row and the body elements each streams (a multiple of 16;
+    MAX_BLOCK_V once that large). (1, vocab) when the rows alone fill the GPU, on a CPU, or when
+    the vocabulary is too small to split."""
+    programs = FORCED_PROGRAMS
+    if programs is None:
+        programs = _resident_programs(device.index or 0) if device.type == "cuda" else 0
+    splits = 1
+    while (splits < MAX_SPLITS and n_rows * splits * 2 <= programs
+           and vocab >= 2 * splits * SPLIT_MIN_LOGITS):
+        splits *= 2
+    if splits == 1 or n_rows == 0:
+        return 1, vocab
+    chunk = -(-vocab // splits)
+    granule = MAX_BLOCK_V if chunk >= MAX_BLOCK_V else 16
+    return splits, -(-chunk // granule) * granule
 
 
 def is_interpreted(kernel: object) -> bool:
@@ -85,35 +132,135 @@ def row_head(row_ptr, V):
 
 
 @triton.jit
-def row_edges(head, n_body, V, VEC: tl.constexpr):
+def row_edges(head, n_body, n_edges, VEC: tl.constexpr):
     """The elements of a row outside its vector body [head, head + n_body): the head [0, head)
     and the tail [head + n_body, V), fewer than VEC each, as one block of 2 * VEC lanes
-    (element indices and which lanes hold one)."""
+    (element indices and which lanes hold one). n_edges: V - n_body, or 0 for none of them
+    (a vocabulary split other than the first)."""
     lane = tl.arange(0, 2 * VEC)
-    return lane + tl.where(lane < head, 0, n_body), lane < V - n_body
+    return lane + tl.where(lane < head, 0, n_body), lane < n_edges
 
 
 @triton.jit
-def _online_block(m, s, t, m_ref, s_ref, c, x, y, k, HAS_REF: tl.constexpr):
-    """The online-softmax state of softmax_row_stats after one more block of logits x (and
-    reference logits y with HAS_REF); masked lanes hold -inf."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    xm = x - m_new
-    e = tl.exp2(xm * k)
-    # Before the first finite logit (s = 0) nothing is held to rescale: shift 0 rather than
-    # (lowest float - m_new) * k, which overflows to -inf (a NumPy warning in the interpreter).
+def _update_groups(m, s, t, m_ref, s_ref, c, x, y, k, HAS_REF: tl.constexpr):
+    """The online-softmax states of softmax_row_stats, one per group (axis 0 of the (groups, W,
+    P, 2) tiles x and y: what one thread streams of a tile), after one more tile; masked lanes
+    hold -inf.
+
+    Each group's max, sums and rescaling stay within its thread: no shuffles or barriers in
+    the loop. Per element: x - m exact, one exp2, and t's -inf guard as a max (NaN still reaches
+    s through e)."""
+    m_new = tl.maximum(m, _group_max(x))
+    # Before a group's first finite logit (s = 0) nothing is held to rescale: shift 0 rather than
+    # (lowest float - m_new) * k, which overflows to -inf (and 0 * -inf = NaN below).
     shift = tl.where(s > 0, m - m_new, 0.0)
     alpha = tl.exp2(shift * k)
-    # Masked lanes and -inf logits have e = 0 and xm = -inf: they contribute 0, not NaN.
-    t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0, xm, 0.0), 0)
-    s = alpha * s + tl.sum(e, 0)
+    xm = x - m_new[:, None, None, None]
+    e = tl.exp2(xm * k)
+    # An -inf logit has e = 0 and xm = -inf: the max makes its term 0 * lowest = 0, not NaN.
+    t = alpha * (t + shift * s) + _group_sum(e * tl.maximum(xm, FLOAT32_LOWEST))
+    s = alpha * s + _group_sum(e)
     if HAS_REF:
-        m_ref_new = tl.maximum(m_ref, tl.max(y, 0))
+        m_ref_new = tl.maximum(m_ref, _group_max(y))
         shift_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
-        s_ref = tl.exp2(shift_ref * k) * s_ref + tl.sum(tl.exp2((y - m_ref_new) * k), 0)
+        e_ref = tl.exp2((y - m_ref_new[:, None, None, None]) * k)
+        s_ref = tl.exp2(shift_ref * k) * s_ref + _group_sum(e_ref)
         m_ref = m_ref_new
-        c = alpha * c + tl.sum(e * tl.where(e > 0, x - y, 0.0), 0)
+        c = alpha * c + _group_sum(e * tl.maximum(x - y, FLOAT32_LOWEST))
     return m_new, s, t, m_ref, s_ref, c
+
+
+@triton.jit
+def _group_max(x):
+    return tl.max(tl.max(tl.max(x, 3), 2), 1)
+
+
+@triton.jit
+def _group_sum(x):
+    return tl.sum(tl.sum(tl.sum(x, 3), 2), 1)
+
+
+@triton.jit
+def _merge_groups(m, s, t, m_ref, s_ref, c, k, HAS_REF: tl.constexpr):
+    """One state from the groups' states (_update_groups): once per row."""
+    m_row = tl.max(m, 0)
+    shift = tl.where(s > 0, m - m_row, 0.0)
+    alpha = tl.exp2(shift * k)
+    t_row = tl.sum(alpha * (t + shift * s), 0)
+    s_row = tl.sum(alpha * s, 0)
+    m_ref_row = tl.max(m_ref, 0)
+    s_ref_row = tl.zeros([], tl.float32)
+    c_row = tl.zeros([], tl.float32)
+    if HAS_REF:
+        shift_ref = tl.where(s_ref > 0, m_ref - m_ref_row, 0.0)
+        s_ref_row = tl.sum(tl.exp2(shift_ref * k) * s_ref, 0)
+        c_row = tl.sum(alpha * c, 0)
+    return m_row, s_row, t_row, m_ref_row, s_ref_row, c_row
+
+
+@triton.jit
+def _vectors(row_ptr, start, n, ALIGNED: tl.constexpr, PAIRS: tl.constexpr, MASKED: tl.constexpr,
+             G: tl.constexpr):
+    """G 16-byte vectors of the row from element start, one per group, as a (G, W, P) float32
+    tile (-inf at n and past with MASKED): element start + (g * W + w) * P + p, so that a warp
+    reads 32 consecutive vectors (with ALIGNED: a 16-byte aligned row_ptr + start).
+
+    With PAIRS, bf16 pairs (P = 2) load as 32-bit words where aligned: the low and high halves
+    shifted and masked into float32, one integer instruction per element where a bf16-to-float
+    conversion takes 1.5."""
+    ELEM_TY: tl.constexpr = row_ptr.dtype.element_ty
+    P: tl.constexpr = 2 if PAIRS and tl.bfloat16 == ELEM_TY else 1
+    W: tl.constexpr = 128 // ELEM_TY.primitive_bitwidth // P
+    pair = tl.arange(0, G)[:, None] * W + tl.arange(0, W)[None, :]
+    if P == 2 and ALIGNED:
+        words = tl.multiple_of(row_ptr + start, 16).to(tl.pointer_type(tl.uint32))
+        if MASKED:
+            w = tl.load(words + pair, mask=2 * pair < n - start, other=BF16_PAIR_NEG_INF)
+        else:
+            w = tl.load(words + pair)
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.join(lo, hi)
+    offs = start + pair[:, :, None] * P + tl.arange(0, P)[None, None, :]
+    x = tl.load(row_ptr + offs, mask=offs < n, other=float("-inf")) if MASKED else tl.load(row_ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _tile(row_ptr, start, n, ALIGNED: tl.constexpr, PAIRS: tl.constexpr, MASKED: tl.constexpr, G: tl.constexpr):
+    """The (G, W, P, 2) float32 tile of 2 * G vectors from element start: each group's two
+    vectors joined in its own registers (a tile laid out with a vector axis of its own, Triton
+    3.6 may spread that axis over two threads, and the group sums would need shuffles)."""
+    VEC: tl.constexpr = 128 // row_ptr.dtype.element_ty.primitive_bitwidth
+    return tl.join(_vectors(row_ptr, start, n, ALIGNED, PAIRS, MASKED, G),
+                   _vectors(row_ptr, start + G * VEC, n, ALIGNED, PAIRS, MASKED, G))
+
+
+@triton.jit
+def _stream_tile(m, s, t, m_ref, s_ref, c, x_body, ref_body, start, n, k, HAS_REF: tl.constexpr,
+                 REF_ALIGNED: tl.constexpr, MASKED: tl.constexpr, G: tl.constexpr):
+    """The groups' states after the body's tile of logits (and reference logits) from start.
+    Reference rows read in scalars (not REF_ALIGNED) take the logits' tile in their element order
+    (no bf16 pairs): the two then share one register layout, with no shuffle between them."""
+    x = _tile(x_body, start, n, True, REF_ALIGNED, MASKED, G)
+    y = x
+    if HAS_REF:
+        y = _tile(ref_body, start, n, REF_ALIGNED, REF_ALIGNED, MASKED, G)
+    return _update_groups(m, s, t, m_ref, s_ref, c, x, y, k, HAS_REF)
+
+
+@triton.jit
+def _empty_groups(G: tl.constexpr):
+    lowest = tl.full([G], FLOAT32_LOWEST, tl.float32)
+    zero = tl.zeros([G], tl.float32)
+    return lowest, zero, zero, lowest, zero, zero
+
+
+@triton.jit
+def _edge_tile(row_ptr, edge, in_edge):
+    """The row's head and tail (row_edges) as a (2, VEC, 1, 1) float32 tile, -inf where not in_edge."""
+    x = tl.load(row_ptr + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
+    return tl.reshape(x, [2, edge.shape[0] // 2, 1, 1])
 
 
 @triton.jit
@@ -123,55 +270,85 @@ def softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF: tl.constexpr, REF_ALI
 
     Works in the logits' own units, scaling only differences from the max: an online max m of
     x, s = sum exp((x-m) * inv_tau) and t = sum exp((x-m) * inv_tau) * (x-m). x - m is exact
-    near the max, so nothing carries the rounding of x / tau at |x / tau| ~ 1e3 (small
-    temperatures), and t relative to the running max keeps the entropy log(s) - inv_tau * t/s
-    free of cancellation between two large numbers (lse and E[z]). lse = m * inv_tau + log s
-    is returned as its two parts (constants.STATS_ROWS). With HAS_REF it also streams the
-    reference logits y (q = softmax(y * inv_tau)) and c = sum exp((x-m) * inv_tau) * (x-y),
-    giving lse_gap = lse - lse_ref = (m - m_ref) * inv_tau + (log s - log s_ref) and
-    KL(p || q) = inv_tau * c/s - lse_gap; otherwise lse_gap = kl = 0.
+    near the max, so none of these carry the rounding of x / tau at the logits' magnitude. Then
+    log Z = m * inv_tau + log s, and entropy = log Z - sum p * x * inv_tau = log s - inv_tau * t/s.
 
-    Whatever V and the row strides, the row streams in 16-byte vectors from its first 16-byte
-    boundary (row_head), after one block holding the scalar head and tail (row_edges). The
-    reference row streams in vectors too when REF_ALIGNED (the host found each of its rows as
-    far from a 16-byte boundary as the logits row: rlops/_layout.py, same_alignment), else
-    in scalars.
+    With HAS_REF it also streams the reference logits y (q = softmax(y * inv_tau)): m_ref, s_ref
+    as above and c = sum exp((x-m) * inv_tau) * (x-y), giving lse_gap = lse - lse_ref =
+    (m - m_ref) * inv_tau + (log s - log s_ref) and KL(p || q) = inv_tau * c/s - lse_gap;
+    otherwise lse_gap = kl = 0.
+
+    Each thread keeps these states for its own group of logits (two 16-byte vectors per tile) and
+    the groups merge once after the loop, as csrc/token_stats.cu does per thread: the loop holds
+    no block-wide reduction, and its whole tiles no masks. Whatever V and the row strides, the
+    row streams in 16-byte vectors from its first 16-byte boundary (row_head), after one small
+    tile holding the scalar head and tail (row_edges). The reference row streams in vectors too
+    when REF_ALIGNED (the host found each of its rows as far from a 16-byte boundary as the
+    logits row: rlops/_layout.py, same_alignment), else in scalars.
 
     Also returns x_row again, derived from the body's pointer: a caller that reads the row after
     the pass (sampled_logp) then keeps one pointer to it live through the loop, not two (a
     register pair that costs the policy-loss forward a CTA per SM on Triton 3.6).
+
+    The pass is row_states over the whole row, then finish_row_stats; a row split over several
+    programs (vocab_splits) merges their row_states with merged_row_stats instead.
     """
-    k = inv_tau * LOG2E  # exp((x - m) * inv_tau) = exp2((x - m) * k): one multiply per logit
-    m = tl.full([], FLOAT32_LOWEST, tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    m_ref = tl.full([], FLOAT32_LOWEST, tl.float32)
-    s_ref = tl.zeros([], tl.float32)
-    c = tl.zeros([], tl.float32)
+    k = inv_tau * LOG2E
+    m, s, t, m_ref, s_ref, c, x_row = row_states(x_row, ref_row, V, k, 0, V, HAS_REF, REF_ALIGNED, BLOCK_V)
+    m, log_s, entropy, lse_gap, kl = finish_row_stats(m, s, t, m_ref, s_ref, c, inv_tau, HAS_REF)
+    return m, log_s, entropy, lse_gap, kl, x_row
+
+
+@triton.jit
+def row_states(x_row, ref_row, V, k, split, chunk, HAS_REF: tl.constexpr, REF_ALIGNED: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """The online-softmax state (m, s, t, m_ref, s_ref, c: softmax_row_stats) of one vocabulary
+    split of the row, and x_row: the body's elements [split * chunk, (split + 1) * chunk) from
+    the row's first 16-byte boundary (chunk a multiple of 16), and with split 0 the head and tail
+    too. k = inv_tau * log2(e)."""
     VEC: tl.constexpr = 128 // x_row.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
+    G: tl.constexpr = min(BLOCK_V // (2 * VEC), THREADS)  # groups: one per thread, fewer for a small V
+    TILE: tl.constexpr = 2 * G * VEC  # two 16-byte vectors per group
+
+    # The head and tail first (split 0), as two groups (fewer than VEC elements each), merged
+    # into one state that group 0 holds while the body streams.
     head = row_head(x_row, V)
     n_body = (V - head) // VEC * VEC
-    edge, in_edge = row_edges(head, n_body, V, VEC)
-    x_edge = tl.load(x_row + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
-    y_edge = x_edge
+    edge, in_edge = row_edges(head, n_body, tl.where(split == 0, V - n_body, 0), VEC)
+    x = _edge_tile(x_row, edge, in_edge)
+    y = x
     if HAS_REF:
-        y_edge = tl.load(ref_row + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
-    m, s, t, m_ref, s_ref, c = _online_block(m, s, t, m_ref, s_ref, c, x_edge, y_edge, k, HAS_REF)
+        y = _edge_tile(ref_row, edge, in_edge)
+    m, s, t, m_ref, s_ref, c = _empty_groups(2)
+    m, s, t, m_ref, s_ref, c = _update_groups(m, s, t, m_ref, s_ref, c, x, y, k, HAS_REF)
+    m, s, t, m_ref, s_ref, c = _merge_groups(m, s, t, m_ref, s_ref, c, k, HAS_REF)
+    first = tl.arange(0, G) == 0
+    lowest = tl.full([G], FLOAT32_LOWEST, tl.float32)
+    m, s, t = tl.where(first, m, lowest), tl.where(first, s, 0.0), tl.where(first, t, 0.0)
+    m_ref, s_ref, c = tl.where(first, m_ref, lowest), tl.where(first, s_ref, 0.0), tl.where(first, c, 0.0)
+
     # The body: 16-byte aligned from its start and a multiple of VEC long, hints the compiler
-    # cannot derive (the row's alignment is known only at run time).
+    # cannot derive (the row's alignment is known only at run time); whole tiles, then the rest.
     x_body = tl.multiple_of(x_row + head, 16)
     ref_body = ref_row + head
     if REF_ALIGNED:
         ref_body = tl.multiple_of(ref_body, 16)
-    n_body = tl.multiple_of(n_body, VEC)
-    for start in range(0, n_body, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        in_row = offs < n_body
-        x = tl.load(x_body + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-        y = x
-        if HAS_REF:
-            y = tl.load(ref_body + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-        m, s, t, m_ref, s_ref, c = _online_block(m, s, t, m_ref, s_ref, c, x, y, k, HAS_REF)
+    lo = tl.multiple_of(split * chunk, 16)
+    hi = tl.minimum(n_body, lo + chunk)
+    n_whole = lo + tl.maximum(hi - lo, 0) // TILE * TILE
+    for start in range(lo, n_whole, TILE):
+        m, s, t, m_ref, s_ref, c = _stream_tile(m, s, t, m_ref, s_ref, c, x_body, ref_body, start, hi, k,
+                                                HAS_REF, REF_ALIGNED, False, G)
+    if n_whole < hi:
+        m, s, t, m_ref, s_ref, c = _stream_tile(m, s, t, m_ref, s_ref, c, x_body, ref_body, n_whole, hi, k,
+                                                HAS_REF, REF_ALIGNED, True, G)
+    m, s, t, m_ref, s_ref, c = _merge_groups(m, s, t, m_ref, s_ref, c, k, HAS_REF)
+    return m, s, t, m_ref, s_ref, c, x_body - head
+
+
+@triton.jit
+def finish_row_stats(m, s, t, m_ref, s_ref, c, inv_tau, HAS_REF: tl.constexpr):
+    """(m, log_s, entropy, lse_gap, kl) of a row from its online-softmax state (softmax_row_stats)."""
     log_s = tl.log(s)
     entropy = log_s - inv_tau * t / s
     lse_gap = 0.0
@@ -179,4 +356,28 @@ def softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF: tl.constexpr, REF_ALI
     if HAS_REF:
         lse_gap = (m - m_ref) * inv_tau + (log_s - tl.log(s_ref))
         kl = inv_tau * c / s - lse_gap
-    return m, log_s, entropy, lse_gap, kl, x_body - head
+    return m, log_s, entropy, lse_gap, kl
+
+
+@triton.jit
+def store_row_states(part_ptr, N, row, split, m, s, t, m_ref, s_ref, c, SPLITS: tl.constexpr):
+    """One split's state of a row into the (N_STATES, SPLITS, N) float32 buffer part_ptr."""
+    at = part_ptr + split * N + row
+    tl.store(at, m)
+    tl.store(at + SPLITS * N, s)
+    tl.store(at + 2 * SPLITS * N, t)
+    tl.store(at + 3 * SPLITS * N, m_ref)
+    tl.store(at + 4 * SPLITS * N, s_ref)
+    tl.store(at + 5 * SPLITS * N, c)
+
+
+@triton.jit
+def merged_row_stats(part_ptr, N, row, inv_tau, HAS_REF: tl.constexpr, SPLITS: tl.constexpr):
+    """(m, log_s, entropy, lse_gap, kl) of a row whose vocabulary splits stored their states
+    (store_row_states): merged as softmax_row_stats merges its threads' states."""
+    at = part_ptr + tl.arange(0, SPLITS) * N + row
+    m, s, t = tl.load(at), tl.load(at + SPLITS * N), tl.load(at + 2 * SPLITS * N)
+    m_ref, s_ref, c = tl.load(at + 3 * SPLITS * N), tl.load(at + 4 * SPLITS * N), tl.load(at + 5 * SPLITS * N)
+    k = inv_tau * LOG2E
+    m, s, t, m_ref, s_ref, c = _merge_groups(m, s, t, m_ref, s_ref, c, k, HAS_REF)
+    return finish_row_stats(m, s, t, m_ref, s_ref, c, inv_tau, HAS_REF)

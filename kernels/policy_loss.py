@@ -30,7 +30,17 @@ from rlops._layout import check_policy_launch, per_token, ref_layout, row_layout
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, ROW
 from rlops.options import Epilogue, TokenInputs
 
-from ._common import block_v, row_start, sampled_logp, softmax_row_stats, store_rows, store_stats
+from ._common import (
+    NUM_WARPS,
+    block_v,
+    merged_row_stats,
+    row_start,
+    sampled_logp,
+    softmax_row_stats,
+    store_rows,
+    store_stats,
+)
+from .token_stats import split_row_states
 
 CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 K3_CAP = tl.constexpr(K3_MAX)
@@ -73,13 +83,15 @@ def _sampled_kl(logp, ref_logp_ptr, row, kl, KL_KIND: tl.constexpr):
 
 @triton.heuristics({"HAS_OLD": lambda args: args["old_ptr"] is not None,
                      "HAS_ISW": lambda args: args["isw_ptr"] is not None,
-                     "HAS_ENT": lambda args: args["ent_coef_ptr"] is not None})
+                     "HAS_ENT": lambda args: args["ent_coef_ptr"] is not None,
+                     "HAS_PARTS": lambda args: args["part_ptr"] is not None})
 @triton.jit
 def _policy_loss_fwd_kernel(
     # data pointers: logits, reference logits, token ids, then the per-token float32 inputs
     # (rlops/options.py: TokenInputs; None when absent, and HAS_OLD, HAS_ISW, HAS_ENT follow),
-    # then the (N_POLICY_ROWS, N) output
-    x_ptr, ref_ptr, tokens_ptr,
+    # then the (N_POLICY_ROWS, N) output; part_ptr: the rows' split states from
+    # token_stats._row_states_kernel, or None (HAS_PARTS follows)
+    x_ptr, ref_ptr, tokens_ptr, part_ptr,
     agg_w_ptr, ent_coef_ptr, adv_ptr, old_ptr, ref_logp_ptr, isw_ptr,
     out_ptr,
     # sizes
@@ -91,9 +103,10 @@ def _policy_loss_fwd_kernel(
     # switches
     HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr,
     KL_RATIO: tl.constexpr, BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr = True,
+    HAS_PARTS: tl.constexpr = False, SPLITS: tl.constexpr = 1,
 ):
-    """Reads N*V logits once (2*N*V with the exact KL) and ~6 floats per token; writes N_POLICY_ROWS
-    floats per token."""
+    """Reads N*V logits once (2*N*V with the exact KL; with HAS_PARTS, SPLITS states per row
+    instead) and ~6 floats per token; writes N_POLICY_ROWS floats per token."""
     row = tl.program_id(0)
     # torch.compile may pass Python floats as float64; the contract is float32 arithmetic.
     inv_tau = tl.cast(inv_tau, tl.float32)
@@ -107,9 +120,12 @@ def _policy_loss_fwd_kernel(
         store_rows(out_ptr, N, row, EPILOGUE_FIRST, 0.0, 0.0, 0.0, 0.0, 0.0)
     else:
         x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
-        ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
-        m, log_s, entropy, lse_gap, kl, x_row = softmax_row_stats(x_row, ref_row, V, inv_tau, KL_KIND == KL_FULL,
-                                                                  REF_ALIGNED, BLOCK_V)
+        if HAS_PARTS:
+            m, log_s, entropy, lse_gap, kl = merged_row_stats(part_ptr, N, row, inv_tau, KL_KIND == KL_FULL, SPLITS)
+        else:
+            ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
+            m, log_s, entropy, lse_gap, kl, x_row = softmax_row_stats(x_row, ref_row, V, inv_tau,
+                                                                      KL_KIND == KL_FULL, REF_ALIGNED, BLOCK_V)
         logp = sampled_logp(x_row, tokens_ptr, row, V, m, log_s, inv_tau)
 
         # Importance ratio; torch.clamp passes the gradient at the bounds, so the same here. On
@@ -169,15 +185,20 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
     rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
+        token_inputs = [per_token(x, tokens.shape) for x in inputs]
+        ref_aligned = ref_logits is None or same_alignment(rows, ref_rows)
+        # Rows with aggregation weight 0 are skipped, here as in the kernel below.
+        parts = split_row_states(rows, ref_rows, token_inputs[0], epilogue.temperature,
+                                 epilogue.kl_kind == KL_KINDS["full"], ref_aligned)
         _policy_loss_fwd_kernel[(rows.n_rows,)](
             # data pointers
-            rows.tensor, ref_rows.tensor, tokens.reshape(-1), *(per_token(x, tokens.shape) for x in inputs), out,
+            rows.tensor, ref_rows.tensor, tokens.reshape(-1), parts, *token_inputs, out,
             # sizes, strides
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:],
             # scalars
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
-            # switches (HAS_OLD, HAS_ISW and HAS_ENT follow the inputs present)
+            # switches (HAS_OLD, HAS_ISW, HAS_ENT and HAS_PARTS follow the inputs present)
             KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=block_v(logits.shape[-1]),
-            REF_ALIGNED=ref_logits is None or same_alignment(rows, ref_rows), num_warps=8,
+            REF_ALIGNED=ref_aligned, SPLITS=1 if parts is None else parts.shape[1], num_warps=NUM_WARPS,
         )
     return out

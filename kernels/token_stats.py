@@ -23,6 +23,8 @@ from rlops.constants import N_GRADS, N_STATS
 
 from ._common import (
     LOG2E,
+    N_STATES,
+    NUM_WARPS,
     ROW_ENTROPY,
     ROW_KL,
     ROW_LOG_SUM,
@@ -30,20 +32,59 @@ from ._common import (
     ROW_LSE_GAP,
     ROW_MAX,
     block_v,
+    merged_row_stats,
     row_edges,
     row_head,
     row_start,
+    row_states,
     sampled_logp,
     softmax_row_stats,
+    store_row_states,
     store_stats,
+    vocab_splits,
 )
 
 
-@triton.heuristics({"HAS_MASK": lambda args: args["mask_ptr"] is not None})
+@triton.heuristics({"HAS_LIVE": lambda args: args["live_ptr"] is not None})
+@triton.jit
+def _row_states_kernel(
+    # data pointers (ref_ptr: the logits stand in without HAS_REF; live_ptr: rows where it is 0 are
+    # skipped, the token mask or the policy loss's aggregation weights), the (N_STATES, SPLITS, N) output
+    x_ptr, ref_ptr, live_ptr, part_ptr,
+    # sizes: rows, vocabulary, body elements per split
+    N, V, chunk,
+    # strides (rlops/_layout.py: RowLayout)
+    inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
+    # scalars
+    inv_tau,
+    # switches
+    HAS_REF: tl.constexpr, HAS_LIVE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    REF_ALIGNED: tl.constexpr = True,
+):
+    """Program (row, split): the online-softmax state of one vocabulary split of a row, for a
+    forward kernel's merged_row_stats (vocab_splits: when the rows alone leave the GPU idle).
+    Reads the split's logits once (twice with HAS_REF); writes N_STATES float32."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    inv_tau = tl.cast(inv_tau, tl.float32)
+    live = True
+    if HAS_LIVE:
+        live = tl.load(live_ptr + row) != 0
+    if live:  # a skipped row's states are never read
+        x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
+        ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
+        m, s, t, m_ref, s_ref, c, x_row = row_states(x_row, ref_row, V, inv_tau * LOG2E, split, chunk, HAS_REF,
+                                                     REF_ALIGNED, BLOCK_V)
+        store_row_states(part_ptr, N, row, split, m, s, t, m_ref, s_ref, c, SPLITS)
+
+
+@triton.heuristics({"HAS_MASK": lambda args: args["mask_ptr"] is not None,
+                     "HAS_PARTS": lambda args: args["part_ptr"] is not None})
 @triton.jit
 def _token_stats_fwd_kernel(
-    # data pointers (ref_ptr: the logits stand in without HAS_REF; mask_ptr None: HAS_MASK follows)
-    x_ptr, ref_ptr, tokens_ptr, mask_ptr, stats_ptr,
+    # data pointers (ref_ptr: the logits stand in without HAS_REF; mask_ptr None: HAS_MASK follows;
+    # part_ptr: the rows' split states from _row_states_kernel, or None: HAS_PARTS follows)
+    x_ptr, ref_ptr, tokens_ptr, mask_ptr, part_ptr, stats_ptr,
     # sizes
     N, V,
     # strides (rlops/_layout.py: RowLayout)
@@ -52,8 +93,10 @@ def _token_stats_fwd_kernel(
     inv_tau,
     # switches
     HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr = True,
+    HAS_PARTS: tl.constexpr = False, SPLITS: tl.constexpr = 1,
 ):
-    """Reads N*V logits once (2*N*V with HAS_REF) plus the token ids; writes N_STATS float32 per row."""
+    """Reads N*V logits once (2*N*V with HAS_REF; with HAS_PARTS, SPLITS states per row instead)
+    plus the token ids; writes N_STATS float32 per row."""
     row = tl.program_id(0)
     # torch.compile may pass Python floats as float64; the contract is float32 arithmetic.
     inv_tau = tl.cast(inv_tau, tl.float32)
@@ -62,9 +105,12 @@ def _token_stats_fwd_kernel(
         valid = tl.load(mask_ptr + row) != 0
     if valid:
         x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
-        ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
-        m, log_s, entropy, lse_gap, kl, x_row = softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF, REF_ALIGNED,
-                                                                  BLOCK_V)
+        if HAS_PARTS:
+            m, log_s, entropy, lse_gap, kl = merged_row_stats(part_ptr, N, row, inv_tau, HAS_REF, SPLITS)
+        else:
+            ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
+            m, log_s, entropy, lse_gap, kl, x_row = softmax_row_stats(x_row, ref_row, V, inv_tau, HAS_REF,
+                                                                      REF_ALIGNED, BLOCK_V)
         logp = sampled_logp(x_row, tokens_ptr, row, V, m, log_s, inv_tau)
         store_stats(stats_ptr, N, row, logp, entropy, kl, m, log_s, lse_gap)
     else:
@@ -92,8 +138,8 @@ def _token_stats_bwd_kernel(
     # data pointers: inputs (the logits stand in for ref_ptr without HAS_REF), the forward's stats
     # (N_STATS, N), upstream gradients (N_GRADS, N), output
     x_ptr, ref_ptr, tokens_ptr, stats_ptr, grads_ptr, dx_ptr,
-    # sizes
-    N, V,
+    # sizes: rows, vocabulary, body elements per program (vocab_splits; the grid is (N, splits))
+    N, V, chunk,
     # strides (rlops/_layout.py: RowLayout; dx rows share x's inner count)
     inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
     dx_stride_outer, dx_stride_inner,
@@ -120,8 +166,13 @@ def _token_stats_bwd_kernel(
     gradient of contiguous logits, everything streams in vectors. The sampled token's one-hot
     term is left out of the loop (a compare and a select per element) and its element written
     once more after it.
+
+    Program (row, split) writes the body elements [split * chunk, (split + 1) * chunk) from the
+    row's 16-byte boundary, split 0 the head and tail too, and the program holding the sampled
+    token its one-hot term (vocab_splits: when the rows alone leave the GPU idle).
     """
     row = tl.program_id(0)
+    split = tl.program_id(1)
     inv_tau = tl.cast(inv_tau, tl.float32)
     x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
     ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
@@ -144,23 +195,28 @@ def _token_stats_bwd_kernel(
     VEC: tl.constexpr = 128 // DX_TY.primitive_bitwidth  # elements per 16 bytes
     head = row_head(dx_row, V)
     n_body = (V - head) // VEC * VEC
-    edge, in_edge = row_edges(head, n_body, V, VEC)
-    # The body: 16-byte aligned from its start and a multiple of VEC long, hints the compiler
-    # cannot derive (the row's alignment is known only at run time).
+    edge, in_edge = row_edges(head, n_body, tl.where(split == 0, V - n_body, 0), VEC)
+    # This program's part of the body: 16-byte aligned from its start and a multiple of VEC long,
+    # hints the compiler cannot derive (the row's alignment is known only at run time).
     dx_body = tl.multiple_of(dx_row + head, 16)
-    n_body = tl.multiple_of(n_body, VEC)
+    lo = tl.multiple_of(split * chunk, VEC)
+    hi = tl.multiple_of(tl.minimum(n_body, lo + chunk), VEC)
+    # The sampled token's element is this program's to finish when it lies in its part.
+    body_tok = tok - head
+    owns_tok = has_tok & tl.where((body_tok >= 0) & (body_tok < n_body), (body_tok >= lo) & (body_tok < hi),
+                                  split == 0)
     if (g_logp == 0) & (g_entropy == 0) & (g_kl == 0):
         tl.store(dx_row + edge, tl.zeros([2 * VEC], DX_TY), mask=in_edge)
-        for start in range(0, n_body, BLOCK_V):
+        for start in range(lo, hi, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            tl.store(dx_body + offs, tl.zeros([BLOCK_V], DX_TY), mask=offs < n_body)
+            tl.store(dx_body + offs, tl.zeros([BLOCK_V], DX_TY), mask=offs < hi)
     else:
         # The sampled token's logits, read before the loop (in place, the loop overwrites them): its
         # element is written again after the loop with the one-hot term, which the loop leaves out.
-        x_tok = tl.load(x_row + tok).to(tl.float32)
+        x_tok = tl.load(x_row + tok, mask=owns_tok).to(tl.float32)
         y_tok = x_tok
         if HAS_REF:
-            y_tok = tl.load(ref_row + tok).to(tl.float32)
+            y_tok = tl.load(ref_row + tok, mask=owns_tok).to(tl.float32)
         x_edge = tl.load(x_row + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
         y_edge = x_edge
         if HAS_REF:
@@ -174,9 +230,9 @@ def _token_stats_bwd_kernel(
         ref_body = ref_row + head
         if REF_ALIGNED:
             ref_body = tl.multiple_of(ref_body, 16)
-        for start in range(0, n_body, BLOCK_V):
+        for start in range(lo, hi, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            in_row = offs < n_body
+            in_row = offs < hi
             x = tl.load(x_body + offs, mask=in_row, other=float("-inf")).to(tl.float32)
             y = x
             if HAS_REF:
@@ -189,7 +245,7 @@ def _token_stats_bwd_kernel(
         tl.debug_barrier()
         dx_tok = _logits_grad_block(x_tok, y_tok, g_logp, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl,
                                     inv_tau, k, log2_s, HAS_REF)
-        tl.store(dx_row + tok, dx_tok.to(DX_TY), mask=has_tok)
+        tl.store(dx_row + tok, dx_tok.to(DX_TY), mask=owns_tok)
 
 
 def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
@@ -206,17 +262,41 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
     stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
+        mask = None if mask is None else byte_mask(mask.reshape(-1))
+        ref_aligned = ref_logits is None or same_alignment(rows, ref_rows)
+        parts = split_row_states(rows, ref_rows, mask, temperature, ref_logits is not None, ref_aligned)
         _token_stats_fwd_kernel[(rows.n_rows,)](
             # data pointers
-            rows.tensor, ref_rows.tensor, tokens.reshape(-1), None if mask is None else byte_mask(mask.reshape(-1)),
-            stats,
+            rows.tensor, ref_rows.tensor, tokens.reshape(-1), mask, parts, stats,
             # sizes, strides, scalars
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:], 1.0 / temperature,
-            # switches (HAS_MASK follows the mask; REF_ALIGNED: reference rows that stream in 16-byte vectors too)
-            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]),
-            REF_ALIGNED=ref_logits is None or same_alignment(rows, ref_rows), num_warps=8,
+            # switches (HAS_MASK and HAS_PARTS follow the pointers; REF_ALIGNED: reference rows
+            # that stream in 16-byte vectors too)
+            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]), REF_ALIGNED=ref_aligned,
+            SPLITS=1 if parts is None else parts.shape[1], num_warps=NUM_WARPS,
         )
     return stats
+
+
+def split_row_states(rows: RowLayout, ref_rows: RowLayout, live: torch.Tensor | None, temperature: float,
+                     has_ref: bool, ref_aligned: bool) -> torch.Tensor | None:
+    """When the rows alone leave the GPU idle (vocab_splits), launches _row_states_kernel and
+    returns its float32 (N_STATES, splits, N) states for a forward kernel's part_ptr; else None.
+    live: (N,) rows that are computed where nonzero (None: all)."""
+    vocab = rows.tensor.shape[-1]
+    splits, chunk = vocab_splits(rows.n_rows, vocab, rows.tensor.device)
+    if splits == 1:
+        return None
+    parts = torch.empty((N_STATES, splits, rows.n_rows), dtype=torch.float32, device=rows.tensor.device)
+    _row_states_kernel[(rows.n_rows, splits)](
+        # data pointers
+        rows.tensor, ref_rows.tensor, live, parts,
+        # sizes, strides, scalars
+        rows.n_rows, vocab, chunk, *rows[2:], *ref_rows[2:], 1.0 / temperature,
+        # switches (HAS_LIVE follows live)
+        HAS_REF=has_ref, SPLITS=splits, BLOCK_V=block_v(vocab), REF_ALIGNED=ref_aligned, num_warps=NUM_WARPS,
+    )
+    return parts
 
 
 def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, grads: torch.Tensor,
@@ -237,13 +317,14 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
         dx_rows = RowLayout(out, n, rows.inner, *dx_strides)
         stats = stats.reshape(-1, n)[:N_STATS].contiguous()
         grads = grads.reshape(N_GRADS, n).to(torch.float32).contiguous()
-        _token_stats_bwd_kernel[(n,)](
+        splits, chunk = vocab_splits(n, logits.shape[-1], logits.device)
+        _token_stats_bwd_kernel[(n, splits)](
             # data pointers
             rows.tensor, ref_rows.tensor, tokens.reshape(-1), stats, grads, out,
             # sizes, strides, scalars
-            n, logits.shape[-1], *rows[2:], *ref_rows[2:], *dx_strides, 1.0 / temperature,
+            n, logits.shape[-1], chunk, *rows[2:], *ref_rows[2:], *dx_strides, 1.0 / temperature,
             # switches (the alignment ones: rows that stream in 16-byte vectors with the gradient's)
             HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]), X_ALIGNED=same_alignment(dx_rows, rows),
-            REF_ALIGNED=ref_logits is None or same_alignment(dx_rows, ref_rows), num_warps=8,
+            REF_ALIGNED=ref_logits is None or same_alignment(dx_rows, ref_rows), num_warps=NUM_WARPS,
         )
     return out

@@ -95,7 +95,8 @@ def test_plan_runs_the_headline_benchmarks_and_one_profile_within_the_device_lim
     (tests,) = [shlex.split(row[3]) for row in plan if row[1] == "tests"]
     assert tests[tests.index("-m", 2) + 1] == "gpu" and tests[-1] == "tests"  # every op's GPU tests
     want = {
-        "policy_loss": [(16384, 32000), (16384, 151936)],
+        # the headline shapes, then small N (the split-vocabulary path) in a run of its own
+        "policy_loss": [(16384, 32000), (16384, 151936), (256, 151936), (1024, 151936)],
         "token_stats": [(16384, 32000), (16384, 151936)],
         "linear_policy_loss": [(16384, 151936, 4096)],
         "gae": [(512, 8192)],
@@ -108,7 +109,7 @@ def test_plan_runs_the_headline_benchmarks_and_one_profile_within_the_device_lim
             args = run.build_parser().parse_args(words[words.index("bench") + 1:])
             assert not args.quick and args.providers is None  # every provider that imports
             for op in args.ops:
-                got[op] = run._shapes(args.shapes, run.OPS[op], args.quick)
+                got[op] = got.get(op, []) + run._shapes(args.shapes, run.OPS[op], args.quick)
     assert got == want and set(got) == set(run.OPS)
     profiles = [build_parser().parse_args(shlex.split(row[3])[4:]) for row in plan if row[1] == "profile"]
     assert profiles and all(p.model in PRESETS and len(p.response_len) == 1 and not p.estimate for p in profiles)
