@@ -10,8 +10,8 @@ tensors in Triton's interpreter.
 from ._common import is_interpreted
 from .gae import gae_fwd
 from .policy_loss import policy_loss_fwd
-from .token_stats import _token_stats_fwd_kernel, logits_grad, token_stats_fwd
+from .token_stats import _token_stats_fwd_kernel, logits_grad, row_states_fwd, token_stats_fwd
 
 INTERPRETED = is_interpreted(_token_stats_fwd_kernel)
 
-__all__ = ["INTERPRETED", "gae_fwd", "logits_grad", "policy_loss_fwd", "token_stats_fwd"]
+__all__ = ["INTERPRETED", "gae_fwd", "logits_grad", "policy_loss_fwd", "row_states_fwd", "token_stats_fwd"]

@@ -287,6 +287,24 @@ def split_row_states(rows: RowLayout, ref_rows: RowLayout, live: torch.Tensor | 
     splits, chunk = vocab_splits(rows.n_rows, vocab, rows.tensor.device)
     if splits == 1:
         return None
+    return _row_states(rows, ref_rows, live, temperature, has_ref, ref_aligned, splits, chunk)
+
+
+def row_states_fwd(logits: torch.Tensor, ref_logits: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """Float32 (N_STATES, N) online-softmax states of each row of logits (..., V) (and of
+    ref_logits, for the exact KL): kernels/_common.py, row_states, of the whole row. Rows of a
+    vocabulary shard merge with other shards' states (rlops/vocab_parallel.py)."""
+    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+    if not rows.n_rows:
+        return torch.empty((N_STATES, 0), dtype=torch.float32, device=logits.device)
+    ref_aligned = ref_logits is None or same_alignment(rows, ref_rows)
+    parts = _row_states(rows, ref_rows, None, temperature, ref_logits is not None, ref_aligned, 1, logits.shape[-1])
+    return parts[:, 0]
+
+
+def _row_states(rows: RowLayout, ref_rows: RowLayout, live: torch.Tensor | None, temperature: float,
+                has_ref: bool, ref_aligned: bool, splits: int, chunk: int) -> torch.Tensor:
+    vocab = rows.tensor.shape[-1]
     parts = torch.empty((N_STATES, splits, rows.n_rows), dtype=torch.float32, device=rows.tensor.device)
     _row_states_kernel[(rows.n_rows, splits)](
         # data pointers

@@ -1,0 +1,129 @@
+"""Vocabulary-parallel token statistics (rlops/vocab_parallel.py) on 2 and 4 CPU processes (gloo).
+
+Every rank builds the same full-vocabulary logits, keeps its shard, and checks the
+vocabulary-parallel statistics and the gradient of its shard against the float64 oracle on the
+full vocabulary, on the Triton (interpreter) and PyTorch backends: equal shards and unequal
+ones (vocab_start), the exact KL, -inf logits, a NaN logit, and verl's Megatron-path drop-ins
+(rlops.integrations.megatron). It also counts the bytes each call
+all-gathers: 8 floats per token and rank, the same at two vocabulary sizes (and shardings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TOL = 2e-5  # float32 statistics of a few hundred logits against float64
+
+
+def _oracle(x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor, tau: float, g: torch.Tensor) -> dict:
+    """float64 logp, entropy, exact KL of the full rows and d(g . stats)/dx, by autograd."""
+    from rlops import reference
+
+    x = x.double().requires_grad_(True)
+    logp, entropy, kl = reference.token_stats_with_kl(x, tokens, y.double(), tau)
+    (g[0] * logp + g[1] * entropy + g[2] * kl).sum().backward()
+    return {"logp": logp.detach(), "entropy": entropy.detach(), "kl": kl.detach(), "grad": x.grad}
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    finite = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), finite):
+        return float("inf")
+    return float((a.double() - b.double())[finite].abs().max()) if finite.any() else 0.0
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    import rlops.vocab_parallel as vp
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    sent = []
+    gather = vp._all_gather
+
+    def counting(output, tensor, *args, **kwargs):
+        sent.append(tensor.numel() * tensor.element_size())
+        return gather(output, tensor, *args, **kwargs)
+
+    vp._all_gather = counting  # every collective of the op goes through here
+    results = {}
+    gen = torch.Generator().manual_seed(0)
+    for vocab, sizes in ((64 * world, None), (40 * world, [40 + 16 * (r % 2) - 8 for r in range(world)])):
+        x = torch.randn(2, 3, vocab, generator=gen) * 3
+        y = x + torch.randn(2, 3, vocab, generator=gen)
+        x[0, 1, 5] = float("-inf")  # a masked vocabulary entry
+        tokens = torch.randint(0, vocab, (2, 3), generator=gen)
+        tokens[0, 0], tokens[1, 2] = 0, vocab - 1
+        g = torch.randn(3, 2, 3, generator=gen)
+        want = _oracle(x, y, tokens, 0.7, g)
+        shard_sizes = [vocab // world] * world if sizes is None else sizes
+        bounds = [sum(shard_sizes[:r]) for r in range(world + 1)]
+        lo, hi = bounds[rank], bounds[rank + 1]
+        for backend in ("triton", "torch"):
+            shard = x[..., lo:hi].clone().requires_grad_(True)
+            spec = vp.check_vocab_parallel(shard, tokens, dist.group.WORLD, None if sizes is None else lo, backend,
+                                           y[..., lo:hi])
+            sent.clear()
+            stats = vp.token_stats(shard, tokens, spec, 0.7, backend, y[..., lo:hi])
+            (g * stats[:3]).sum().backward()
+            key = f"V={vocab}{'' if sizes is None else ' unequal'}/{backend}"
+            results[key] = {
+                "logp": _err(stats[0], want["logp"]), "entropy": _err(stats[1], want["entropy"]),
+                "kl": _err(stats[2], want["kl"]), "grad": _err(shard.grad, want["grad"][..., lo:hi]),
+                "bytes": sum(sent),
+            }
+    # NaN in: a NaN logit in any shard gives NaN statistics for its row, on every rank.
+    x = torch.randn(1, 2, 8 * world, generator=gen)
+    x[0, 1, 8 * world - 1] = float("nan")
+    shard = x[..., 8 * rank:8 * (rank + 1)]
+    tokens = torch.tensor([[1, 2]])
+    for backend in ("triton", "torch"):
+        spec = vp.check_vocab_parallel(shard, tokens, dist.group.WORLD, None, backend)
+        stats = vp.token_stats(shard, tokens, spec, 1.0, backend)
+        results[f"nan/{backend}"] = {"row0_finite": bool(torch.isfinite(stats[:2, 0, 0]).all()),
+                                     "row1_nan": bool(torch.isnan(stats[:2, 0, 1]).all())}
+    # verl's Megatron-path drop-ins on the same group (rlops.integrations.megatron).
+    from rlops import reference
+    from rlops.integrations import megatron
+
+    x = torch.randn(2, 3, 16 * world, generator=gen, dtype=torch.float64) * 2
+    tokens = torch.randint(0, 16 * world, (2, 3), generator=gen)
+    full = x.clone().requires_grad_(True)
+    want_logp, want_entropy = reference.token_logprobs_and_entropy(full, tokens)
+    (want_logp.sum() + 2 * want_entropy.sum()).backward()
+    shard = x[..., 16 * rank:16 * (rank + 1)].float().requires_grad_(True)
+    logp = megatron.vocab_parallel_log_probs_from_logits(shard, tokens, group=dist.group.WORLD)
+    entropy = megatron.vocab_parallel_entropy(shard, group=dist.group.WORLD)
+    (logp.sum() + 2 * entropy.sum()).backward()
+    results["megatron"] = {"logp": _err(logp, want_logp), "entropy": _err(entropy, want_entropy), "kl": 0.0,
+                           "grad": _err(shard.grad, full.grad[..., 16 * rank:16 * (rank + 1)]), "bytes": 8 * 4 * 6}
+    Path(out, f"{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_stats_and_grads_equal_the_full_vocabulary(tmp_path: Path, world: int) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        results = json.loads((tmp_path / f"{rank}.json").read_text())
+        for key, r in results.items():
+            if key.startswith("nan/"):
+                assert r == {"row0_finite": True, "row1_nan": True}, (rank, key, r)
+                continue
+            for what in ("logp", "entropy", "kl", "grad"):
+                assert r[what] <= TOL, (rank, key, what, r[what])
+            # 8 float32 per token (6 of them the online-softmax state), whatever V: O(N), not O(V).
+            assert r["bytes"] == 8 * 4 * 6, (rank, key, r["bytes"])
+
+
+def test_megatron_drop_ins_need_a_group_without_megatron() -> None:
+    from rlops.integrations import megatron
+
+    with pytest.raises(ValueError, match="pass group="):
+        megatron.vocab_parallel_entropy(torch.zeros(2, 4))
