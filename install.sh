@@ -9,3 +9,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! "$PYTHON" -c "import torch" >/de
     "$PYTHON" -m pip install "torch==2.13.0"
 fi
 "$PYTHON" -m pip install -e ".[test]"
+# verl 0.9.1 for the parity tests against verl's own functions (tests/test_estimators.py), without its
+# dependencies (ray, vLLM, ...), which those functions do not use: the tests stand in for ray, tensordict
+# and orjson where they are missing (tests/verl_standins).
+"$PYTHON" -m pip install --no-deps "verl==0.9.1" omegaconf "antlr4-python3-runtime==4.9.3" codetiming

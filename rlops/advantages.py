@@ -116,6 +116,7 @@ def group_advantages(
     eps: float = 1e-6,
     cu_seqlens: Tensor | None = None,
     num_tokens: int | None = None,
+    singleton: str = "zero",
 ) -> Tensor:
     """GRPO's group-relative advantage of each response: (R_i - mean_g) / (std_g + eps).
 
@@ -136,9 +137,12 @@ def group_advantages(
         num_tokens: N, the packed batch's token count (cu_seqlens[-1]), or None. Only per-sequence
             packed rewards need it (it is the output's size): without it, N is read back from
             cu_seqlens[-1], a device-to-host sync on a GPU. Token-level rewards give N themselves.
+        singleton: a group of one response: "zero" (SPEC.md: advantage 0) or "score" (verl's
+            compute_grpo_outcome_advantage: mean 0 and std 1, so R / (1 + eps), or R without
+            scale_by_std).
 
     Returns:
-        float32 (B,). A group of one response gets 0. Packed: float32 (N,), each token the
+        float32 (B,). A group of one response gets 0 (singleton="zero"). Packed: float32 (N,), each token the
         advantage of its sequence (verl's scores broadcast over (B, T); multiply by the response
         mask for zeros on the prompt tokens).
 
@@ -153,35 +157,61 @@ def group_advantages(
         raise ValueError(f"rewards must be a floating-point (B,) or (B, 1) tensor, got {rewards.dtype} "
                          f"{tuple(rewards.shape)}")
     r = rewards.detach().reshape(-1).to(torch.float32)
-    n = r.shape[0]
     what = "(B,)" if layout is None else "(S,)"
+    ids, n_groups = group_index(r.shape[0], group_size, group_ids, r, what,
+                                "rewards" if layout is None else "sequences")
+    eps = check_float("eps", eps, ge=0.0)
+    check_choice("singleton", singleton, SINGLETONS)
+    centered = group_scores(r, ids, n_groups, eps=eps, scale_by_std=scale_by_std, singleton=singleton)
+    return centered if layout is None else layout.per_token(centered)
+
+
+SINGLETONS = ("zero", "score")
+
+
+def group_index(n: int, group_size: int | None, group_ids: Tensor | None, like: Tensor, what: str = "(B,)",
+                items: str = "rewards", like_name: str = "rewards") -> tuple[Tensor, int]:
+    """The group of each of n items as dense int64 ids (n,) and the number of id slots (at most n).
+
+    group_size: groups of G consecutive items; group_ids: (n,) integer labels of any values and
+    order, mapped once to dense ranks by a sort (no read-back of the number of groups: a slot may
+    stay empty). Exactly one of the two. Nothing is read back from the device."""
     if (group_size is None) == (group_ids is None):
         raise ValueError("give exactly one of group_size (consecutive groups) and group_ids")
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
         if n % group_size:
-            raise ValueError(f"group_size {group_size} does not divide the batch of {n} "
-                             f"{'rewards' if layout is None else 'sequences'}")
-        ids = torch.arange(n, device=r.device) // group_size
-        n_groups = n // group_size
-    else:
-        ids = check_tensor("group_ids", group_ids)
-        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or ids.shape != (n,):
-            raise ValueError(f"group_ids must be an integer {what} = ({n},) tensor, got {ids.dtype} "
-                             f"{tuple(ids.shape)}")
-        if ids.device != r.device:
-            raise ValueError(f"group_ids is on {ids.device} but rewards is on {r.device}")
-        ids, n_groups = _dense_ids(ids), n  # at most n groups: slots of absent groups stay empty
-    eps = check_float("eps", eps, ge=0.0)
-    count = torch.zeros(n_groups, device=r.device).index_add_(0, ids, torch.ones_like(r))
-    mean = torch.zeros(n_groups, device=r.device).index_add_(0, ids, r) / count.clamp(min=1)
+            raise ValueError(f"group_size {group_size} does not divide the batch of {n} {items}")
+        return torch.arange(n, device=like.device) // group_size, n // group_size
+    ids = check_tensor("group_ids", group_ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or ids.shape != (n,):
+        raise ValueError(f"group_ids must be an integer {what} = ({n},) tensor, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.device != like.device:
+        raise ValueError(f"group_ids is on {ids.device} but {like_name} is on {like.device}")
+    return _dense_ids(ids), n  # at most n groups: slots of absent groups stay empty
+
+
+def group_sum(x: Tensor, ids: Tensor, n_groups: int) -> Tensor:
+    """Per-group sums (n_groups, *x.shape[1:]) of x (n, ...) by dense ids (n,): one index_add."""
+    return x.new_zeros((n_groups, *x.shape[1:])).index_add_(0, ids, x)
+
+
+def group_scores(r: Tensor, ids: Tensor, n_groups: int, *, eps: float, scale_by_std: bool,
+                 singleton: str) -> Tensor:
+    """(r - mean_g) / (std_g + eps) (std unbiased) of r (n,) or (n, K), each column on its own; a group of
+    one: 0 (singleton "zero") or, as verl, mean 0 and std 1 ("score"). r's dtype."""
+    count = group_sum(torch.ones_like(r), ids, n_groups)
+    mean = group_sum(r, ids, n_groups) / count.clamp(min=1)
+    alone = count[ids] <= 1
+    if singleton == "score":
+        mean = torch.where(count > 1, mean, 0.0)
     centered = r - mean[ids]
     if scale_by_std:
-        sq = torch.zeros(n_groups, device=r.device).index_add_(0, ids, centered * centered)
-        std = torch.where(count > 1, sq / (count - 1).clamp(min=1), 0.0).sqrt()
+        sq = group_sum(torch.where(alone, 0.0, centered * centered), ids, n_groups)
+        std = torch.where(count > 1, sq / (count - 1).clamp(min=1), 1.0 if singleton == "score" else 0.0).sqrt()
         centered = centered / (std[ids] + eps)
-    return centered if layout is None else layout.per_token(centered)
+    return torch.where(alone, 0.0, centered) if singleton == "zero" else centered
 
 
 def _dense_ids(ids: Tensor) -> Tensor:

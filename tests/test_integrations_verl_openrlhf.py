@@ -69,8 +69,8 @@ def _value_and_grad(fn, x: torch.Tensor, *args, **kwargs):
 # ------------------------------------------------------------------------------------------
 
 
-def verl_masked_mean(values, mask, axis=None):
-    return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+def verl_masked_mean(values, mask, axis=None):  # verl/utils/torch_functional.py: masked_sum, then + 1e-8
+    return (torch.where(mask.bool(), values, 0.0) * mask).sum(axis=axis) / (mask.sum(axis=axis) + 1e-8)
 
 
 def verl_masked_whiten(values, mask):

@@ -47,8 +47,8 @@ from .. import hf
 from .._validation import (
     check_choice,
     check_logits,
-    check_mask,
     check_positive_float,
+    check_same_device,
     check_shape,
     check_tensor,
     check_token_ids,
@@ -74,11 +74,13 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
                           row_mask: Tensor | None = None, *, backend: str = "auto") -> Tensor:
     """TRL's `selective_log_softmax`: log_softmax(logits / temperature) gathered at `index`.
 
-    logits (..., V); index (...) or (..., K) integer ids in [0, V); row_mask of index's shape
-    (or, with K ids per row, logits' leading shape (...)): entries with 0 return 0 (rows that
-    are 0 are not read). Float32 output of index's shape, differentiable. One index per row
-    runs the fused kernel; K indices per row fall back to a chunked PyTorch evaluation.
-    backend: as `rlops.token_logprobs`.
+    logits (..., V); index (...) or (..., K) integer ids in [0, V); row_mask of index's shape, (...)
+    or (..., K) as TRL 1.16's (or, with K ids per row, also logits' leading shape (...), one flag per
+    row), of any dtype: as TRL's `masked_fill(row_mask == 0, 0.0)`, an entry where row_mask == 0
+    returns 0 and any other value (2, 0.5, NaN) counts. Rows that are 0 are not read. Float32 output
+    of index's shape (TRL's eager path keeps bf16/fp16 logits' dtype; its Triton path, as here,
+    float32), differentiable. One index per row runs the fused kernel; K indices per row fall back
+    to a chunked PyTorch evaluation. backend: as `rlops.token_logprobs`.
     """
     from ..ops.token_stats import _prepare
 
@@ -100,12 +102,14 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
 
 
 def _row_mask(row_mask: Tensor | None, index: Tensor, shapes: list[tuple[int, ...]]) -> Tensor | None:
-    """TRL's row_mask as bool, checked against the shapes it may have (index's first)."""
+    """TRL's row_mask as bool, row_mask != 0 (TRL masks where row_mask == 0, whatever the other values),
+    checked against the shapes it may have (index's first) and index's device. Reads no value back."""
     if row_mask is None:
         return None
     row_mask = check_tensor("row_mask", row_mask)
     check_shape("row_mask", row_mask, shapes, " or ".join(map(str, shapes)) + " (index's shape)")
-    return check_mask(row_mask, tuple(row_mask.shape), index, "row_mask", "index")
+    check_same_device("row_mask", row_mask, index, "index")
+    return row_mask if row_mask.dtype == torch.bool else row_mask != 0
 
 
 def _select_k(logits: Tensor, index: Tensor, temperature: float, row_mask: Tensor | None) -> Tensor:
