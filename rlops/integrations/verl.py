@@ -27,6 +27,10 @@ back (verl/workers/utils/losses.py: ppo_loss calls no_padding_2_padding) before 
 losses, agg_loss and kl_penalty, which verl only ever calls on padded (bsz, response_length)
 tensors; their drop-ins take that padded layout only.
 
+verl's Megatron path (logits split over the vocabulary across tensor-parallel ranks):
+`vocab_parallel_log_probs_from_logits` and `vocab_parallel_entropy`, from
+rlops.integrations.megatron.
+
 The biggest win in verl is to compute the whole actor loss from the logits in one call,
 `rlops.policy_loss(logits, responses, advantages, mask=response_mask, ...)`; these drop-ins
 keep verl's structure for callers who want to swap one function at a time.
@@ -46,6 +50,7 @@ from ..advantages import gae, masked_whiten
 from ..constants import ROW, SEQ_LOG_RATIO_MAX
 from ..ops.token_stats import token_logprobs_and_entropy, token_stats_op
 from ..packing import Layout
+from .megatron import vocab_parallel_entropy, vocab_parallel_log_probs_from_logits
 
 CLIP_RATIO_C = 3.0  # verl's default dual-clip bound
 
@@ -577,4 +582,6 @@ __all__ = [
     "get_policy_loss_fn",
     "kl_penalty",
     "logprobs_from_logits",
+    "vocab_parallel_entropy",
+    "vocab_parallel_log_probs_from_logits",
 ]
