@@ -21,6 +21,11 @@ KEYWORD_ENTRY_POINTS = {
     "rlops/baselines.py": {"trl_grpo_loss", "verl_actor_loss"},
     "rlops/integrations/openrlhf.py": {"__init__"},  # openrlhf.models.loss.PolicyLoss.__init__
     "rlops/integrations/verl.py": {"compute_policy_loss"},  # verl.trainer.ppo.core_algos.compute_policy_loss
+    # verl's estimators with verl's signatures (core_algos.py), and the private call they share
+    "rlops/integrations/verl_advantages.py": {
+        "compute_gdpo_outcome_advantage", "compute_optimal_token_baseline_advantage",
+        "compute_multi_turn_optimal_token_baseline_advantage"},
+    "rlops/estimators.py": {"optimal_token_baseline_advantages"},  # its keywords: verl's options
 }
 
 
