@@ -59,13 +59,19 @@ def _resident_programs(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count * CTAS_PER_SM
 
 
+def resident_programs(device: torch.device) -> int:
+    """Vocabulary-streaming programs the GPU of `device` holds at once (SMs x CTAS_PER_SM): one
+    wave. 0 on a CPU (unless FORCED_PROGRAMS)."""
+    if FORCED_PROGRAMS is not None:
+        return FORCED_PROGRAMS
+    return _resident_programs(device.index or 0) if device.type == "cuda" else 0
+
+
 def vocab_splits(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """(splits, chunk): programs per row and the body elements each streams (a multiple of 16;
     MAX_BLOCK_V once that large). (1, vocab) when the rows alone fill the GPU, on a CPU, or when
     the vocabulary is too small to split."""
-    programs = FORCED_PROGRAMS
-    if programs is None:
-        programs = _resident_programs(device.index or 0) if device.type == "cuda" else 0
+    programs = resident_programs(device)
     splits = 1
     while (splits < MAX_SPLITS and n_rows * splits * 2 <= programs
            and vocab >= 2 * splits * SPLIT_MIN_LOGITS):

@@ -114,3 +114,17 @@ def test_policy_loss_split_matches_unsplit(split, kl: str) -> None:
     assert_values_close(loss.double(), want.loss)
     assert_values_close(loss, loss_unsplit, tol=4 * FP32_TOL)
     assert_values_close(grad, grad_unsplit, tol=4 * FP32_TOL)
+
+
+def test_fused_linear_chunks_are_whole_waves() -> None:
+    """The fused-linear loss's default chunk holds whole waves of the vocabulary kernels (an H200:
+    1056 programs): rounded down from the 256 MiB buffer target, or up to one wave where that at
+    most doubles the buffers; unchanged on a CPU (no wave)."""
+    from rlops.ops.linear_policy_loss import default_chunk_rows
+
+    qwen = (16384, 4096, 151936, 2, False)  # rows, hidden, vocab, bf16, no reference
+    assert default_chunk_rows(*qwen) == 838  # 256 MiB of (V + 2H) bf16 rows
+    assert default_chunk_rows(*qwen, 1056) == 1056  # 0.79 of a wave -> one wave (+26% buffers)
+    assert default_chunk_rows(16384, 4096, 32000, 2, False, 1056) == 3 * 1056  # 3.16 waves -> 3
+    assert default_chunk_rows(500, 4096, 151936, 2, False, 1056) == 500  # the whole batch
+    assert default_chunk_rows(16384, 8192, 262144, 2, True, 1056) == 248  # a wave would be 4x: small N splits
