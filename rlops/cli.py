@@ -42,7 +42,8 @@ def _add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = option(f.name)
-        help_ = HELP[f.name] if "(default:" in HELP[f.name] else f"{HELP[f.name]} (default: %(default)s)"
+        text = HELP.get(f.name) or f.metadata["help"]  # a field's own help where cli_help has none (fsdp)
+        help_ = text if "(default:" in text else f"{text} (default: %(default)s)"
         kind = hints[f.name]
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
@@ -140,7 +141,7 @@ def _train_one(args: argparse.Namespace, config: Any) -> int:
     if args.model is not None:
         model, tokenizer = load_pretrained(args.model, device, progress=config.progress)
     elif args.kind in ("grpo", "ppo"):
-        cold = {k: getattr(config, k) for k in ("seed", "device", "progress", "resume")}
+        cold = {k: getattr(config, k) for k in ("seed", "device", "progress", "resume", "fsdp")}
         from .trainers import SFTConfig
 
         model = cold_start(out / "sft", demos, heldout, SFTConfig(steps=args.sft_steps, **cold))

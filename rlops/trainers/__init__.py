@@ -2,7 +2,7 @@
 GRPO and PPO, and the R1-style pipeline on a built-in arithmetic task (`rlops train ...`).
 
 Each trainer takes a model, a tokenizer, its data and a config dataclass, and runs in one
-process or under torchrun (DDP) unchanged.
+process or under torchrun (DDP, or FSDP2 with fsdp=True) unchanged.
 """
 
 from .base import TrainConfig

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ from .processes import Processes, seed_everything
 from .rollout import PolicyForward, Rollout, Task, Tokenizer, enable_checkpointing, evaluate, minibatches, sample
 from .runlog import RunLog, read_metrics
 
+FSDP_HELP = ("under torchrun, shard the models, gradients and optimizer states over the processes (FSDP2's "
+             "fully_shard) instead of replicating them (DDP): the same step; with one process it changes nothing")
+
 
 @dataclass
 class TrainConfig:
@@ -54,6 +57,8 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints (and one at the end)
     resume: bool = True  # continue from out_dir/checkpoint when it exists
     progress: bool = True  # a progress bar on rank 0
+    # Under torchrun: FSDP2 (fully_shard) instead of DDP, the same step (processes.py); one process: no effect.
+    fsdp: bool = field(default=False, metadata={"help": FSDP_HELP})
 
     def __post_init__(self) -> None:
         for name in ("steps", "save_every"):
@@ -127,11 +132,12 @@ def check_choice(config: Any, name: str, choices: Sequence[str]) -> None:
 
 
 def clip_and_step(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-    """Clips the gradient norm, steps, zeroes the gradients; returns the norm before clipping."""
+    """Clips the gradient norm, steps, zeroes the gradients; returns the norm before clipping (of
+    the whole gradient: over FSDP's shards the norm is a replicated DTensor, all-reduced)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 @contextlib.contextmanager
@@ -152,10 +158,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.procs = Processes(config.device)
+        self.procs = Processes(config.device, config.fsdp)
         seed_everything(config.seed + self.procs.rank)
         self.out_dir = None if config.out_dir is None else Path(config.out_dir)
-        self.checkpoint = Checkpoint(self.out_dir)
+        self.checkpoint = Checkpoint(self.out_dir, self.procs)
         self.step_count = 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.stage: Callable[[str], contextlib.AbstractContextManager[None]] = no_stage
@@ -221,21 +227,23 @@ class Trainer:
         return time.perf_counter() - self.clock_start
 
     def save(self) -> None:
-        """The checkpoint (rank 0), with the training time so far."""
-        if self.procs.main and self.out_dir is not None:
+        """The checkpoint, with the training time so far (every rank: each gives its RNG states, and
+        with FSDP writes its shards; rank 0 writes the rest)."""
+        if self.out_dir is not None:  # returns on every rank once the checkpoint is complete
             self.checkpoint.save(self.step_count, self.models(), self.optimizers, self.config,
                                  extra={"train_seconds": self.train_seconds()})
-        self.procs.barrier()
 
     def finish(self) -> None:
         """The final models under out_dir, then the mark that the run is finished, with its
-        training time (rank 0): a run killed before the mark redoes both when started again.
+        training time: a run killed before the mark redoes both when started again. Every rank
+        calls save_final (a model sharded by FSDP is gathered collectively), rank 0 writes.
         transformers' "Writing model shards" bar follows the progress setting, and like ours
         shows only on a terminal."""
-        if self.procs.main and self.out_dir is not None:
+        if self.out_dir is not None:
             with transformers_progress(self.config.progress):
                 self.save_final(self.out_dir)
-            mark_finished(self.out_dir, self.step_count, self.train_seconds())
+            if self.procs.main:
+                mark_finished(self.out_dir, self.step_count, self.train_seconds())
         self.procs.barrier()
 
     def logged_metrics(self) -> dict[str, float]:
@@ -270,13 +278,16 @@ class RLTrainer(Trainer):
         self.tokenizer, self.task, self.items, self.eval_items = tokenizer, task, list(items), list(eval_items)
         self.model = model.to(self.procs.device)
         self.reference = None
-        if config.kl_coef > 0:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if config.kl_coef > 0:  # frozen; with fsdp sharded at once (DDP leaves it whole), so one copy is whole
+            self.reference = self.procs.shard(copy.deepcopy(self.model).eval().requires_grad_(False))
         if config.packing:  # before anything trains on a layout the model would get wrong
             check_packing(self.model, "policy")
         if config.gradient_checkpointing:
             enable_checkpointing(self.model)
-        self.policy = self.procs.wrap(PolicyForward(self.model, logits=config.loss_impl != "fused-linear"))
+        # With fsdp the policy is sharded in place here: whatever copies it (the reference above, PPO's
+        # critic's decoder) is copied before.
+        self.policy = self.procs.wrap(PolicyForward(self.model, logits=config.loss_impl != "fused-linear"),
+                                      root=self.model)
 
     def prompts(self, step: int) -> list[Any]:
         rng = self.batch_rng(step)
@@ -292,10 +303,14 @@ class RLTrainer(Trainer):
         """Per-token log-probs (B, T) of the completions under model, no gradient, by loss_impl."""
         if not self.config.packing:
             forward = PolicyForward(model, logits=self.config.loss_impl != "fused-linear")
-            return self._token_logprobs(forward(rollout.input_ids, rollout.attention_mask,
-                                                rollout.completion_ids.shape[1]), rollout.completion_ids)
-        return self.packed_pass(rollout, lambda p: self._token_logprobs(self._packed_forward(model, p),
-                                                                        p.completion_ids))
+            out = self._token_logprobs(forward(rollout.input_ids, rollout.attention_mask,
+                                               rollout.completion_ids.shape[1]), rollout.completion_ids)
+        else:
+            out = self.packed_pass(rollout, lambda p: self._token_logprobs(self._packed_forward(model, p),
+                                                                           p.completion_ids))
+        if model is self.reference:  # frozen: with FSDP, nothing of it stays gathered until the next step
+            self.procs.release(model)
+        return out
 
     def _packed_forward(self, model: nn.Module, packed: PackedRollout) -> tuple[Tensor | None, ...]:
         """PolicyForward's outputs (1, R, ...) for the completions of a packed rollout under model."""

@@ -18,6 +18,7 @@ completions' tokens packed; the reward model and GAE stay on the padded (B, T) l
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,14 +79,18 @@ class PPOTrainer(RLTrainer):
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, task: Task, items: Sequence[Any], config: PPOConfig,
                  eval_items: Sequence[Any] = (), reward_model: ValueModel | None = None,
                  critic: ValueModel | None = None) -> None:
+        # The critic's decoder is copied before RLTrainer shards the policy in place (fsdp); its head is
+        # made below, after the seeding, as ValueModel.from_causal_lm would.
+        decoder = None if critic is not None else copy.deepcopy(model.get_decoder())
         super().__init__(model, tokenizer, task, items, config, eval_items)
         device = self.procs.device
-        self.critic = (critic or ValueModel.from_causal_lm(self.model)).to(device)
+        self.critic = (critic or ValueModel(decoder.to(device))).to(device)
         if config.packing:
             check_packing(self.critic, "critic")
         if config.gradient_checkpointing:
             enable_checkpointing(self.critic.decoder)
-        self.reward_model = None if reward_model is None else reward_model.to(device).eval().requires_grad_(False)
+        self.reward_model = None if reward_model is None else \
+            self.procs.shard(reward_model.to(device).eval().requires_grad_(False))
         self.critic_ddp = self.procs.wrap(self.critic)
         self.optimizers = {
             "policy": torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
@@ -99,7 +104,9 @@ class PPOTrainer(RLTrainer):
         if self.reward_model is None:
             return torch.tensor([self.task.reward(t, x) for t, x in zip(rollout.texts, items, strict=True)],
                                 device=self.procs.device)
-        return self.reward_model.score(rollout.input_ids, rollout.attention_mask)
+        scores = self.reward_model.score(rollout.input_ids, rollout.attention_mask)
+        self.procs.release(self.reward_model)  # frozen: with FSDP, nothing of it stays gathered
+        return scores
 
     def step(self) -> dict[str, float]:
         cfg = self.config

@@ -28,7 +28,7 @@ from . import arithmetic, atomic
 from .base import check_positive, check_seed
 from .checkpoint import finished_info, is_finished, load_pretrained
 from .grpo import GRPOConfig, GRPOTrainer
-from .processes import Processes, seed_everything
+from .processes import Processes, is_sharded, seed_everything
 from .rollout import Task, evaluate, sample
 from .runlog import plot_metrics, read_metrics
 from .sft import SFTConfig, SFTTrainer
@@ -75,7 +75,9 @@ def _load(directory: Path, device: torch.device, progress: bool) -> torch.nn.Mod
 def cold_start(out: Path, demos: list[arithmetic.Problem], heldout: list[arithmetic.Problem], config: SFTConfig,
                hidden_size: int = 128, layers: int = 3) -> torch.nn.Module:
     """A fresh small model after SFT on demos' solutions, trained into out (or loaded from out/model
-    when that stage has finished)."""
+    when that stage has finished). With config.fsdp under torchrun the SFT shards the model in
+    place; the saved model/ (the same weights, gathered) is returned instead, whole, for the next
+    trainer to copy and shard."""
     from transformers import LlamaForCausalLM
 
     procs = Processes(config.device)
@@ -86,7 +88,7 @@ def cold_start(out: Path, demos: list[arithmetic.Problem], heldout: list[arithme
     model = LlamaForCausalLM(arithmetic.tiny_model_config(tokenizer, hidden_size, layers))
     SFTTrainer(model, tokenizer, [(p.prompt, p.solution) for p in demos], replace(config, out_dir=str(out)), TASK,
                heldout).train()
-    return model
+    return _load(out / "model", procs.device, config.progress) if is_sharded(model) else model
 
 
 def rejection_samples(model: torch.nn.Module, tokenizer: arithmetic.CharTokenizer, problems: list[Any], samples: int,

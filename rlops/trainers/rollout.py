@@ -8,12 +8,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import hf
+from .processes import is_sharded
 
 Item = TypeVar("Item")
 
@@ -45,7 +47,8 @@ class Task(Generic[Item]):
 class PolicyForward(nn.Module):
     """A causal LM whose forward returns what a policy loss reads for the completion: (hidden,
     weight, bias) for rlops' fused-linear ops, or (logits,). This is what DDP wraps, so the
-    decoder's and the head's gradients are averaged across processes."""
+    decoder's and the head's gradients are averaged across processes; with FSDP the model inside
+    is sharded instead and this module stays plain (Processes.wrap)."""
 
     def __init__(self, model: nn.Module, logits: bool = False) -> None:
         super().__init__()
@@ -61,7 +64,7 @@ class PolicyForward(nn.Module):
             if self.logits:
                 return (self.model(input_ids=input_ids, position_ids=positions, logits_to_keep=completion_len,
                                    use_cache=False).logits,)
-            inputs = hf.lm_head_inputs(self.model, input_ids, None, position_ids=positions, use_cache=False)
+            inputs = lm_head_inputs(self.model, input_ids, None, position_ids=positions, use_cache=False)
             return inputs.hidden[:, completion_len], inputs.weight, inputs.bias
         positions = position_ids(attention_mask)
         if self.logits:
@@ -69,9 +72,41 @@ class PolicyForward(nn.Module):
             out = self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                              position_ids=positions[:, :-1], logits_to_keep=completion_len, use_cache=False)
             return (out.logits,)
-        inputs = hf.lm_head_inputs(self.model, input_ids, attention_mask, logits_to_keep=completion_len,
-                                   position_ids=positions, use_cache=False)
+        inputs = lm_head_inputs(self.model, input_ids, attention_mask, logits_to_keep=completion_len,
+                                position_ids=positions, use_cache=False)
         return inputs.hidden, inputs.weight, inputs.bias
+
+
+# The forward method registered on a causal LM sharded by FSDP2 (see lm_head_inputs).
+HEAD_STATES = "rlops_head_states"
+
+
+def lm_head_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *,
+                   logits_to_keep: int | None = None, **kwargs: Any) -> hf.LMHeadInputs:
+    """hf.lm_head_inputs(model, ...), also for a model sharded by FSDP2 (Processes.shard). FSDP gathers
+    the parameters outside the decoder layers (embeddings, final norm, the lm_head weight the fused
+    loss reads) only around a forward of the model itself, and calling the decoder alone is not one:
+    for a sharded model the decoder and the head are reached through a method registered as a
+    forward of the model (once, on first use; every rank makes the same calls)."""
+    if not is_sharded(model):
+        return hf.lm_head_inputs(model, input_ids, attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+    if HEAD_STATES not in vars(model):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        setattr(model, HEAD_STATES, MethodType(_head_states, model))
+        register_fsdp_forward_method(model, HEAD_STATES)
+    hidden, weight, bias = getattr(model, HEAD_STATES)(input_ids, attention_mask, **kwargs)
+    hidden = hidden[:, :-1] if logits_to_keep is None else hidden[:, -logits_to_keep - 1:-1]
+    return hf.LMHeadInputs(hidden, weight, bias)
+
+
+def _head_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                 **kwargs: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The decoder's last hidden states (B, L, H), whole, and the lm_head's weight and bias: what
+    hf.lm_head_inputs reads, before its slicing (FSDP warns of a forward's outputs that are views)."""
+    head = hf.lm_head(model)
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state, head.weight, head.bias
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -144,7 +179,11 @@ def completion_mask(ids: Tensor, eos_id: int | None) -> Tensor:
 @torch.no_grad()
 def sample(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
            temperature: float = 1.0, greedy: bool = False) -> Rollout:
-    """Completions of prompts by model.generate (sampling at temperature, or greedy)."""
+    """Completions of prompts by model.generate (sampling at temperature, or greedy).
+
+    A model sharded by FSDP2 gathers its layers in every forward, collectively: each rank then
+    keeps taking (discarded) forwards until every rank's sequences have ended (synced_gpus), rather
+    than stop early and leave the others waiting; the samples are the ones it would draw alone."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -152,7 +191,8 @@ def sample(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], *, ma
     kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0,
                                                   "top_p": 1.0}
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id, **kwargs)
+                         pad_token_id=pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         synced_gpus=is_sharded(model), **kwargs)
     model.train(was_training)
     completion = out[:, prompt_ids.shape[1]:]
     if completion.shape[1] == 0:

@@ -46,7 +46,7 @@ class SFTTrainer(Trainer):
         super().__init__(config)
         self.tokenizer, self.examples, self.task, self.eval_items = tokenizer, list(examples), task, list(eval_items)
         self.model = model.to(self.procs.device)
-        self.policy = self.procs.wrap(PolicyForward(self.model))
+        self.policy = self.procs.wrap(PolicyForward(self.model), root=self.model)
         self.optimizers = {"optimizer": torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                                           weight_decay=config.weight_decay)}
 

@@ -36,7 +36,9 @@ class ValueModel(nn.Module):
         if positions is None:
             positions = position_ids(attention_mask)
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-        return self.head(out.last_hidden_state).squeeze(-1).float()
+        # A new tensor, not a view of the head's output: FSDP2 warns of a sharded module's outputs that
+        # are views (an in-place op on one would skip its backward hook). B x L floats, no new values.
+        return self.head(out.last_hidden_state).squeeze(-1).to(torch.float32, copy=True)
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B,) the value at each row's last attended token: the reward model's score."""
@@ -49,11 +51,13 @@ class ValueModel(nn.Module):
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         return torch.where(attention_mask.bool(), positions, -1).amax(-1).clamp(min=0)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """The decoder's config and the weights (state_dict: these instead of the module's own, as
+        transformers' save_pretrained takes them; a model sharded by FSDP gives its gathered ones)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        torch.save(self.state_dict(), directory / "value_model.pt")
+        torch.save(self.state_dict() if state_dict is None else state_dict, directory / "value_model.pt")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> ValueModel:
