@@ -301,6 +301,10 @@ def _header(run: dict[str, Any]) -> str:
     """The table's first line: where and what ran, and the machine's measured rates (or why there are none)."""
     where = (f"Device: {run['device']} | commit {run['commit']} | {run['date']} | torch {run['torch']} | "
              f"triton {run['triton']}")
+    host = run.get("host_overhead") or {}
+    if host.get("rlops_us") is not None:  # bench/host_overhead.py: the policy loss's host time per call
+        liger = "" if host.get("liger_us") is None else f", Liger {host['liger_us']:.0f} us"
+        where += f" | host time per policy-loss fwd+bwd: rlops {host['rlops_us']:.0f} us{liger}"
     if run.get("note"):
         return f"{where} | {run['note']}"
     return (f"{where} | copy bandwidth {run['copy_bandwidth_gbps']:.0f} GB/s | "

@@ -4,6 +4,7 @@ markdown table and per-op plots generated from it."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -224,6 +225,20 @@ def _summary(rec: Record) -> str:
     return f"{times}, {rate}"
 
 
+def _host_overhead() -> dict[str, object]:
+    """The policy loss's host time per call beside Liger's (bench/host_overhead.py), printed and
+    returned for the run's JSON; {"error": why} where it cannot be measured here."""
+    from . import host_overhead
+
+    try:
+        h = host_overhead.measure(rounds=3, device="cuda" if torch.cuda.is_available() else "cpu")
+    except Exception as e:  # reported in the results, never fatal to the benchmark run
+        print(f"host overhead: not measured: {e}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+    print(host_overhead.summary(h), flush=True)
+    return {**dataclasses.asdict(h), "ratio": h.ratio}
+
+
 def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
     """`rlops bench`: runs the plan, prints each case, writes the JSON, table and plots; returns the exit status."""
     args = build_parser(prog).parse_args(argv)
@@ -238,6 +253,8 @@ def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:
         return 2
     env = _environment()
     plan = _plan(args)
+    if any(module.OP == "policy_loss" for module, _, _ in plan):
+        env["host_overhead"] = _host_overhead()
     out_dir = args.out or common.default_out_dir(str(env["device"]))
     records = []
     for i, (module, provider, shape) in enumerate(plan, 1):

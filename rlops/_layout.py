@@ -7,6 +7,8 @@ causal-LM slice `logits[:, :-1]` (rows not evenly spaced) is read in place, not 
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -33,27 +35,42 @@ def row_layout(x: torch.Tensor) -> RowLayout:
     The vocabulary dimension must be unit-stride for coalesced loads; other layouts are made
     contiguous (a copy, which no common caller triggers).
     """
-    vocab = x.shape[-1]
-    if vocab > 1 and x.stride(-1) != 1:
+    # Every launch of a forward and a backward asks this for the logits (and for the placeholder
+    # reference): the strides are worked out once per (shape, strides), not on every call.
+    strides = _row_strides(x.shape, x.stride())
+    if strides is None:  # no two strides describe the rows: a contiguous copy
         x = x.contiguous()
+        strides = _row_strides(x.shape, x.stride())
+        assert strides is not None  # a contiguous tensor's rows are evenly spaced
+    return RowLayout(x, *strides)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_strides(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """(n_rows, inner, stride_outer, stride_inner) of `row_layout` for a tensor of this shape and
+    stride, or None when x must be copied first (the vocabulary not unit-stride, or the rows
+    needing more than two strides)."""
+    vocab = shape[-1]
+    if vocab > 1 and stride[-1] != 1:
+        return None
     # Merge leading dimensions that are laid out back to back, dropping size-1 dimensions.
     dims: list[list[int]] = []
-    for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True):
+    for size, step in zip(shape[:-1], stride[:-1], strict=True):
         if size == 1:
             continue
-        if dims and dims[-1][1] == stride * size:
-            dims[-1] = [dims[-1][0] * size, stride]
+        if dims and dims[-1][1] == step * size:
+            dims[-1] = [dims[-1][0] * size, step]
         else:
-            dims.append([size, stride])
+            dims.append([size, step])
     if len(dims) > 2:
-        return row_layout(x.contiguous())
-    n_rows = x.numel() // vocab if vocab else 0
+        return None
+    n_rows = math.prod(shape) // vocab if vocab else 0
     if len(dims) == 0:
-        return RowLayout(x, n_rows, 1, vocab, vocab)
+        return n_rows, 1, vocab, vocab
     if len(dims) == 1:
-        return RowLayout(x, n_rows, n_rows, 0, dims[0][1])
+        return n_rows, n_rows, 0, dims[0][1]
     (_, s_outer), (inner, s_inner) = dims
-    return RowLayout(x, n_rows, inner, s_outer, s_inner)
+    return n_rows, inner, s_outer, s_inner
 
 
 def _strides_for(rows: RowLayout, inner: int) -> tuple[int, int] | None:
@@ -108,8 +125,13 @@ def byte_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def per_token(x: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-    """A per-token input broadcast to `shape`, as the contiguous float32 (N,) vector the kernels read."""
-    return None if x is None else x.to(torch.float32).expand(shape).reshape(-1).contiguous()
+    """A per-token input broadcast to `shape`, as the contiguous float32 memory of N values the
+    kernels read (their pointer is all they take: a contiguous tensor of `shape` is that vector)."""
+    if x is None:
+        return None
+    if x.dtype == torch.float32 and x.shape == shape and x.is_contiguous():
+        return x  # most inputs already are: no op at all
+    return (x if x.dtype == torch.float32 else x.to(torch.float32)).expand(shape).contiguous()
 
 
 def unit_stride(x: torch.Tensor) -> torch.Tensor:

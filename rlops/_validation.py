@@ -75,9 +75,10 @@ def check_token_ids(tokens: object, shape: tuple[int, ...], vocab: int | None, l
     """Checks integer ids of the given shape, on like's device, inside [0, vocab) (vocab None: the
     range is checked later, by `check_token_range` against a mask)."""
     tokens = check_tensor(name, tokens)
-    if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+    dtype = tokens.dtype
+    if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {tokens.dtype}")
-    if tuple(tokens.shape) != tuple(shape):
+    if tokens.shape != tuple(shape):
         raise ValueError(f"{name} must have the shape of {like_name} without its last dimension, "
                          f"{tuple(shape)}, got {tuple(tokens.shape)}")
     check_same_device(name, tokens, like, like_name)
@@ -95,11 +96,15 @@ def check_token_range(tokens: torch.Tensor, vocab: int, name: str = "tokens",
     tensors, or RLOPS_CHECK=1); unchecked, an id outside [0, vocab) gives a NaN log-prob."""
     if not tokens.numel() or not value_checks_enabled(tokens):
         return
-    ids = tokens if counted is None else torch.where(counted, tokens, 0)
-    lo, hi = (int(v) for v in torch.aminmax(ids))
-    if lo < 0 or hi >= vocab:
-        where = "" if counted is None else " where the mask is 1 (any id may pad where it is 0)"
-        raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}){where}, found id {lo if lo < 0 else hi}")
+    lo, hi = (int(v) for v in torch.aminmax(tokens))
+    if lo >= 0 and hi < vocab:  # every id in range: the mask need not be read (one op fewer)
+        return
+    if counted is not None:
+        lo, hi = (int(v) for v in torch.aminmax(torch.where(counted, tokens, 0)))
+        if lo >= 0 and hi < vocab:
+            return
+    where = "" if counted is None else " where the mask is 1 (any id may pad where it is 0)"
+    raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}){where}, found id {lo if lo < 0 else hi}")
 
 
 def check_same_device(name: str, x: torch.Tensor, like: torch.Tensor, like_name: str = "logits") -> None:
@@ -108,7 +113,8 @@ def check_same_device(name: str, x: torch.Tensor, like: torch.Tensor, like_name:
 
 
 def check_shape(name: str, x: torch.Tensor, shapes: Sequence[tuple[int, ...]], described: str) -> None:
-    if tuple(x.shape) not in [tuple(s) for s in shapes]:
+    # torch.Size equals the tuple of its sizes: no conversion on the path that passes.
+    if x.shape not in shapes and tuple(x.shape) not in [tuple(s) for s in shapes]:
         raise ValueError(f"{name} must have shape {described}, got {tuple(x.shape)}")
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ops.linear_policy_loss import default_chunk_rows
+from .ops.chunking import default_chunk_rows
 
 FP32 = 4
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -52,6 +53,8 @@ class PolicyLossConfig:
     kl_ratio_weighted: bool = False
     inplace_grad: bool = False
     backend: str = "auto"
+    vocab_group: object = None  # a torch.distributed ProcessGroup: the vocabulary split over its ranks
+    vocab_start: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_float("temperature", self.temperature)
@@ -72,6 +75,9 @@ class PolicyLossConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         check_choice("backend", self.backend, BACKENDS)
+        if self.vocab_start is not None and self.vocab_group is None:
+            raise ValueError("vocab_start (this rank's first global id) needs vocab_group, the process group "
+                             "over which the vocabulary is split")
 
     @classmethod
     def from_call(cls, arguments: dict[str, object]) -> PolicyLossConfig:
@@ -80,13 +86,17 @@ class PolicyLossConfig:
 
         A training loop calls with the same options every step: the checked config is cached
         by their values (the checks cost more host time than the rest of a small call's glue)."""
-        fields = {name: arguments[name] for name in CONFIG_FIELDS if name in arguments}
-        if torch.compiler.is_compiling():
-            return cls(**fields)
-        try:  # keyed by type too: True == 1, but only one of them is a valid bool option
-            return _cached_config(tuple((name, type(v), v) for name, v in fields.items()))
-        except TypeError:  # an unhashable value: the checks name it
-            return cls(**fields)
+        if not torch.compiler.is_compiling():
+            try:  # every field given (as from rlops.policy_loss): one C-level lookup of all of them
+                values = _FIELD_VALUES(arguments)
+            except KeyError:
+                values = None
+            if values is not None:
+                try:  # keyed by type too: True == 1, but only one of them is a valid bool option
+                    return _cached_config(values, tuple(map(type, values)))
+                except TypeError:  # an unhashable value: the checks name it
+                    pass
+        return cls(**{name: arguments[name] for name in CONFIG_FIELDS if name in arguments})
 
     @property
     def kl_used(self) -> str:
@@ -129,9 +139,13 @@ class PolicyLossConfig:
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 
+# The values of every config field, in CONFIG_FIELDS' order, from a dict of arguments.
+_FIELD_VALUES = operator.itemgetter(*CONFIG_FIELDS)
+
+
 @functools.lru_cache(maxsize=256)
-def _cached_config(fields: tuple[tuple[str, type, object], ...]) -> PolicyLossConfig:
-    return PolicyLossConfig(**{name: value for name, _, value in fields})
+def _cached_config(values: tuple[object, ...], types: tuple[type, ...]) -> PolicyLossConfig:
+    return PolicyLossConfig(**dict(zip(CONFIG_FIELDS, values, strict=True)))
 
 
 def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = None) -> Tensor:
@@ -141,10 +155,12 @@ def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = 
     w is 0 exactly where the mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
     seq-mean-token-sum-norm divides by S * norm_len; norm_len defaults to T (padded only).
     """
+    if loss_agg == "token-mean":
+        # The bool mask over its integer count: the division promotes to float32 (three small ops,
+        # not four: the count is exact as an integer and converts exactly below 2**24 tokens).
+        return layout.mask / layout.mask.sum().clamp(min=1)
     m = layout.mask.to(torch.float32)
     n_seqs = layout.n_seqs
-    if loss_agg == "token-mean":
-        return m / m.sum().clamp(min=1.0)
     if loss_agg == "seq-mean-token-mean":
         per_seq = layout.seq_totals(m)
         n_valid = (per_seq > 0).sum().clamp(min=1)

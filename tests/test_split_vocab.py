@@ -120,7 +120,7 @@ def test_fused_linear_chunks_are_whole_waves() -> None:
     """The fused-linear loss's default chunk holds whole waves of the vocabulary kernels (an H200:
     1056 programs): rounded down from the 256 MiB buffer target, or up to one wave where that at
     most doubles the buffers; unchanged on a CPU (no wave)."""
-    from rlops.ops.linear_policy_loss import default_chunk_rows
+    from rlops.ops.chunking import default_chunk_rows
 
     qwen = (16384, 4096, 151936, 2, False)  # rows, hidden, vocab, bf16, no reference
     assert default_chunk_rows(*qwen) == 838  # 256 MiB of (V + 2H) bf16 rows

@@ -100,10 +100,52 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     logp = megatron.vocab_parallel_log_probs_from_logits(shard, tokens, group=dist.group.WORLD)
     entropy = megatron.vocab_parallel_entropy(shard, group=dist.group.WORLD)
     (logp.sum() + 2 * entropy.sum()).backward()
-    results["megatron"] = {"logp": _err(logp, want_logp), "entropy": _err(entropy, want_entropy), "kl": 0.0,
-                           "grad": _err(shard.grad, full.grad[..., 16 * rank:16 * (rank + 1)]), "bytes": 8 * 4 * 6}
+    results["megatron"] = {"logp": _err(logp, want_logp), "entropy": _err(entropy, want_entropy),
+                           "grad": _err(shard.grad, full.grad[..., 16 * rank:16 * (rank + 1)])}
+    # ... and the public ops' keyword, with this rank's first id given explicitly.
+    import rlops
+
+    public = rlops.token_logprobs(shard.detach(), tokens, vocab_group=dist.group.WORLD, vocab_start=16 * rank)
+    results["public"] = {"logp": _err(public, want_logp)}
+    results.update(_policy_loss_cases(rank, world, gen))
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
+    """rlops.policy_loss with vocab_group against the float64 oracle on the full vocabulary: the
+    loss and this shard's gradient, with masked -100 padding and active clipping (old log-probs
+    off policy), the exact KL with an entropy bonus, and GSPO's sequence ratio with k3."""
+    import rlops
+    from rlops import reference
+
+    vocab, lo, hi = 24 * world, 24 * rank, 24 * (rank + 1)
+    x = torch.randn(2, 4, vocab, generator=gen, dtype=torch.float64) * 2
+    ref = x + torch.randn(2, 4, vocab, generator=gen, dtype=torch.float64) * 0.5
+    tokens = torch.randint(0, vocab, (2, 4), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    tokens[~mask] = -100
+    logp = torch.log_softmax(x, -1).gather(-1, tokens.clamp(min=0)[..., None])[..., 0]
+    inputs = {"mask": mask, "old_logprobs": logp + torch.randn(2, 4, generator=gen, dtype=torch.float64) * 0.3,
+              "ref_logprobs": logp - 0.1}
+    adv = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    cases = {"full-kl": {"kl_coef": 0.1, "kl_estimator": "full", "entropy_coef": 0.01},
+             "gspo-k3": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_coef": 0.05,
+                         "loss_agg": "seq-mean-token-mean"}}
+    results = {}
+    for name, options in cases.items():
+        full = x.clone().requires_grad_(True)
+        want = reference.policy_loss(full, tokens.clamp(min=0), adv, ref_logits=ref, **inputs, **options)
+        want.loss.backward()
+        for backend in ("triton", "torch"):
+            shard = x[..., lo:hi].float().requires_grad_(True)
+            got = rlops.policy_loss(shard, tokens, adv.float(), ref_logits=ref[..., lo:hi].float(),
+                                    **{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()},
+                                    **options, backend=backend, vocab_group=dist.group.WORLD)
+            got.loss.backward()
+            results[f"policy_loss/{name}/{backend}"] = {
+                "loss": _err(got.loss, want.loss), "grad": _err(shard.grad, full.grad[..., lo:hi])}
+    return results
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -116,10 +158,11 @@ def test_vocab_parallel_stats_and_grads_equal_the_full_vocabulary(tmp_path: Path
             if key.startswith("nan/"):
                 assert r == {"row0_finite": True, "row1_nan": True}, (rank, key, r)
                 continue
-            for what in ("logp", "entropy", "kl", "grad"):
-                assert r[what] <= TOL, (rank, key, what, r[what])
-            # 8 float32 per token (6 of them the online-softmax state), whatever V: O(N), not O(V).
-            assert r["bytes"] == 8 * 4 * 6, (rank, key, r["bytes"])
+            for what in ("logp", "entropy", "kl", "grad", "loss"):
+                assert r.get(what, 0.0) <= TOL, (rank, key, what, r[what])
+            if "bytes" in r:  # 8 float32 per token (6 of them the online-softmax state), whatever V: O(N)
+                assert r["bytes"] == 8 * 4 * 6, (rank, key, r["bytes"])
+        assert sum("bytes" in r for r in results.values()) == 4 and len(results) == 12, sorted(results)
 
 
 def test_megatron_drop_ins_need_a_group_without_megatron() -> None:

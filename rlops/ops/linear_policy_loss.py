@@ -40,7 +40,8 @@ from ..constants import GRADS, N_POLICY_ROWS, N_STATS, ROW, STAT_GRADS
 from ..options import Epilogue, Head, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..packing import Layout, check_cu_seqlens
 from ..torch_backend import LossTerms, TokenStats
-from ._backend import TRITON_AVAILABLE, launchers, resolve_backend
+from ._backend import launchers, resolve_backend
+from .chunking import default_chunk_rows, gpu_wave
 from .policy_loss import (
     PolicyLossOutput,
     check_kl_inputs,
@@ -48,32 +49,6 @@ from .policy_loss import (
     check_per_token_inputs,
     packed_as_row,
 )
-
-# A chunk's logits (and reference logits), hidden rows and their gradient fit in this.
-CHUNK_BYTES = 256 * 2**20
-MIN_CHUNK_ROWS = 128  # below this the projection's matmul runs far from peak
-
-
-def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int, elem_size: int, with_ref: bool,
-                       wave: int = 0) -> int:
-    """Rows per chunk: CHUNK_BYTES of chunk buffers, at least MIN_CHUNK_ROWS, at most n_rows; with
-    `wave` (the programs the GPU holds at once, one per row: kernels/_common.py, resident_programs)
-    whole waves of it: rounded down to whole waves, or up to one wave where that at most doubles
-    the buffers (a chunk of less than a wave leaves the GPU idle in the vocabulary kernels)."""
-    per_row = elem_size * (vocab * (2 if with_ref else 1) + 2 * hidden_size)
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // per_row)
-    if wave and rows < n_rows:
-        rows = rows // wave * wave if rows >= wave else (wave if wave * per_row <= 2 * CHUNK_BYTES else rows)
-    return max(1, min(rows, n_rows))
-
-
-def _wave(x: Tensor) -> int:
-    """The vocabulary kernels' wave on x's GPU (0 on a CPU, or without Triton)."""
-    if not x.is_cuda or not TRITON_AVAILABLE:
-        return 0
-    from ..kernels._common import resident_programs
-
-    return resident_programs(x.device)
 
 
 @functools.cache
@@ -265,7 +240,7 @@ def _check_ref_head(hidden: Tensor, vocab: int, ref_hidden: Tensor | None, ref_w
 
 def _chunk(chunk_size: int | None, n: int, hidden: Tensor, vocab: int, with_ref: bool) -> int:
     if chunk_size is None:
-        return default_chunk_rows(n, hidden.shape[-1], vocab, hidden.element_size(), with_ref, _wave(hidden))
+        return default_chunk_rows(n, hidden.shape[-1], vocab, hidden.element_size(), with_ref, gpu_wave(hidden))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     return chunk_size

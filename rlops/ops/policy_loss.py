@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import torch_backend
+from .. import torch_backend, vocab_parallel
 from .._validation import (
     check_float_tensor,
     check_logits,
@@ -33,7 +33,6 @@ from ..options import Epilogue, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..packing import Layout, check_cu_seqlens
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
-from ._fast import FastOp
 from .token_stats import grad_to_logits, named_inputs, save_for_grad, token_stats_op
 
 
@@ -69,7 +68,59 @@ def _backward(ctx, grad_out: Tensor):
 
 
 _policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
-policy_loss_op = FastOp(_policy_loss_op, _policy_loss, _setup_context, _backward)
+
+
+class _Launch:
+    """The arguments of one eager launch besides the logits, and the per-token outputs it produced."""
+
+    __slots__ = ("backend", "epilogue", "inplace_grad", "inputs", "out", "ref_logits", "tokens")
+
+    def __init__(self, tokens: Tensor, ref_logits: Tensor | None, inputs: TokenInputs, epilogue: Epilogue,
+                 inplace_grad: bool, backend: str) -> None:
+        self.tokens, self.ref_logits, self.inputs, self.epilogue = tokens, ref_logits, inputs, epilogue
+        self.inplace_grad, self.backend = inplace_grad, backend
+        self.out: Tensor | None = None
+
+
+class _EagerPolicyLoss(torch.autograd.Function):
+    """The eager path of the token-level loss: the launchers under a plain autograd.Function (the
+    custom op's dispatch is for torch.compile graphs only; rlops.ops._fast says why).
+
+    Its one output is the summed loss, and its one input besides the logits the rest of the call
+    (_Launch), which also carries the per-token outputs back (not differentiable). Autograd then
+    holds one node, not three (this, a select and a sum), that node has no second output whose
+    zero gradient would be materialised, and no edge per non-differentiable tensor argument:
+    at small sizes each of these costs more host time than the launches. The backward scales the
+    gradient rows by the scalar upstream gradient: bitwise what the custom op's path computes
+    (the same sum, each gradient row times the same number)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, launch: _Launch) -> Tensor:
+        out = launchers(launch.backend).policy_loss_fwd(logits, launch.tokens, launch.ref_logits, launch.inputs,
+                                                        launch.epilogue)
+        ctx.save_for_backward(logits, launch.tokens, out, launch.ref_logits)
+        ctx.temperature, ctx.backend = launch.epilogue.temperature, launch.backend
+        ctx.inplace_grad = launch.inplace_grad
+        ctx.no_grads = (None,)  # the backward's gradient of `launch`
+        launch.out = out
+        return out[ROW["loss"]].sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple:
+        saved = ctx.saved_tensors
+        return grad_to_logits(ctx, saved[2][GRADS] * grad_loss, saved)
+
+
+def policy_loss_op(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, inputs: TokenInputs,
+                   config: PolicyLossConfig, backend: str) -> tuple[Tensor, Tensor]:
+    """(loss, out): the summed loss and the float32 (N_POLICY_ROWS, B, T) per-token outputs, out not
+    differentiable. Compiled code holds the custom op; eager code runs _EagerPolicyLoss."""
+    epilogue = Epilogue.of(config)
+    if torch.compiler.is_compiling():
+        out = _policy_loss_op(logits, tokens, ref_logits, list(inputs), epilogue.pack(), config.inplace_grad, backend)
+        return out[ROW["loss"]].sum(), out.detach()
+    launch = _Launch(tokens, ref_logits, inputs, epilogue, config.inplace_grad, backend)
+    return _EagerPolicyLoss.apply(logits, launch), launch.out
 
 
 @dataclass
@@ -151,6 +202,8 @@ def policy_loss(
     kl_ratio_weighted: bool = False,
     inplace_grad: bool = False,
     backend: str = "auto",
+    vocab_group: object = None,
+    vocab_start: int | None = None,
 ) -> PolicyLossOutput:
     """The clipped PPO/GRPO policy loss with optional KL penalty and entropy bonus (SPEC.md 2-4).
 
@@ -189,6 +242,11 @@ def policy_loss(
         inplace_grad: write the gradient over the logits buffer (saves a (B, T, V) buffer);
             the logits must not be needed afterwards, and must not be a leaf tensor.
         backend: "auto", "triton", "cuda" or "torch" (see rlops.token_logprobs_and_entropy).
+        vocab_group, vocab_start: the vocabulary split over the ranks of a process group
+            (rlops.vocab_parallel, as rlops.token_logprobs_and_entropy): logits and ref_logits are
+            this rank's shard (B, T, V_shard), tokens global ids. One all_gather of 8 floats per
+            token, then the PyTorch backend's O(B*T) epilogue; every rank gets the same loss.
+            Backends auto/triton/torch; not with inplace_grad.
 
     The options (temperature to backend) are those of `rlops.PolicyLossConfig`.
 
@@ -204,7 +262,8 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
                     config: PolicyLossConfig) -> PolicyLossOutput:
     """`policy_loss` on a built config and batch (the entry of `PolicyLoss.forward` too)."""
     shape = getattr(batch.tokens, "shape", None)
-    logits, ref_logits, batch, layout = check_batch(logits, ref_logits, batch)
+    # Vocabulary-parallel ids are global: rlops.vocab_parallel checks them against the whole vocabulary.
+    logits, ref_logits, batch, layout = check_batch(logits, ref_logits, batch, config.vocab_group is None)
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None,
                     "ref_logits (B, T, V), the reference model's logits")
     check_packed_options(config, layout)
@@ -214,7 +273,11 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
     backend = resolve_backend(config.backend, logits, "policy_loss")
     ref_logits = ref_logits if config.kl_used == "full" else None
     inputs = TokenInputs.of(batch, layout, config)
-    if backend == "torch":
+    if config.vocab_group is not None:
+        if config.inplace_grad:
+            raise ValueError("inplace_grad is not supported with vocab_group")
+        terms = vocab_parallel.policy_loss_terms(logits, ref_logits, batch.tokens, layout, inputs, config)
+    elif backend == "torch":
         # The PyTorch backend reads every row: padding ids at masked tokens are replaced by 0 there.
         tokens = torch.where(batch.mask, batch.tokens, 0)
         stats = torch_backend.token_stats(logits, tokens, config.temperature, ref_logits)
@@ -226,11 +289,13 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
         stats = TokenStats(out[ROW["logp"]], out[ROW["entropy"]], None if ref_logits is None else out[ROW["kl"]])
         terms = torch_backend.policy_loss(stats, layout, inputs, config)
     else:
-        out = policy_loss_op(logits, batch.tokens, ref_logits, list(inputs), Epilogue.of(config).pack(),
-                             config.inplace_grad, backend)
-        terms = LossTerms(out[ROW["loss"]].sum(), *(out[ROW[name]].detach()
-                                                     for name in ("logp", "entropy", "kl", "ratio")))
+        loss, out = policy_loss_op(logits, batch.tokens, ref_logits, inputs, config, backend)
+        terms = LossTerms(loss, out[_LOGP], out[_ENTROPY], out[_KL], out[_RATIO])
     return PolicyLossOutput.of(terms, batch, config, layout, shape)
+
+
+# The rows of the per-token outputs that PolicyLossOutput returns.
+_LOGP, _ENTROPY, _KL, _RATIO = ROW["logp"], ROW["entropy"], ROW["kl"], ROW["ratio"]
 
 
 def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_ref_logits: bool,
@@ -284,8 +349,8 @@ def packed_as_row(rows: Tensor, batch: PolicyBatch, rows_name: str) -> tuple[Ten
     return rows, PolicyBatch(**fields, cu_seqlens=cu), layout
 
 
-def check_batch(logits: Tensor, ref_logits: Tensor | None,
-                batch: PolicyBatch) -> tuple[Tensor, Tensor | None, PolicyBatch, Layout]:
+def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch,
+                check_ids: bool = True) -> tuple[Tensor, Tensor | None, PolicyBatch, Layout]:
     """Checks the tensor arguments; returns (logits (B, T, V), ref_logits, batch, layout), the batch with
     advantages (B, T) or (B, 1) and mask bool (B, T). A packed batch (cu_seqlens) comes back as one row:
     logits (1, N, V), per-token tensors (1, N), its layout holding the sequences.
@@ -304,14 +369,38 @@ def check_batch(logits: Tensor, ref_logits: Tensor | None,
         check_float_tensor("ref_logits", ref_logits, logits, [tuple(logits.shape)],
                            f"logits' shape {tuple(logits.shape)}")
     batch = check_per_token_inputs(batch)
-    check_token_range(batch.tokens, vocab, counted=batch.mask)
+    if check_ids:
+        check_token_range(batch.tokens, vocab, counted=batch.mask)
     layout = Layout.of(batch.mask) if layout is None else layout._replace(mask=batch.mask)
     return logits, ref_logits, batch, layout
+
+
+def _plain(x: object, shapes: tuple[tuple[int, ...], ...], device: torch.device) -> bool:
+    """Whether x is a floating tensor of one of `shapes` on `device` (what check_float_tensor accepts)."""
+    return isinstance(x, Tensor) and x.dtype.is_floating_point and x.shape in shapes and x.device == device
 
 
 def check_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
     """Checks the (B, T) inputs against batch.tokens (B, T), already checked; returns the batch with
     advantages as (B, T) or (B, 1) and mask as bool (B, T)."""
+    tokens = batch.tokens
+    per_token, per_row, device = tokens.shape, (tokens.shape[0], 1), tokens.device
+    # The usual call passes every check at once: a bool mask and float tensors of the accepted
+    # shapes, on the tokens' device. Anything else takes the checks below, which convert a 0/1
+    # mask of another dtype or raise, naming the argument (their messages cost host time to format).
+    adv, mask = batch.advantages, batch.mask
+    if (_plain(adv, (per_token, per_row, per_row[:1]), device)
+            and (batch.old_logprobs is None or _plain(batch.old_logprobs, (per_token,), device))
+            and (batch.ref_logprobs is None or _plain(batch.ref_logprobs, (per_token,), device))
+            and (batch.is_weights is None or _plain(batch.is_weights, (per_token, per_row), device))
+            and isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.shape == per_token
+            and mask.device == device):
+        return batch._replace(advantages=adv[:, None]) if adv.dim() == 1 else batch
+    return _checked_per_token_inputs(batch)
+
+
+def _checked_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
+    """check_per_token_inputs, every input checked on its own (its error naming it)."""
     tokens = batch.tokens
     per_token, per_row = tuple(tokens.shape), (tokens.shape[0], 1)
     token_shape = f"(B, T) = {per_token}"

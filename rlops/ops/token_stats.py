@@ -12,7 +12,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from .. import torch_backend
+from .. import torch_backend, vocab_parallel
 from .._validation import check_logits, check_positive_float, check_tokens
 from ..constants import N_STATS, ROW, STAT_GRADS
 from ._backend import launchers, resolve_backend
@@ -73,14 +73,15 @@ def save_for_grad(ctx, inputs: dict, stats: Tensor, temperature: float) -> None:
                          else None for v in list(inputs.values())[1:])
 
 
-def grad_to_logits(ctx, grads: Tensor) -> tuple:
+def grad_to_logits(ctx, grads: Tensor, saved: tuple[Tensor, ...] | None = None) -> tuple:
     """The backward's return value: d logits from (N_GRADS, ...) upstream gradients of logp, entropy
-    and the exact KL, then None for every other input of the op.
+    and the exact KL, then None for every other input of the op. `saved`: ctx.saved_tensors when the
+    caller has unpacked them already (each unpacking checks every tensor's version again).
 
     With inplace_grad the gradient overwrites the logits; the custom op declares that
     mutation, which bumps the logits' version counter.
     """
-    logits, tokens, stats, ref_logits = ctx.saved_tensors
+    logits, tokens, stats, ref_logits = ctx.saved_tensors if saved is None else saved
     args = (logits, tokens, stats, grads, ref_logits, ctx.temperature, ctx.backend)
     if not torch.compiler.is_compiling():  # eager: the launcher itself (rlops.ops._fast)
         grad = launchers(ctx.backend).logits_grad(logits, tokens, stats, grads, ctx.temperature, ref_logits,
@@ -135,7 +136,8 @@ def _prepare(logits: Tensor, tokens: Tensor, temperature: float, backend: str,
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, backend: str = "auto"
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, backend: str = "auto", *,
+    vocab_group: object = None, vocab_start: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of each sampled token and the entropy of its distribution.
 
@@ -146,11 +148,19 @@ def token_logprobs_and_entropy(
         temperature: > 0; the distribution is softmax(logits / temperature).
         backend: "auto" (Triton on CUDA tensors, the PyTorch backend on CPU), "triton",
             "cuda" or "torch".
+        vocab_group: a torch.distributed process group over which the vocabulary is split
+            (rlops.vocab_parallel): logits is then this rank's shard (..., V_shard), shards in
+            rank order, of equal size unless `vocab_start` (this rank's first global id) is
+            given; tokens are global ids. One all_gather of 8 floats per token; the backward
+            writes this shard's gradient with no communication. Backends auto/triton/torch.
 
     Returns:
         (logp, entropy), float32 tensors of tokens' shape. Both are differentiable; the
         gradient reaches logits in logits' dtype.
     """
+    if vocab_group is not None:
+        return vocab_parallel.token_logprobs_and_entropy(logits, tokens, check_positive_float("temperature",
+                                                         temperature), backend, vocab_group, vocab_start)
     temperature, backend = _prepare(logits, tokens, temperature, backend)
     if backend == "torch":
         stats = torch_backend.token_stats(logits, tokens, temperature)
@@ -159,11 +169,15 @@ def token_logprobs_and_entropy(
     return stats[ROW["logp"]], stats[ROW["entropy"]]
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, backend: str = "auto") -> Tensor:
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, backend: str = "auto", *,
+                   vocab_group: object = None, vocab_start: int | None = None) -> Tensor:
     """log softmax(logits / temperature) at the sampled tokens: float32 of tokens' shape.
 
     Arguments as `token_logprobs_and_entropy`; the drop-in for `selective_log_softmax`.
     """
+    if vocab_group is not None:
+        return token_logprobs_and_entropy(logits, tokens, temperature, backend, vocab_group=vocab_group,
+                                          vocab_start=vocab_start)[0]
     return named_token_logprobs(logits, tokens, temperature, backend, "tokens")
 
 

@@ -1,0 +1,215 @@
+"""Host overhead: the Python/PyTorch time of one `rlops.policy_loss` forward+backward beside Liger's
+`triton_grpo_loss`, with both libraries' kernel launches stubbed out.
+
+At small sizes (a fused-linear chunk, a small batch) the GPU finishes a kernel faster than the
+host launches the next, so the host side decides the step time. It is measured on the CPU, on a
+tiny input (B=2, T=4, V=64, float32), with every Triton kernel object the launchers use (those of
+rlops.kernels and of liger_kernel.ops.grpo_loss) replaced by a stub whose launch does nothing:
+what is timed is each library's argument checks, dispatch, autograd glue and small tensor ops,
+not its kernels. Both get the same (B, T+1, V) logits, as a trainer has them; rlops slices off
+the last position, Liger does so itself. Settings are bench/policy_loss.py's (TRL's GRPO with a
+reference model: k3 KL, clip 0.2/0.28, token mean, old log-probs).
+
+`measure()` returns microseconds per call for both (the minimum over rounds of each round's
+median, rounds interleaved, so that a noisy machine's slow spells hit both and inflate neither)
+and the number of ATen ops each issues per call; `rlops bench` reports it, and
+tests/test_host_overhead.py holds rlops to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from types import ModuleType
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# The input: B sequences of T tokens over a vocabulary of V (Liger's logits are (B, T+1, V)).
+B, T, V = 2, 4, 64
+BETA, CLIP_LOW, CLIP_HIGH = 0.04, 0.2, 0.28
+# The modules whose Triton kernel objects the launchers call (rlops: forward, split-vocabulary
+# states and backward; Liger: its GRPO kernels).
+RLOPS_KERNEL_MODULES = ("rlops.kernels.policy_loss", "rlops.kernels.token_stats")
+LIGER_KERNEL_MODULE = "liger_kernel.ops.grpo_loss"
+
+
+class _NoLaunch:
+    """A kernel object whose launch `kernel[grid](*args, **kwargs)` does nothing."""
+
+    @staticmethod
+    def _launch(*args: object, **kwargs: object) -> None:
+        return None
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        return self._launch
+
+
+def _kernel_names(module: ModuleType) -> list[str]:
+    """The module's Triton kernel objects (@triton.jit, maybe under heuristics/autotune)."""
+    from triton.runtime.jit import KernelInterface
+
+    return [name for name, obj in vars(module).items() if isinstance(obj, KernelInterface)]
+
+
+@contextlib.contextmanager
+def stubbed_launches(modules: tuple[ModuleType, ...]) -> Iterator[None]:
+    """Every Triton kernel object of `modules` replaced by a no-op launch while the block runs;
+    restored afterwards. rlops' Triton backend on CPU tensors needs the interpreter, whose flag
+    (rlops.kernels.INTERPRETED) is set for the block too: no kernel runs, so none is interpreted."""
+    saved = [(m, name, getattr(m, name)) for m in modules for name in _kernel_names(m)]
+    kernels = importlib.import_module("rlops.kernels")
+    interpreted = kernels.INTERPRETED
+    try:
+        for m, name, _ in saved:
+            setattr(m, name, _NoLaunch())
+        kernels.INTERPRETED = True
+        yield
+    finally:
+        kernels.INTERPRETED = interpreted
+        for m, name, obj in saved:
+            setattr(m, name, obj)
+
+
+def inputs(seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The input of both calls on `device`; "logits" is a non-leaf (B, T+1, V), as an lm_head's output is."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, T + 1, V, generator=g).to(device).requires_grad_(True)
+    cpu = {
+        "tokens": torch.randint(0, V, (B, T), generator=g),
+        "advantages": torch.randn(B, generator=g),
+        "mask": torch.ones(B, T, dtype=torch.bool),
+        "old_logprobs": -torch.rand(B, T, generator=g) * 12,
+        "ref_logprobs": -torch.rand(B, T, generator=g) * 12,
+    }
+    return {"logits": base * 1.0, **{k: v.to(device) for k, v in cpu.items()}}
+
+
+def rlops_step(i: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """One rlops forward+backward (backend "triton", the kernels' launchers); returns d logits."""
+    from rlops import policy_loss
+
+    x = i["logits"]
+
+    def step() -> torch.Tensor:
+        loss = policy_loss(x[:, :-1], i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
+                           ref_logprobs=i["ref_logprobs"], kl_coef=BETA, kl_estimator="k3", clip_low=CLIP_LOW,
+                           clip_high=CLIP_HIGH, loss_agg="token-mean", backend="triton").loss
+        return torch.autograd.grad(loss, x)[0]
+
+    return step
+
+
+def liger_step(i: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """One Liger `triton_grpo_loss` forward+backward with bench/policy_loss.py's settings; returns d logits."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    x = i["logits"]
+
+    def step() -> torch.Tensor:
+        loss, _ = triton_grpo_loss(x, i["old_logprobs"], i["ref_logprobs"], i["tokens"], i["advantages"], i["mask"],
+                                   temperature=1.0, beta=BETA, eps_low=CLIP_LOW, eps_high=CLIP_HIGH, inplace=True,
+                                   loss_type="dapo", reduce=True)
+        return torch.autograd.grad(loss, x)[0]
+
+    return step
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active (views and allocations included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(step: Callable[[], object]) -> list[str]:
+    """The ATen ops one call of step issues, in order (after one call that warms caches up)."""
+    step()
+    with _CountOps() as counter:
+        step()
+    return counter.ops
+
+
+def _median_us(step: Callable[[], object], calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+@dataclass(frozen=True)
+class HostOverhead:
+    """Host time per forward+backward call (microseconds) and ATen ops per call, kernels stubbed."""
+
+    rlops_us: float
+    liger_us: float | None  # None: liger-kernel is not installed
+    rlops_aten_ops: int
+    liger_aten_ops: int | None
+
+    @property
+    def ratio(self) -> float | None:
+        """rlops' time over Liger's (<= 1: rlops' host side is no slower)."""
+        return None if self.liger_us is None else self.rlops_us / self.liger_us
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "ratio": self.ratio, "input": {"B": B, "T": T, "V": V, "dtype": "float32"}}
+
+
+def liger_available() -> bool:
+    try:
+        importlib.import_module(LIGER_KERNEL_MODULE)
+        importlib.import_module("liger_kernel.transformers.grpo_loss")
+    except Exception:  # not installed, or its import fails here: measured without it
+        return False
+    return True
+
+
+def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "cpu") -> HostOverhead:
+    """Host microseconds per forward+backward of rlops and Liger (None where Liger is missing):
+    each the minimum over `rounds` interleaved rounds of the median of `calls` calls, after
+    `warmup` calls of each. About 0.1 s per round on a 2-core VM. On "cuda" the stubbed calls
+    take the GPU path (no kernel runs; the small tensor ops are queued, not waited for); on
+    "cpu" rlops's Triton path needs TRITON_INTERPRET=1 (nothing is interpreted: no kernel runs)."""
+    from rlops import kernels  # noqa: F401  (the launcher modules below are its submodules)
+
+    with_liger = liger_available()
+    modules = tuple(importlib.import_module(m) for m in RLOPS_KERNEL_MODULES)
+    if with_liger:
+        modules += (importlib.import_module(LIGER_KERNEL_MODULE),)
+    with stubbed_launches(modules):
+        steps = {"rlops": rlops_step(inputs(device=device))}
+        if with_liger:
+            steps["liger"] = liger_step(inputs(device=device))
+        for step in steps.values():
+            for _ in range(warmup):
+                step()
+        best = dict.fromkeys(steps, float("inf"))
+        for _ in range(rounds):
+            for name, step in steps.items():
+                best[name] = min(best[name], _median_us(step, calls))
+        counts = {name: len(aten_ops(step)) for name, step in steps.items()}
+    return HostOverhead(best["rlops"], best.get("liger"), counts["rlops"], counts.get("liger"))
+
+
+def summary(h: HostOverhead) -> str:
+    """One line: both times, their ratio and the ATen op counts."""
+    if h.liger_us is None:
+        return f"host overhead per fwd+bwd (kernels stubbed): rlops {h.rlops_us:.0f} us, {h.rlops_aten_ops} ATen ops " \
+               "(liger-kernel not installed)"
+    return (f"host overhead per fwd+bwd (B={B} T={T} V={V}, kernels stubbed): rlops {h.rlops_us:.0f} us, "
+            f"Liger {h.liger_us:.0f} us ({h.ratio:.2f}x); ATen ops {h.rlops_aten_ops} vs {h.liger_aten_ops}")
+
+
+if __name__ == "__main__":
+    print(summary(measure()))

@@ -1,0 +1,33 @@
+"""How many rows the fused-linear loss projects at once (rlops/ops/linear_policy_loss.py)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._backend import TRITON_AVAILABLE
+
+# A chunk's logits (and reference logits), hidden rows and their gradient fit in this.
+CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK_ROWS = 128  # below this the projection's matmul runs far from peak
+
+
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int, elem_size: int, with_ref: bool,
+                       wave: int = 0) -> int:
+    """Rows per chunk: CHUNK_BYTES of chunk buffers, at least MIN_CHUNK_ROWS, at most n_rows; with
+    `wave` (the programs the GPU holds at once, one per row: kernels/_common.py, resident_programs)
+    whole waves of it: rounded down to whole waves, or up to one wave where that at most doubles
+    the buffers (a chunk of less than a wave leaves the GPU idle in the vocabulary kernels)."""
+    per_row = elem_size * (vocab * (2 if with_ref else 1) + 2 * hidden_size)
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // per_row)
+    if wave and rows < n_rows:
+        rows = rows // wave * wave if rows >= wave else (wave if wave * per_row <= 2 * CHUNK_BYTES else rows)
+    return max(1, min(rows, n_rows))
+
+
+def gpu_wave(x: Tensor) -> int:
+    """The vocabulary kernels' wave on x's GPU (0 on a CPU, or without Triton)."""
+    if not x.is_cuda or not TRITON_AVAILABLE:
+        return 0
+    from ..kernels._common import resident_programs
+
+    return resident_programs(x.device)
