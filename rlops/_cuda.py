@@ -161,7 +161,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
     check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if tokens.numel():
-        v = TokenInputs(*(per_token(x, tokens.shape) for x in inputs))
+        v = TokenInputs(*(None if x is None else per_token(x, tokens.shape).reshape(-1) for x in inputs))
         ops().policy_loss_fwd(
             **_rows_args(logits, ref_logits), tokens=tokens.reshape(-1).to(torch.int64), out=out,
             weights=v.agg_weights, ent_weights=v.entropy_coefs, adv=v.advantages, old_logp=v.old_logprobs,
