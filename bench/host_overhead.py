@@ -2,17 +2,22 @@
 `triton_grpo_loss`, with both libraries' kernel launches stubbed out.
 
 At small sizes (a fused-linear chunk, a small batch) the GPU finishes a kernel faster than the
-host launches the next, so the host side decides the step time. It is measured on the CPU, on a
-tiny input (B=2, T=4, V=64, float32), with every Triton kernel object the launchers use (those of
-rlops.kernels and of liger_kernel.ops.grpo_loss) replaced by a stub whose launch does nothing:
-what is timed is each library's argument checks, dispatch, autograd glue and small tensor ops,
-not its kernels. Both get the same (B, T+1, V) logits, as a trainer has them; rlops slices off
-the last position, Liger does so itself. Settings are bench/policy_loss.py's (TRL's GRPO with a
-reference model: k3 KL, clip 0.2/0.28, token mean, old log-probs).
+host launches the next, so the host side decides the step time. It is measured on a tiny input
+(B=2 sequences of T=4 tokens, V=64, float32), with every Triton kernel object the launchers use
+(those of rlops.kernels and of liger_kernel.ops.grpo_loss) replaced by a stub whose launch does
+nothing: what is timed is each library's argument checks, dispatch, autograd glue, launcher code
+and small tensor ops, not its kernels. Settings are bench/policy_loss.py's (TRL's GRPO with a
+reference model: k3 KL, clip 0.2/0.28, token mean, old log-probs, per-sequence advantages).
 
-`measure()` returns microseconds per call for both (the minimum over rounds of each round's
-median, rounds interleaved, so that a noisy machine's slow spells hit both and inflate neither)
-and the number of ATen ops each issues per call; `rlops bench` reports it, and
+The same tokens reach both: rlops takes their logits (B, T, V) (an lm_head's output, a non-leaf);
+Liger's API takes (B, T+1, V), the model's logits with the next position, and drops the last
+itself (its backward zeroes that row). A caller that holds (B, T+1, V) slices `x[:, :-1]` for
+rlops, and that slice's autograd node is then the caller's cost: it is measured too
+(`rlops_sliced_us`) and reported beside the others, not folded into rlops' number.
+
+`measure()` returns microseconds per call (the minimum over rounds of each round's median,
+rounds interleaved, so that a noisy machine's slow spells hit every step alike and inflate
+none) and the number of ATen ops each call issues; `rlops bench` reports it and
 tests/test_host_overhead.py holds rlops to it.
 """
 
@@ -76,7 +81,8 @@ def stubbed_launches(modules: tuple[ModuleType, ...]) -> Iterator[None]:
 
 
 def inputs(seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The input of both calls on `device`; "logits" is a non-leaf (B, T+1, V), as an lm_head's output is."""
+    """The input of the calls on `device`: "logits" (B, T+1, V) for Liger, "rlops_logits" (B, T, V),
+    both non-leaves as an lm_head's output is, and the (B, T) / (B,) tensors both read."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(B, T + 1, V, generator=g).to(device).requires_grad_(True)
     cpu = {
@@ -86,19 +92,23 @@ def inputs(seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
         "old_logprobs": -torch.rand(B, T, generator=g) * 12,
         "ref_logprobs": -torch.rand(B, T, generator=g) * 12,
     }
-    return {"logits": base * 1.0, **{k: v.to(device) for k, v in cpu.items()}}
+    own = base.detach()[:, :-1].clone().requires_grad_(True)
+    return {"logits": base * 1.0, "rlops_logits": own * 1.0, **{k: v.to(device) for k, v in cpu.items()}}
 
 
-def rlops_step(i: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """One rlops forward+backward (backend "triton", the kernels' launchers); returns d logits."""
+def rlops_step(i: dict[str, torch.Tensor], sliced: bool = False) -> Callable[[], torch.Tensor]:
+    """One rlops forward+backward (backend "triton": the kernels' launchers) on the (B, T, V) logits
+    i["rlops_logits"], or with sliced=True on i["logits"][:, :-1] (a caller that holds Liger's
+    (B, T+1, V) logits); returns d logits."""
     from rlops import policy_loss
 
-    x = i["logits"]
+    x = i["logits"] if sliced else i["rlops_logits"]
 
     def step() -> torch.Tensor:
-        loss = policy_loss(x[:, :-1], i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
-                           ref_logprobs=i["ref_logprobs"], kl_coef=BETA, kl_estimator="k3", clip_low=CLIP_LOW,
-                           clip_high=CLIP_HIGH, loss_agg="token-mean", backend="triton").loss
+        loss = policy_loss(x[:, :-1] if sliced else x, i["tokens"], i["advantages"], mask=i["mask"],
+                           old_logprobs=i["old_logprobs"], ref_logprobs=i["ref_logprobs"], kl_coef=BETA,
+                           kl_estimator="k3", clip_low=CLIP_LOW, clip_high=CLIP_HIGH, loss_agg="token-mean",
+                           backend="triton").loss
         return torch.autograd.grad(loss, x)[0]
 
     return step
@@ -152,7 +162,8 @@ def _median_us(step: Callable[[], object], calls: int) -> float:
 class HostOverhead:
     """Host time per forward+backward call (microseconds) and ATen ops per call, kernels stubbed."""
 
-    rlops_us: float
+    rlops_us: float  # rlops.policy_loss on (B, T, V) logits
+    rlops_sliced_us: float  # the same on x[:, :-1] of (B, T+1, V) logits: the slice's node included
     liger_us: float | None  # None: liger-kernel is not installed
     rlops_aten_ops: int
     liger_aten_ops: int | None
@@ -162,8 +173,15 @@ class HostOverhead:
         """rlops' time over Liger's (<= 1: rlops' host side is no slower)."""
         return None if self.liger_us is None else self.rlops_us / self.liger_us
 
+    @property
+    def sliced_ratio(self) -> float | None:
+        """rlops' time with the caller's slice of (B, T+1, V) logits over Liger's."""
+        return None if self.liger_us is None else self.rlops_sliced_us / self.liger_us
+
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "ratio": self.ratio, "input": {"B": B, "T": T, "V": V, "dtype": "float32"}}
+        """The JSON record (`rlops bench` writes it as the run's "host_overhead")."""
+        return {**asdict(self), "ratio": self.ratio, "sliced_ratio": self.sliced_ratio,
+                "input": {"B": B, "T": T, "V": V, "dtype": "float32"}}
 
 
 def liger_available() -> bool:
@@ -176,11 +194,12 @@ def liger_available() -> bool:
 
 
 def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "cpu") -> HostOverhead:
-    """Host microseconds per forward+backward of rlops and Liger (None where Liger is missing):
-    each the minimum over `rounds` interleaved rounds of the median of `calls` calls, after
-    `warmup` calls of each. About 0.1 s per round on a 2-core VM. On "cuda" the stubbed calls
-    take the GPU path (no kernel runs; the small tensor ops are queued, not waited for); on
-    "cpu" rlops's Triton path needs TRITON_INTERPRET=1 (nothing is interpreted: no kernel runs)."""
+    """Host microseconds per forward+backward of rlops (on its (B, T, V) logits, and on a slice of
+    (B, T+1, V) ones) and Liger (None where it is missing): each the minimum over `rounds`
+    interleaved rounds of the median of `calls` calls, after `warmup` calls of each. About 0.1 s
+    per round on a 2-core VM, after Liger's import (about 2 s: it imports transformers). On "cuda"
+    the stubbed calls take the GPU path (no kernel runs; the small tensor ops are queued, not
+    waited for); on "cpu" rlops' Triton path runs without the interpreter (no kernel runs)."""
     from rlops import kernels  # noqa: F401  (the launcher modules below are its submodules)
 
     with_liger = liger_available()
@@ -188,7 +207,8 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
     if with_liger:
         modules += (importlib.import_module(LIGER_KERNEL_MODULE),)
     with stubbed_launches(modules):
-        steps = {"rlops": rlops_step(inputs(device=device))}
+        data = inputs(device=device)
+        steps = {"rlops": rlops_step(data), "rlops_sliced": rlops_step(data, sliced=True)}
         if with_liger:
             steps["liger"] = liger_step(inputs(device=device))
         for step in steps.values():
@@ -198,17 +218,18 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
         for _ in range(rounds):
             for name, step in steps.items():
                 best[name] = min(best[name], _median_us(step, calls))
-        counts = {name: len(aten_ops(step)) for name, step in steps.items()}
-    return HostOverhead(best["rlops"], best.get("liger"), counts["rlops"], counts.get("liger"))
+        counts = {name: len(aten_ops(steps[name])) for name in ("rlops", "liger") if name in steps}
+    return HostOverhead(best["rlops"], best["rlops_sliced"], best.get("liger"), counts["rlops"], counts.get("liger"))
 
 
 def summary(h: HostOverhead) -> str:
-    """One line: both times, their ratio and the ATen op counts."""
+    """One line: the times, their ratios and the ATen op counts."""
+    head = f"host time per policy-loss fwd+bwd (B={B} T={T} V={V} float32, kernels stubbed): rlops {h.rlops_us:.0f} us"
     if h.liger_us is None:
-        return f"host overhead per fwd+bwd (kernels stubbed): rlops {h.rlops_us:.0f} us, {h.rlops_aten_ops} ATen ops " \
+        return f"{head} ({h.rlops_sliced_us:.0f} us on a slice of (B, T+1, V) logits), {h.rlops_aten_ops} ATen ops " \
                "(liger-kernel not installed)"
-    return (f"host overhead per fwd+bwd (B={B} T={T} V={V}, kernels stubbed): rlops {h.rlops_us:.0f} us, "
-            f"Liger {h.liger_us:.0f} us ({h.ratio:.2f}x); ATen ops {h.rlops_aten_ops} vs {h.liger_aten_ops}")
+    return (f"{head}, Liger {h.liger_us:.0f} us ({h.ratio:.2f}x; {h.sliced_ratio:.2f}x with the caller's slice of "
+            f"(B, T+1, V) logits); ATen ops {h.rlops_aten_ops} vs {h.liger_aten_ops}")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ fed with those last rows times the upstream gradient. Tokens with w = 0 are not 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import check_policy_launch, per_token, ref_layout, row_layout, same_alignment
+from rlops._layout import check_policy_launch, flat, per_token, ref_layout, row_layout, same_alignment
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, ROW
 from rlops.options import Epilogue, TokenInputs
 
@@ -41,6 +43,11 @@ from ._common import (
     store_stats,
 )
 from .token_stats import split_row_states
+
+# block_v calls triton.next_power_of_2, a ConstexprFunction whose call from host code costs
+# about as much as the rest of a small launch (an import and two comprehensions per call):
+# the launchers ask it once per vocabulary size.
+_block_v = functools.cache(block_v)
 
 CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 K3_CAP = tl.constexpr(K3_MAX)
@@ -192,13 +199,13 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
                                  epilogue.kl_kind == KL_KINDS["full"], ref_aligned)
         _policy_loss_fwd_kernel[(rows.n_rows,)](
             # data pointers
-            rows.tensor, ref_rows.tensor, tokens.reshape(-1), parts, *token_inputs, out,
+            rows.tensor, ref_rows.tensor, flat(tokens), parts, *token_inputs, out,
             # sizes, strides
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:],
             # scalars
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
             # switches (HAS_OLD, HAS_ISW, HAS_ENT and HAS_PARTS follow the inputs present)
-            KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=block_v(logits.shape[-1]),
+            KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=_block_v(logits.shape[-1]),
             REF_ALIGNED=ref_aligned, SPLITS=1 if parts is None else parts.shape[1], num_warps=NUM_WARPS,
         )
     return out

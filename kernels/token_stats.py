@@ -14,11 +14,22 @@ excludes (forward) or whose upstream gradients are all zero (backward) are not r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import RowLayout, byte_mask, grad_strides, ref_layout, row_layout, same_alignment
+from rlops._layout import (
+    RowLayout,
+    byte_mask,
+    flat,
+    grad_strides,
+    leading_rows,
+    ref_layout,
+    row_layout,
+    same_alignment,
+)
 from rlops.constants import N_GRADS, N_STATS
 
 from ._common import (
@@ -43,6 +54,11 @@ from ._common import (
     store_stats,
     vocab_splits,
 )
+
+# block_v calls triton.next_power_of_2, a ConstexprFunction whose call from host code costs
+# about as much as the rest of a small launch (an import and two comprehensions per call):
+# the launchers ask it once per vocabulary size.
+_block_v = functools.cache(block_v)
 
 
 @triton.heuristics({"HAS_LIVE": lambda args: args["live_ptr"] is not None})
@@ -272,7 +288,7 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:], 1.0 / temperature,
             # switches (HAS_MASK and HAS_PARTS follow the pointers; REF_ALIGNED: reference rows
             # that stream in 16-byte vectors too)
-            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]), REF_ALIGNED=ref_aligned,
+            HAS_REF=ref_logits is not None, BLOCK_V=_block_v(logits.shape[-1]), REF_ALIGNED=ref_aligned,
             SPLITS=1 if parts is None else parts.shape[1], num_warps=NUM_WARPS,
         )
     return stats
@@ -312,7 +328,7 @@ def _row_states(rows: RowLayout, ref_rows: RowLayout, live: torch.Tensor | None,
         # sizes, strides, scalars
         rows.n_rows, vocab, chunk, *rows[2:], *ref_rows[2:], 1.0 / temperature,
         # switches (HAS_LIVE follows live)
-        HAS_REF=has_ref, SPLITS=splits, BLOCK_V=block_v(vocab), REF_ALIGNED=ref_aligned, num_warps=NUM_WARPS,
+        HAS_REF=has_ref, SPLITS=splits, BLOCK_V=_block_v(vocab), REF_ALIGNED=ref_aligned, num_warps=NUM_WARPS,
     )
     return parts
 
@@ -333,16 +349,15 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
     n = rows.n_rows
     if n:
         dx_rows = RowLayout(out, n, rows.inner, *dx_strides)
-        stats = stats.reshape(-1, n)[:N_STATS].contiguous()
-        grads = grads.reshape(N_GRADS, n).to(torch.float32).contiguous()
+        stats, grads = leading_rows(stats, N_STATS, n), leading_rows(grads, N_GRADS, n)
         splits, chunk = vocab_splits(n, logits.shape[-1], logits.device)
         _token_stats_bwd_kernel[(n, splits)](
             # data pointers
-            rows.tensor, ref_rows.tensor, tokens.reshape(-1), stats, grads, out,
+            rows.tensor, ref_rows.tensor, flat(tokens), stats, grads, out,
             # sizes, strides, scalars
             n, logits.shape[-1], chunk, *rows[2:], *ref_rows[2:], *dx_strides, 1.0 / temperature,
             # switches (the alignment ones: rows that stream in 16-byte vectors with the gradient's)
-            HAS_REF=ref_logits is not None, BLOCK_V=block_v(logits.shape[-1]), X_ALIGNED=same_alignment(dx_rows, rows),
+            HAS_REF=ref_logits is not None, BLOCK_V=_block_v(logits.shape[-1]), X_ALIGNED=same_alignment(dx_rows, rows),
             REF_ALIGNED=ref_logits is None or same_alignment(dx_rows, ref_rows), num_warps=NUM_WARPS,
         )
     return out

@@ -42,7 +42,7 @@ def row_layout(x: torch.Tensor) -> RowLayout:
         x = x.contiguous()
         strides = _row_strides(x.shape, x.stride())
         assert strides is not None  # a contiguous tensor's rows are evenly spaced
-    return RowLayout(x, *strides)
+    return tuple.__new__(RowLayout, (x, *strides))  # RowLayout(x, *strides) without its Python __new__
 
 
 @functools.lru_cache(maxsize=256)
@@ -73,12 +73,14 @@ def _row_strides(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, 
     return n_rows, inner, s_outer, s_inner
 
 
-def _strides_for(rows: RowLayout, inner: int) -> tuple[int, int] | None:
-    """rows' (stride_outer, stride_inner) with `inner` rows per outer step, when expressible."""
-    if rows.inner == inner or rows.n_rows <= 1:
-        return rows.stride_outer, rows.stride_inner
-    if rows.inner >= rows.n_rows:  # evenly spaced rows: row r at r * stride_inner
-        return inner * rows.stride_inner, rows.stride_inner
+def _strides_for(rows: tuple[int, int, int, int], inner: int) -> tuple[int, int] | None:
+    """(stride_outer, stride_inner) of rows (n_rows, inner, stride_outer, stride_inner: a RowLayout
+    without its tensor) with `inner` rows per outer step, when expressible."""
+    n_rows, rows_inner, stride_outer, stride_inner = rows
+    if rows_inner == inner or n_rows <= 1:
+        return stride_outer, stride_inner
+    if rows_inner >= n_rows:  # evenly spaced rows: row r at r * stride_inner
+        return inner * stride_inner, stride_inner
     return None
 
 
@@ -90,12 +92,20 @@ def same_alignment(a: RowLayout, b: RowLayout) -> bool:
     size = a.tensor.element_size()
     if b.tensor.element_size() != size or (a.tensor.data_ptr() - b.tensor.data_ptr()) % 16:
         return False
-    inner = a.inner if a.inner < a.n_rows else b.inner
+    return _same_row_offsets(size, a[1:], b[1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _same_row_offsets(size: int, a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """same_alignment's test of the strides (its pointers start equally aligned): a pure function of
+    the layouts' numbers, worked out once per layout pair (every backward launch asks it)."""
+    a_rows, a_inner = a[0], a[1]
+    inner = a_inner if a_inner < a_rows else b[1]
     strides_a, strides_b = _strides_for(a, inner), _strides_for(b, inner)
     if strides_a is None or strides_b is None:
-        return all(all(size * st % 16 == 0 for st in rows[3:]) for rows in (a, b))
-    outer_ok = a.n_rows <= inner or size * (strides_a[0] - strides_b[0]) % 16 == 0
-    inner_ok = min(inner, a.n_rows) <= 1 or size * (strides_a[1] - strides_b[1]) % 16 == 0
+        return all(all(size * st % 16 == 0 for st in rows[2:]) for rows in (a, b))
+    outer_ok = a_rows <= inner or size * (strides_a[0] - strides_b[0]) % 16 == 0
+    inner_ok = min(inner, a_rows) <= 1 or size * (strides_a[1] - strides_b[1]) % 16 == 0
     return outer_ok and inner_ok
 
 
@@ -110,10 +120,12 @@ def ref_layout(ref_logits: torch.Tensor | None, logits: torch.Tensor) -> RowLayo
 
 def grad_strides(out: torch.Tensor, logits: torch.Tensor, rows: RowLayout) -> tuple[int, int]:
     """(stride_outer, stride_inner) of the gradient rows written into out (contiguous, or logits itself)."""
-    if out.shape != logits.shape or out.dtype != logits.dtype:
+    shape = logits.shape
+    if out.shape != shape or out.dtype != logits.dtype:
         raise ValueError(f"out must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype}")
     if out.is_contiguous():
-        return rows.inner * logits.shape[-1], logits.shape[-1]
+        vocab = shape[-1]
+        return rows.inner * vocab, vocab
     if out is logits and rows.tensor is logits:
         return rows.stride_outer, rows.stride_inner
     raise ValueError("out must be contiguous or be logits itself")
@@ -134,6 +146,23 @@ def per_token(x: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
     return (x if x.dtype == torch.float32 else x.to(torch.float32)).expand(shape).contiguous()
 
 
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """x's elements in contiguous memory, as a kernel that takes (N,) reads them: x itself when it is
+    contiguous (a pointer is all a kernel takes, so a (B, T) tensor needs no (N,) view: a view per
+    launch is host time), else a contiguous copy. (A reshape(-1) can be a strided view, which a
+    kernel reading ptr + i would misread.)"""
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def leading_rows(x: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    """The first `rows` rows of x viewed as (R, n), as the contiguous float32 (rows, n) memory a kernel
+    reads: x itself when it is contiguous float32 already (the kernel reads its first rows * n
+    elements through the pointer), else a copy."""
+    if x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= rows * n:
+        return x
+    return x.reshape(-1, n)[:rows].to(torch.float32).contiguous()
+
+
 def unit_stride(x: torch.Tensor) -> torch.Tensor:
     """x (B, T) with unit stride over T (a bool mask as uint8), copied only when needed."""
     x = x.view(torch.uint8) if x.dtype == torch.bool else x
@@ -143,9 +172,15 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
 def check_policy_launch(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
                         inputs: TokenInputs, epilogue: Epilogue) -> None:
     """The launch contract of the policy-loss kernels (Triton and CUDA), checked before either runs."""
-    if tokens.shape != logits.shape[:-1] or inputs.agg_weights.shape != tokens.shape:
+    shape = tokens.shape
+    if shape != logits.shape[:-1] or inputs.agg_weights.shape != shape:
         raise ValueError(f"tokens and agg_weights must have shape {tuple(logits.shape[:-1])}")
-    if (epilogue.kl_kind == KL_KINDS["full"]) != (ref_logits is not None):
+    kl_kind = epilogue.kl_kind
+    if (kl_kind == _KL_FULL) != (ref_logits is not None):
         raise ValueError("ref_logits is needed exactly when the KL kind is 'full' (the exact KL)")
-    if epilogue.kl_kind in (KL_KINDS["k1"], KL_KINDS["k2"], KL_KINDS["k3"]) and inputs.ref_logprobs is None:
+    if kl_kind in _SAMPLED_KL_KINDS and inputs.ref_logprobs is None:
         raise ValueError("the sampled-token KL kinds (k1, k2, k3) need ref_logprobs")
+
+
+_KL_FULL = KL_KINDS["full"]
+_SAMPLED_KL_KINDS = (KL_KINDS["k1"], KL_KINDS["k2"], KL_KINDS["k3"])

@@ -78,7 +78,7 @@ def check_token_ids(tokens: object, shape: tuple[int, ...], vocab: int | None, l
     dtype = tokens.dtype
     if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {tokens.dtype}")
-    if tokens.shape != tuple(shape):
+    if tokens.shape != shape and tuple(tokens.shape) != tuple(shape):  # a Size equals a tuple of its sizes
         raise ValueError(f"{name} must have the shape of {like_name} without its last dimension, "
                          f"{tuple(shape)}, got {tuple(tokens.shape)}")
     check_same_device(name, tokens, like, like_name)
@@ -96,7 +96,8 @@ def check_token_range(tokens: torch.Tensor, vocab: int, name: str = "tokens",
     tensors, or RLOPS_CHECK=1); unchecked, an id outside [0, vocab) gives a NaN log-prob."""
     if not tokens.numel() or not value_checks_enabled(tokens):
         return
-    lo, hi = (int(v) for v in torch.aminmax(tokens))
+    lo, hi = torch.aminmax(tokens)
+    lo, hi = int(lo), int(hi)
     if lo >= 0 and hi < vocab:  # every id in range: the mask need not be read (one op fewer)
         return
     if counted is not None:

@@ -75,8 +75,7 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str | None = None) -> str
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package (Linux only): pip install triton")
         if not x.is_cuda:
-            from .. import kernels
-
+            kernels = launchers("triton")  # imported once (an import statement per call is host time)
             if x.device.type != "cpu" or not kernels.INTERPRETED:
                 raise RuntimeError(
                     f"backend='triton' got {x.device.type} tensors; it runs on CUDA tensors, or on CPU "
