@@ -49,6 +49,9 @@ class VocabShard:
     @classmethod
     def of(cls, group: object, local_vocab: int, vocab_start: object) -> VocabShard:
         """The shard of this rank: shards of equal size in rank order unless vocab_start is given."""
+        if group is None:
+            raise ValueError("vocab_start (this rank's first global id) needs vocab_group, the process group "
+                             "over which the vocabulary is split")
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"vocab_group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -59,6 +62,14 @@ class VocabShard:
         return cls(group, world, vocab_start, local_vocab, None)
 
 
+def vocab_shard(group: object, local_vocab: int, vocab_start: object, backend: str) -> VocabShard:
+    """This rank's shard (VocabShard.of) for a call on `backend`, which must not be "cuda"."""
+    if backend == "cuda":
+        raise ValueError("vocab_group needs backend 'auto', 'triton' or 'torch': the CUDA twins have no "
+                         "row-state kernel")
+    return VocabShard.of(group, local_vocab, vocab_start)
+
+
 def check_vocab_parallel(logits: Tensor, tokens: object, group: object, vocab_start: object, backend: str,
                          ref_logits: Tensor | None = None, tokens_name: str = "tokens") -> VocabShard:
     """Checks the inputs of a vocabulary-parallel call and returns this rank's shard."""
@@ -66,16 +77,13 @@ def check_vocab_parallel(logits: Tensor, tokens: object, group: object, vocab_st
     if logits.dim() < 1 or logits.shape[-1] < 1 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point (..., V_shard) tensor, got {logits.dtype} "
                          f"{tuple(logits.shape)}")
-    if backend == "cuda":
-        raise ValueError("vocab_group needs backend 'auto', 'triton' or 'torch': the CUDA twins have no "
-                         "row-state kernel")
-    shard = VocabShard.of(group, logits.shape[-1], vocab_start)
+    shard = vocab_shard(group, logits.shape[-1], vocab_start, backend)
     tokens = check_tensor(tokens_name, tokens)
     if tokens.dtype == torch.bool or tokens.is_floating_point() or tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{tokens_name} must be integer global ids of shape {tuple(logits.shape[:-1])}, got "
                          f"{tokens.dtype} {tuple(tokens.shape)}")
     check_same_device(tokens_name, tokens, logits, "logits")
-    if shard.vocab is not None and (not tokens.is_cuda or value_checks_enabled()) and tokens.numel():
+    if shard.vocab is not None and value_checks_enabled(tokens) and tokens.numel():
         low, high = (int(v) for v in torch.aminmax(tokens))
         if low < 0 or high >= shard.vocab:
             raise ValueError(f"{tokens_name} must be global ids in [0, {shard.vocab}) ({shard.world} shards of "
@@ -188,11 +196,32 @@ def _torch_grad(logits: Tensor, local_ids: Tensor, stats: Tensor, grads: Tensor,
     return out.reshape(logits.shape)
 
 
+def shard_grad(logits: Tensor, local_ids: Tensor, stats: Tensor, grads: Tensor, temperature: float,
+               ref_logits: Tensor | None, backend: str, out: Tensor | None = None) -> Tensor:
+    """d logits of this shard (logits' shape and dtype) from the merged statistics (N_STATS, N) and
+    the float32 upstream gradients (3, N) of logp, entropy and kl: the kernels' backward (backend
+    "triton") or _torch_grad ("torch"). `out` receives it when given, and may be logits itself."""
+    if backend == "triton":
+        from .kernels import logits_grad
+
+        return logits_grad(logits, local_ids, stats, grads, temperature, ref_logits, out=out)
+    dx = _torch_grad(logits, local_ids, stats, grads, temperature, ref_logits)
+    return dx if out is None else out.copy_(dx)
+
+
 def _all_gather(output: Tensor, tensor: Tensor, group: dist.ProcessGroup) -> None:
     """Every rank's tensor, concatenated along dim 0 into output (all_gather_single where this
     torch has it, which deprecates all_gather_into_tensor)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, tensor, group=group)
+
+
+def gathered_stats(states: Tensor, shard: VocabShard, temperature: float, has_ref: bool) -> Tensor:
+    """(N_STATS, N) float32 statistics of the whole vocabulary from this shard's (N_GATHERED, N)
+    float32 states (_shard_states): one all_gather over the group, then the merge."""
+    gathered = torch.empty((shard.world * N_GATHERED, states.shape[1]), dtype=states.dtype, device=states.device)
+    _all_gather(gathered, states.contiguous(), group=shard.group)
+    return _merged_stats(gathered.view(shard.world, N_GATHERED, -1), temperature, has_ref)
 
 
 class _VocabParallelStats(torch.autograd.Function):
@@ -201,9 +230,7 @@ class _VocabParallelStats(torch.autograd.Function):
                 temperature: float, backend: str) -> Tensor:
         local_ids = tokens - shard.start
         states = _shard_states(logits, ref_logits, local_ids, temperature, backend)
-        gathered = torch.empty((shard.world * N_GATHERED, states.shape[1]), dtype=states.dtype, device=states.device)
-        _all_gather(gathered, states.contiguous(), group=shard.group)
-        stats = _merged_stats(gathered.view(shard.world, N_GATHERED, -1), temperature, ref_logits is not None)
+        stats = gathered_stats(states, shard, temperature, ref_logits is not None)
         ctx.save_for_backward(logits, local_ids, stats, ref_logits)
         ctx.temperature, ctx.backend = temperature, backend
         return stats.reshape(N_STATS, *tokens.shape)
@@ -212,12 +239,7 @@ class _VocabParallelStats(torch.autograd.Function):
     def backward(ctx, grad_stats: Tensor) -> tuple:
         logits, local_ids, stats, ref_logits = ctx.saved_tensors
         grads = grad_stats[STAT_GRADS].reshape(3, -1).float().contiguous()
-        if ctx.backend == "triton":
-            from .kernels import logits_grad
-
-            dx = logits_grad(logits, local_ids, stats, grads, ctx.temperature, ref_logits)
-        else:
-            dx = _torch_grad(logits, local_ids, stats, grads, ctx.temperature, ref_logits)
+        dx = shard_grad(logits, local_ids, stats, grads, ctx.temperature, ref_logits, ctx.backend)
         return dx, None, None, None, None, None
 
 

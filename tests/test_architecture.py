@@ -16,7 +16,7 @@ MAX_PARAMS = 8
 # restatements and drop-ins that keep a framework's signature (TRL, verl, OpenRLHF).
 KEYWORD_ENTRY_POINTS = {
     "rlops/ops/policy_loss.py": {"policy_loss"},
-    "rlops/ops/linear_policy_loss.py": {"linear_policy_loss"},
+    "rlops/ops/linear_policy_loss.py": {"linear_policy_loss", "linear_token_logprobs_and_entropy"},
     "rlops/losses.py": {"forward"},  # PolicyLoss.forward: policy_loss's tensors
     "rlops/baselines.py": {"trl_grpo_loss", "verl_actor_loss"},
     "rlops/integrations/openrlhf.py": {"__init__"},  # openrlhf.models.loss.PolicyLoss.__init__

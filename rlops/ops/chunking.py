@@ -1,7 +1,11 @@
-"""How many rows the fused-linear loss projects at once (rlops/ops/linear_policy_loss.py)."""
+"""The chunks of the fused-linear loss (rlops/ops/linear_policy_loss.py): how many rows it projects at
+once, and how a chunk's product is added into a float32 gradient accumulator."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor
 
 from ._backend import TRITON_AVAILABLE
@@ -31,3 +35,38 @@ def gpu_wave(x: Tensor) -> int:
     from ..kernels._common import resident_programs
 
     return resident_programs(x.device)
+
+
+@functools.cache
+def _accumulate_variant(device_type: str) -> str:
+    """How this device adds a bf16/fp16 product into a float32 buffer without rounding it first."""
+    a = torch.tensor([[1.0, 2.0**-9]], device=device_type).to(torch.bfloat16)
+    b = torch.ones(2, 1, device=device_type, dtype=torch.bfloat16)
+    exact = 1.0 + 2.0**-9  # not representable in bf16: a rounded product loses it
+    try:
+        acc = torch.zeros(1, 1, device=device_type)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if acc.item() == exact:
+            return "addmm-out"
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    try:
+        if torch.mm(a, b, out_dtype=torch.float32).item() == exact:
+            return "mm-out-dtype"
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    return "rounded"
+
+
+def add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b for a float32 accumulator, without rounding the product to a's dtype where possible."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    variant = _accumulate_variant(a.device.type)
+    if variant == "addmm-out":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif variant == "mm-out-dtype":
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+    else:
+        acc.add_(torch.mm(a, b))

@@ -16,12 +16,13 @@ Masked tokens: on CPU tensors they are dropped before the projection (a nonzero(
 On a GPU finding them would be a device-to-host sync, so every row is projected: a masked row is
 zeroed (no padding value, even NaN, reaches a logit or a gradient), has weight 0 and id 0, and the
 kernels skip it, but its share of the matmuls is spent. Packed batches (cu_seqlens) have no padding.
+
+With vocab_group (the lm_head's rows split over ranks) the statistics are rlops.linear_vocab_parallel's.
 """
 
 # No `from __future__ import annotations` here, to match the other ops modules.
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +38,12 @@ from .._validation import (
     check_token_range,
 )
 from ..constants import GRADS, N_POLICY_ROWS, N_STATS, ROW, STAT_GRADS
-from ..options import Epilogue, Head, PolicyBatch, PolicyLossConfig, TokenInputs
+from ..options import Epilogue, GlobalBatch, Head, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..packing import Layout, check_cu_seqlens
 from ..torch_backend import LossTerms, TokenStats
+from ..vocab_parallel import VocabShard
 from ._backend import launchers, resolve_backend
-from .chunking import default_chunk_rows, gpu_wave
+from .chunking import add_matmul, default_chunk_rows, gpu_wave
 from .policy_loss import (
     PolicyLossOutput,
     check_kl_inputs,
@@ -49,41 +51,6 @@ from .policy_loss import (
     check_per_token_inputs,
     packed_as_row,
 )
-
-
-@functools.cache
-def _accumulate_variant(device_type: str) -> str:
-    """How this device adds a bf16/fp16 product into a float32 buffer without rounding it first."""
-    a = torch.tensor([[1.0, 2.0**-9]], device=device_type).to(torch.bfloat16)
-    b = torch.ones(2, 1, device=device_type, dtype=torch.bfloat16)
-    exact = 1.0 + 2.0**-9  # not representable in bf16: a rounded product loses it
-    try:
-        acc = torch.zeros(1, 1, device=device_type)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        if acc.item() == exact:
-            return "addmm-out"
-    except (RuntimeError, NotImplementedError, TypeError):
-        pass
-    try:
-        if torch.mm(a, b, out_dtype=torch.float32).item() == exact:
-            return "mm-out-dtype"
-    except (RuntimeError, NotImplementedError, TypeError):
-        pass
-    return "rounded"
-
-
-def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b for a float32 accumulator, without rounding the product to a's dtype where possible."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    variant = _accumulate_variant(a.device.type)
-    if variant == "addmm-out":
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    elif variant == "mm-out-dtype":
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:
-        acc.add_(torch.mm(a, b))
 
 
 def _push_through_head(dlogits: Tensor, hidden: Tensor, weight: Tensor, grads: list[Tensor | None],
@@ -94,7 +61,7 @@ def _push_through_head(dlogits: Tensor, hidden: Tensor, weight: Tensor, grads: l
     if grad_hidden is not None:
         torch.mm(dlogits, weight, out=grad_hidden[start:stop])
     if grad_weight is not None:
-        _add_matmul(grad_weight, dlogits.t(), hidden)
+        add_matmul(grad_weight, dlogits.t(), hidden)
     if grad_bias is not None:
         grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
 
@@ -117,8 +84,9 @@ def _project(rows: Tensor, head: Head) -> Tensor:
 class _Chunks:
     """What the chunked autograd functions need besides the differentiable hidden, weight and bias:
     the rows' token ids (n,), the reference (hidden rows, head) for the exact KL, which rows
-    count (mask, bool (n,), when every row is projected; None when only counted rows are), and
-    for the loss the per-token inputs (each (n,)) and the kernel epilogue."""
+    count (mask, bool (n,), when every row is projected; None when only counted rows are), for
+    the loss the per-token inputs (each (n,)) and the kernel epilogue, and with vocab_group this
+    rank's shard of the vocabulary (the head's rows; tokens are then ids local to it)."""
 
     tokens: Tensor
     ref: tuple[Tensor, Head] | None
@@ -128,6 +96,7 @@ class _Chunks:
     inputs: TokenInputs | None = None
     epilogue: Epilogue | None = None
     mask: Tensor | None = None
+    shard: VocabShard | None = None
 
     def rows(self, x: Tensor, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of x (hidden or reference hidden states), those of masked tokens zeroed."""
@@ -151,7 +120,8 @@ class _LinearStats(torch.autograd.Function):
                 _project(chunks.rows(hidden, s, e), head), chunks.tokens[s:e], chunks.temperature,
                 chunks.ref_logits(s, e), None if chunks.mask is None else chunks.mask[s:e])
         ctx.save_for_backward(hidden, weight, bias, stats)
-        ctx.chunks = chunks
+        # rlops.linear_vocab_parallel reuses the backward with its shard's gradient launcher.
+        ctx.chunks, ctx.logits_grad = chunks, launchers(chunks.backend).logits_grad
         ctx.mark_non_differentiable(stats[ROW["max"]:])
         return stats
 
@@ -164,13 +134,22 @@ class _LinearStats(torch.autograd.Function):
             e = min(s + chunks.chunk, hidden.shape[0])
             rows = chunks.rows(hidden, s, e)
             logits = _project(rows, head)
-            launchers(chunks.backend).logits_grad(logits, chunks.tokens[s:e], stats[:, s:e],
-                                                  grad_stats[STAT_GRADS, s:e], chunks.temperature,
-                                                  chunks.ref_logits(s, e), out=logits)
+            ctx.logits_grad(logits, chunks.tokens[s:e], stats[:, s:e], grad_stats[STAT_GRADS, s:e],
+                            chunks.temperature, chunks.ref_logits(s, e), out=logits)
             _push_through_head(logits, rows, weight, grads, s, e)
         grad_hidden, grad_weight, grad_bias = grads
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None)
+
+
+def _linear_stats(hidden: Tensor, head: Head, chunks: _Chunks) -> Tensor:
+    """Differentiable float32 (N_STATS, n) statistics of hidden's (n, H) rows: of the whole vocabulary
+    from this rank's rows of the head when chunks.shard is set (rlops.linear_vocab_parallel)."""
+    if chunks.shard is None:
+        return _LinearStats.apply(hidden, *head, chunks)
+    from ..linear_vocab_parallel import LinearShardStats  # lazily: it builds on this module
+
+    return LinearShardStats.apply(hidden, *head, chunks)
 
 
 class _LinearPolicyLoss(torch.autograd.Function):
@@ -256,6 +235,8 @@ def linear_token_logprobs_and_entropy(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     backend: str = "auto",
+    vocab_group: object = None,
+    vocab_start: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`token_logprobs_and_entropy` of logits = hidden @ weight.T + bias, without materialising them.
 
@@ -270,6 +251,12 @@ def linear_token_logprobs_and_entropy(
         chunk_size: rows per chunk (default: ~256 MiB of chunk buffers, at least 128 rows).
         backend: "auto" (Triton kernels on CUDA, the PyTorch backend on CPU), "triton",
             "cuda" or "torch".
+        vocab_group, vocab_start: the lm_head split over the vocabulary across the ranks of a
+            process group (rlops.linear_vocab_parallel; shards as rlops.token_logprobs_and_entropy
+            takes them): hidden is replicated, weight (V_r, H) and bias (V_r,) are this rank's
+            rows, tokens global ids. One all_gather of 8 floats per token; the backward
+            all-reduces hidden's gradient (Megatron's copy_to_tensor_model_parallel_region), so
+            every gradient equals the single-device op's. Backends auto/triton/torch.
 
     Returns:
         (logp, entropy), float32 of tokens' shape; gradients reach hidden, weight and bias.
@@ -284,19 +271,26 @@ def linear_token_logprobs_and_entropy(
         rows = hidden.reshape(-1, hidden.shape[-1])
         if isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.shape[0] == 1:
             rows = rows[None]
-    check_token_ids(tokens, tuple(rows.shape[:-1]), vocab, hidden, like_name="hidden")
+    # Vocabulary-parallel ids are global: checked against the whole vocabulary below.
+    check_token_ids(tokens, tuple(rows.shape[:-1]), vocab if vocab_group is None else None, hidden,
+                    like_name="hidden")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, tokens.numel(), hidden, "hidden")
     hidden = rows
     temperature = check_positive_float("temperature", temperature)
     n = tokens.numel()
     chunk = _chunk(chunk_size, n, hidden, vocab, False)
+    shard = None
+    if vocab_group is not None or vocab_start is not None:
+        from ..linear_vocab_parallel import local_ids  # lazily: it builds on this module
+
+        tokens, shard, backend = local_ids(tokens, vocab, vocab_group, vocab_start, backend)
     backend = resolve_backend(backend, hidden, "linear_policy_loss")
-    if backend == "torch":
+    if backend == "torch" and shard is None:
         stats = torch_backend.linear_token_stats(hidden, Head(weight, bias), tokens, temperature, chunk_size=chunk)
         return stats.logp.float(), stats.entropy.float()
-    stats = _LinearStats.apply(hidden.reshape(n, -1), weight, bias,
-                               _Chunks(tokens.reshape(-1), None, temperature, chunk, backend))
+    stats = _linear_stats(hidden.reshape(n, -1), Head(weight, bias),
+                          _Chunks(tokens.reshape(-1), None, temperature, chunk, backend, shard=shard))
     return stats[ROW["logp"]].view(tokens.shape), stats[ROW["entropy"]].view(tokens.shape)
 
 
@@ -329,6 +323,9 @@ def linear_policy_loss(
     entropy_agg: str | None = None,
     kl_ratio_weighted: bool = False,
     backend: str = "auto",
+    vocab_group: object = None,
+    vocab_start: int | None = None,
+    global_batch: GlobalBatch | None = None,
 ) -> PolicyLossOutput:
     """`rlops.policy_loss` on logits = hidden @ weight.T + bias, without materialising the logits.
 
@@ -343,6 +340,11 @@ def linear_policy_loss(
         chunk_size: rows per chunk (default: ~256 MiB of chunk buffers, at least 128 rows):
             peak memory above the inputs is one chunk's buffers plus the float32 weight
             gradient, whatever N.
+        vocab_group, vocab_start: the lm_head split over the vocabulary, as
+            `linear_token_logprobs_and_entropy` takes them (ref_weight and ref_bias are then
+            this rank's rows too); the loss is the PyTorch backend's epilogue on the statistics
+            of the whole vocabulary, the same on every rank (as `rlops.policy_loss`).
+        global_batch: rlops.GlobalBatch, the batch split over ranks, as `rlops.policy_loss`.
         every other option: as `rlops.policy_loss` (`inplace_grad` does not apply: the chunk
             buffers are always overwritten with their gradient).
 
@@ -378,11 +380,19 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     batch = check_per_token_inputs(PolicyBatch(*(x[None] if one_sequence and x is not None and x.dim() == 1 else x
                                                  for x in batch)))
     layout = Layout.of(batch.mask) if layout is None else layout._replace(mask=batch.mask)
-    check_token_range(batch.tokens, vocab, counted=batch.mask)  # a masked token's id is never read
+    shard, backend = None, config.backend
+    if config.vocab_group is None:
+        check_token_range(batch.tokens, vocab, counted=batch.mask)  # a masked token's id is never read
+    else:  # global ids become this shard's (a masked one 0 below: this rank's first global id)
+        from ..linear_vocab_parallel import local_ids  # lazily: it builds on this module
+
+        tokens, shard, backend = local_ids(batch.tokens, vocab, config.vocab_group, config.vocab_start, backend,
+                                           batch.mask)
+        batch = batch._replace(tokens=tokens)
     check_kl_inputs(config, batch.ref_logprobs, ref is not None,
                     "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
-    check_packed_options(config, layout)
-    backend = resolve_backend(config.backend, hidden, "linear_policy_loss")
+    layout = check_packed_options(config, layout)
+    backend = resolve_backend(backend, hidden, "linear_policy_loss")
     full_kl = config.kl_used == "full"
     mask = batch.mask.reshape(-1)
     # The projected rows: on the CPU the counted ones (indices); elsewhere all (a slice: finding them
@@ -391,10 +401,10 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     tokens = torch.where(mask, batch.tokens.reshape(-1), 0)[counted]  # padding ids (-100) never read
     chunks = _Chunks(tokens, (ref[0].reshape(-1, ref[0].shape[-1])[counted], ref[1]) if full_kl else None,
                      config.temperature, _chunk(chunk_size, max(tokens.numel(), 1), hidden, vocab, full_kl), backend,
-                     mask=mask if isinstance(counted, slice) else None)
+                     mask=mask if isinstance(counted, slice) else None, shard=shard)
     inputs = TokenInputs.of(batch, layout, config)
     counted_hidden = hidden.reshape(-1, hidden.shape[-1])[counted]
-    if backend != "torch" and config.ratio_level == "token":
+    if shard is None and backend != "torch" and config.ratio_level == "token":
         shape = batch.tokens.shape
         gathered = inputs.map(lambda x: x.to(torch.float32).expand(shape).reshape(-1)[counted])
         loss, out = _LinearPolicyLoss.apply(counted_hidden, *head, dataclasses.replace(chunks, inputs=gathered,
@@ -426,13 +436,13 @@ def _scatter(values: Tensor, counted: Tensor | slice, shape: torch.Size) -> Tens
 def _counted_stats(counted_hidden: Tensor, head: Head, chunks: _Chunks, shape: torch.Size,
                    counted: Tensor | slice) -> TokenStats:
     """(B, T) token statistics of the projected rows (those of masked tokens, if any, for the caller to mask)."""
-    if chunks.backend == "torch":
+    if chunks.backend == "torch" and chunks.shard is None:
         n, ref = counted_hidden.shape[0], chunks.ref
         stats = torch_backend.linear_token_stats(chunks.rows(counted_hidden, 0, n), head, chunks.tokens,
                                                  chunks.temperature, None if ref is None else
                                                  (chunks.rows(ref[0], 0, n), ref[1]), chunk_size=chunks.chunk)
         values = [v if v is None else v.to(torch.float32) for v in stats]
     else:
-        out = _LinearStats.apply(counted_hidden, *head, chunks)
+        out = _linear_stats(counted_hidden, head, chunks)
         values = [out[ROW["logp"]], out[ROW["entropy"]], None if chunks.ref is None else out[ROW["kl"]]]
     return TokenStats(*(v if v is None else _scatter(v, counted, shape) for v in values))

@@ -158,7 +158,7 @@ def token_logprobs_and_entropy(
         (logp, entropy), float32 tensors of tokens' shape. Both are differentiable; the
         gradient reaches logits in logits' dtype.
     """
-    if vocab_group is not None:
+    if vocab_group is not None or vocab_start is not None:  # vocab_start alone: refused there
         return vocab_parallel.token_logprobs_and_entropy(logits, tokens, check_positive_float("temperature",
                                                          temperature), backend, vocab_group, vocab_start)
     temperature, backend = _prepare(logits, tokens, temperature, backend)
@@ -175,7 +175,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, bac
 
     Arguments as `token_logprobs_and_entropy`; the drop-in for `selective_log_softmax`.
     """
-    if vocab_group is not None:
+    if vocab_group is not None or vocab_start is not None:
         return token_logprobs_and_entropy(logits, tokens, temperature, backend, vocab_group=vocab_group,
                                           vocab_start=vocab_start)[0]
     return named_token_logprobs(logits, tokens, temperature, backend, "tokens")
