@@ -17,6 +17,7 @@ from .ops import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
+from .options import GlobalBatch
 
 try:
     __version__ = version("rlops")
@@ -24,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "GlobalBatch",
     "PolicyLoss",
     "PolicyLossConfig",
     "PolicyLossOutput",

@@ -16,6 +16,7 @@ the value checks of masks and cu_seqlens run on CPU tensors, and elsewhere only 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import torch_backend
@@ -256,7 +257,7 @@ def _packed_rewards(rewards: Tensor, cu_seqlens: object, num_tokens: int | None)
 
 
 def masked_whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True,
-                  cu_seqlens: Tensor | None = None) -> Tensor:
+                  cu_seqlens: Tensor | None = None, group: object = None) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the masked entries, variance unbiased (SPEC.md section 5).
 
     x: (...) float; mask: x's shape, bool or 0/1 (None = all). shift_mean=False adds the
@@ -266,6 +267,10 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = T
     The statistics are over all masked entries of the batch, not per sequence, so a packed batch
     (cu_seqlens int32/int64 (S+1,) given) needs nothing more: x and mask are (N,) or (1, N),
     cu_seqlens is checked against N, and the result equals the padded one on the same entries.
+
+    group: a torch.distributed process group over whose ranks the batch is split (data or
+    context parallel): the mean and variance are those of every rank's masked entries, from one
+    all_reduce of four float64 per call.
     """
     x = check_tensor("x", x)
     if not x.is_floating_point():
@@ -281,11 +286,30 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = T
     n = m.sum()
     mean = v.sum() / n.clamp(min=1)
     centered = torch.where(m, v - mean, 0.0)
-    var = (centered * centered).sum() / (n - 1).clamp(min=1)
+    if group is not None:
+        mean, n, var = _global_moments(centered, n, mean, group)
+        centered = torch.where(m, v - mean, 0.0)
+    else:
+        var = (centered * centered).sum() / (n - 1).clamp(min=1)
     whitened = centered * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, 0.0)
+
+
+def _global_moments(centered: Tensor, n: Tensor, mean: Tensor, group: object) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, count, unbiased variance), float32, of the masked entries of every rank of group, from
+    each rank's count n, mean and entries centred on it (Chan et al.'s parallel merge, in float64)."""
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    local = torch.stack([n.double(), n * mean.double(), (centered.double() ** 2).sum()])
+    # sum n_r m_r^2 as well, so that sum (x - M)^2 = sum_r [S_r + n_r (m_r - M)^2] needs one all_reduce.
+    totals = torch.cat([local, (n * mean.double() ** 2)[None]])
+    dist.all_reduce(totals, group=group)
+    count, total, squares, weighted_sq = totals.unbind()
+    global_mean = total / count.clamp(min=1)
+    var = (squares + weighted_sq - count * global_mean**2) / (count - 1).clamp(min=1)
+    return global_mean.float(), count, var.clamp(min=0).float()
 
 
 def kl_shaped_rewards(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ._validation import check_choice, check_float, check_positive_float
@@ -29,6 +30,56 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")
 RATIO_LEVELS = ("token", "sequence")
 BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """The whole batch, when one step's tokens are split over ranks: the `global_batch` option.
+
+    With it, the loss of each rank is its share of the whole batch's loss (the ranks' losses add
+    up to the loss of one process holding the whole batch, and so do their gradients): every
+    loss_agg and entropy_agg divides by the whole batch's counts, and per-sequence sums (the
+    sequence-level ratio, seq-mean-token-mean's token counts) cover every rank's part of a
+    sequence. DDP and FSDP average gradients over ranks: multiply the loss by the data-parallel
+    world size to get the sum (as verl's dp_size does).
+
+    group: the process group of every rank holding part of the batch (data and context parallel;
+        seq_group's ranks included). The counts not given below are summed over it by one
+        all_reduce of three float64 per call. Default: seq_group.
+    seq_group: the ranks among which each sequence is split (context parallel: every rank of it
+        holds the same sequences, in the same order, each a different part of their tokens, as
+        padded (B, T_r) rows or cu_seqlens segments, possibly empty). Per-sequence sums are
+        all-reduced over it (differentiable: each rank's tokens get their whole gradient).
+        seq-mean-token-sum-norm then needs norm_len (no rank knows the whole T).
+    tokens: the whole batch's counted (mask 1) tokens, for token-mean, given instead of summed
+        (verl's batch_num_tokens).
+    seqs: the whole batch's number of sequences for seq-mean-token-sum(-norm), or of sequences
+        with a counted token for seq-mean-token-mean, given instead of summed (verl's
+        global_batch_size).
+    """
+
+    group: object = None
+    seq_group: object = None
+    tokens: float | None = None
+    seqs: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("group", "seq_group"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dist.ProcessGroup):
+                raise TypeError(f"GlobalBatch.{name} must be a torch.distributed ProcessGroup or None, got "
+                                f"{type(value).__name__}")
+        for name in ("tokens", "seqs"):
+            if getattr(self, name) is not None:
+                check_float(f"GlobalBatch.{name}", getattr(self, name), ge=0.0)
+        if self.count_group is None and (self.tokens is None or self.seqs is None):
+            raise ValueError("GlobalBatch needs group or seq_group (process groups to sum the counts over), or "
+                             "both counts tokens and seqs")
+
+    @property
+    def count_group(self) -> object:
+        """The group the batch's counts are summed over."""
+        return self.seq_group if self.group is None else self.group
 
 
 @dataclass(frozen=True)
@@ -55,6 +106,7 @@ class PolicyLossConfig:
     backend: str = "auto"
     vocab_group: object = None  # a torch.distributed ProcessGroup: the vocabulary split over its ranks
     vocab_start: int | None = None
+    global_batch: GlobalBatch | None = None  # the whole batch when it is split over ranks
 
     def __post_init__(self) -> None:
         check_positive_float("temperature", self.temperature)
@@ -78,6 +130,21 @@ class PolicyLossConfig:
         if self.vocab_start is not None and self.vocab_group is None:
             raise ValueError("vocab_start (this rank's first global id) needs vocab_group, the process group "
                              "over which the vocabulary is split")
+        if self.vocab_group is not None and self.backend == "cuda":
+            raise ValueError("vocab_group needs backend 'auto', 'triton' or 'torch': the CUDA twins have no "
+                             "row-state kernel")
+        self._check_global_batch()
+
+    def _check_global_batch(self) -> None:
+        split = self.global_batch
+        if split is None:
+            return
+        if not isinstance(split, GlobalBatch):
+            raise TypeError(f"global_batch must be an rlops.GlobalBatch or None, got {type(split).__name__}")
+        norm_aggs = {self.loss_agg, self.entropy_agg_used} & {"seq-mean-token-sum-norm"}
+        if split.seq_group is not None and norm_aggs and self.norm_len is None:
+            raise ValueError("seq-mean-token-sum-norm with global_batch.seq_group needs norm_len: the sequences "
+                             "are split, so no rank knows their whole length T")
 
     @classmethod
     def from_call(cls, arguments: dict[str, object]) -> PolicyLossConfig:
@@ -148,30 +215,68 @@ def _cached_config(values: tuple[object, ...], types: tuple[type, ...]) -> Polic
     return PolicyLossConfig(**dict(zip(CONFIG_FIELDS, values, strict=True)))
 
 
-def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = None) -> Tensor:
+def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = None,
+                        counts: BatchCounts | None = None) -> Tensor:
     """Per-token weights w float32 (layout.mask's shape) with sum(w * l) = the loss_agg aggregate of l (SPEC 4).
 
     The sequences are the rows of a padded (B, T) mask, or the packed segments of layout.
     w is 0 exactly where the mask is 0, and an empty mask gives all zeros (loss 0, no NaN).
     seq-mean-token-sum-norm divides by S * norm_len; norm_len defaults to T (padded only).
+    counts: the whole batch's when the batch is split over ranks (`BatchCounts.of`); then the
+    weights of all ranks add up to the aggregate of the whole batch. None: this call's batch.
     """
-    if loss_agg == "token-mean":
-        # The bool mask over its integer count: the division promotes to float32 (three small ops,
-        # not four: the count is exact as an integer and converts exactly below 2**24 tokens).
-        return layout.mask / layout.mask.sum().clamp(min=1)
     m = layout.mask.to(torch.float32)
-    n_seqs = layout.n_seqs
+    if loss_agg == "token-mean":
+        total = m.sum() if counts is None else counts.tokens.clone()
+        # In place on m, a fresh tensor (the mask is bool): two allocations fewer, the same numbers.
+        if m is layout.mask:
+            m = m.clone()
+        return m.div_(total.clamp_min_(1.0))
     if loss_agg == "seq-mean-token-mean":
-        per_seq = layout.seq_totals(m)
-        n_valid = (per_seq > 0).sum().clamp(min=1)
-        return m / layout.per_token(per_seq.clamp(min=1.0)) / n_valid
-    if loss_agg == "seq-mean-token-sum":
-        return m / max(n_seqs, 1)
-    if loss_agg == "seq-mean-token-sum-norm":
-        denominator = n_seqs * (m.shape[-1] if norm_len is None else norm_len)
+        per_seq = layout.seq_totals(m) if counts is None else counts.per_seq
+        n_valid = (per_seq > 0).sum() if counts is None else counts.valid_seqs
+        return m / layout.per_token(per_seq.clamp(min=1.0)) / n_valid.clamp(min=1)
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGS)}; got {loss_agg!r}")
+    n_seqs = layout.n_seqs if counts is None else counts.seqs
+    length = 1.0 if loss_agg == "seq-mean-token-sum" else m.shape[-1] if norm_len is None else norm_len
+    denominator = n_seqs * length
+    if counts is None:
         return m / denominator if denominator > 0 else m  # an empty batch has no weights to scale
-    raise ValueError(f"loss_agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum, "
-                     f"seq-mean-token-sum-norm; got {loss_agg!r}")
+    return m / torch.where(denominator > 0, denominator, 1.0)
+
+
+class BatchCounts(NamedTuple):
+    """The counts the aggregations divide by, of a whole batch split over ranks (GlobalBatch).
+
+    tokens, valid_seqs (sequences with a counted token), seqs: float64 scalars (0-d tensors) of
+    the whole batch; per_seq: float32 counted tokens of each of this call's sequences (B,) or
+    (S,), over every rank that holds part of it.
+    """
+
+    tokens: Tensor
+    valid_seqs: Tensor
+    seqs: Tensor
+    per_seq: Tensor
+
+    @classmethod
+    def of(cls, layout: Layout, split: GlobalBatch) -> BatchCounts:
+        """The whole batch's counts: the given ones, the others by one all_reduce of three numbers
+        over split's group (after one of the per-sequence counts over seq_group, when set)."""
+        per_seq = layout.seq_totals(layout.mask.to(torch.float32))
+        n_seqs = torch.full((), layout.n_seqs, device=per_seq.device)  # a fill, not a host-to-device copy
+        local = torch.stack([layout.mask.sum(), (per_seq > 0).sum(), n_seqs]).to(torch.float64)
+        group = split.count_group
+        if group is not None and (split.tokens is None or split.seqs is None):
+            dist.all_reduce(local, group=group)
+            if split.seq_group is not None:  # each sequence sits on every rank of seq_group: counted once
+                local[1:] /= dist.get_world_size(split.seq_group)
+        tokens, valid, seqs = local.unbind()
+        if split.tokens is not None:
+            tokens = torch.tensor(float(split.tokens), dtype=torch.float64, device=local.device)
+        if split.seqs is not None:
+            valid = seqs = torch.tensor(float(split.seqs), dtype=torch.float64, device=local.device)
+        return cls(tokens, valid, seqs, per_seq)
 
 
 class Epilogue(NamedTuple):
@@ -223,9 +328,11 @@ class TokenInputs(NamedTuple):
     def of(cls, batch: PolicyBatch, layout: Layout, config: PolicyLossConfig) -> TokenInputs:
         """The inputs of a checked batch: aggregation weights from its layout (mask and sequences)
         and config, then its tensors, the reference log-probs dropped unless a sampled-token KL is used."""
+        counts = None if config.global_batch is None else BatchCounts.of(layout, config.global_batch)
         entropy_coefs = None if config.entropy_coef == 0 else \
-            config.entropy_coef * aggregation_weights(layout, config.entropy_agg_used, config.norm_len)
-        return cls(aggregation_weights(layout, config.loss_agg, config.norm_len), entropy_coefs, batch.advantages,
+            config.entropy_coef * aggregation_weights(layout, config.entropy_agg_used, config.norm_len, counts)
+        return cls(aggregation_weights(layout, config.loss_agg, config.norm_len, counts), entropy_coefs,
+                   batch.advantages,
                    batch.old_logprobs, batch.ref_logprobs if config.kl_used in SAMPLED_KL else None, batch.is_weights)
 
     def map(self, fn) -> TokenInputs:

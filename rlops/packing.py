@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed
 from torch import Tensor
 
 from ._validation import check_same_device, check_tensor, value_checks_enabled
@@ -107,12 +108,15 @@ class Layout(NamedTuple):
 
     mask: bool, the per-token shape ((B, T), or (1, N) packed). seq_ids: None when each row
     is a sequence (padded), else int64 (N,) the sequence of each packed token. n_seqs: S (B
-    when padded), a Python int known without reading the device.
+    when padded), a Python int known without reading the device. seq_group: None, or the
+    torch.distributed process group whose ranks hold parts of the same sequences (context
+    parallel, rlops.GlobalBatch.seq_group): `seq_totals` then sums each sequence over them.
     """
 
     mask: Tensor
     seq_ids: Tensor | None
     n_seqs: int
+    seq_group: object = None
 
     @classmethod
     def of(cls, mask: Tensor, cu_seqlens: Tensor | None = None) -> Layout:
@@ -132,12 +136,18 @@ class Layout(NamedTuple):
         return cls(mask, seq_ids, n_seqs)
 
     def seq_totals(self, x: Tensor) -> Tensor:
-        """Per-sequence sums (B,) or (S,) of x (mask's shape); differentiable."""
+        """Per-sequence sums (B,) or (S,) of x (mask's shape), over every rank of seq_group when it
+        is set; differentiable."""
         if self.seq_ids is None:
-            return x.sum(-1)
-        if self.n_seqs == 0:  # no sequence to add into (see `of`)
-            return x.new_zeros(0) + 0 * x.sum()
-        return x.new_zeros(self.n_seqs).index_add(0, self.seq_ids, x.reshape(-1))
+            totals = x.sum(-1)
+        elif self.n_seqs == 0:  # no sequence to add into (see `of`)
+            totals = x.new_zeros(0) + 0 * x.sum()
+        else:
+            totals = x.new_zeros(self.n_seqs).index_add(0, self.seq_ids, x.reshape(-1))
+        if self.seq_group is None:
+            return totals
+        return _SumOverRanks.apply(totals, self.seq_group)
+
 
     def per_token(self, per_seq: Tensor) -> Tensor:
         """Each token's value of its sequence from (B,) or (S,) values, broadcastable to mask's shape."""
@@ -146,3 +156,23 @@ class Layout(NamedTuple):
         if self.n_seqs == 0:  # tokens of no sequence (see `of`): 0, without indexing the empty per_seq
             return per_seq.new_zeros(self.mask.shape) + 0 * per_seq.sum()
         return per_seq[self.seq_ids].view(self.mask.shape)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """x summed over the ranks of a process group. A sequence's tokens on several ranks: its sum is
+    every rank's part. The backward sums the gradient over the ranks too, so that each rank's
+    tokens get the whole batch's gradient when the ranks' losses add up to the batch's
+    (rlops.GlobalBatch). (torch.distributed.nn.functional.all_reduce, deprecated in torch 2.13.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: object) -> Tensor:
+        ctx.group = group
+        out = x.contiguous().clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        out = grad.contiguous().clone()
+        torch.distributed.all_reduce(out, group=ctx.group)
+        return out, None

@@ -29,7 +29,7 @@ from .._validation import (
     check_token_range,
 )
 from ..constants import GRADS, N_POLICY_ROWS, ROW, SAMPLED_KL
-from ..options import Epilogue, PolicyBatch, PolicyLossConfig, TokenInputs
+from ..options import Epilogue, GlobalBatch, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..packing import Layout, check_cu_seqlens
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
@@ -204,6 +204,7 @@ def policy_loss(
     backend: str = "auto",
     vocab_group: object = None,
     vocab_start: int | None = None,
+    global_batch: GlobalBatch | None = None,
 ) -> PolicyLossOutput:
     """The clipped PPO/GRPO policy loss with optional KL penalty and entropy bonus (SPEC.md 2-4).
 
@@ -247,6 +248,12 @@ def policy_loss(
             this rank's shard (B, T, V_shard), tokens global ids. One all_gather of 8 floats per
             token, then the PyTorch backend's O(B*T) epilogue; every rank gets the same loss.
             Backends auto/triton/torch; not with inplace_grad.
+        global_batch: rlops.GlobalBatch, when the batch's sequences (data parallel) or the tokens
+            of each sequence (context parallel) are split over ranks: the loss is then this
+            rank's share of the whole batch's (the ranks' losses add up to it), every
+            aggregation divided by the whole batch's counts (given, or one all_reduce) and
+            per-sequence sums taken over the ranks holding the sequence. Per-token outputs and
+            metrics stay this rank's.
 
     The options (temperature to backend) are those of `rlops.PolicyLossConfig`.
 
@@ -266,7 +273,7 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
     logits, ref_logits, batch, layout = check_batch(logits, ref_logits, batch, config.vocab_group is None)
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None,
                     "ref_logits (B, T, V), the reference model's logits")
-    check_packed_options(config, layout)
+    layout = check_packed_options(config, layout)
     if config.inplace_grad and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_grad=True writes the gradient over logits, which must be produced by an "
                          "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
@@ -309,13 +316,16 @@ def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_r
                          "by 'full')")
 
 
-def check_packed_options(config: PolicyLossConfig, layout: Layout) -> None:
-    """Raises for the options a packed batch cannot default: seq-mean-token-sum-norm's length T."""
+def check_packed_options(config: PolicyLossConfig, layout: Layout) -> Layout:
+    """Raises for the options a packed batch cannot default (seq-mean-token-sum-norm's length T);
+    returns the layout, its sequences summed over global_batch.seq_group when that is set."""
     norm = "seq-mean-token-sum-norm"
     if layout.seq_ids is not None and config.norm_len is None and norm in (config.loss_agg, config.entropy_agg_used):
         raise ValueError(f"loss_agg or entropy_agg {norm!r} on a packed batch (cu_seqlens) needs norm_len, the "
                          "constant length each sequence's token sum is divided by (the padded layout's default, T, "
                          "does not exist there)")
+    split = config.global_batch
+    return layout if split is None or split.seq_group is None else layout._replace(seq_group=split.seq_group)
 
 
 def packed_as_row(rows: Tensor, batch: PolicyBatch, rows_name: str) -> tuple[Tensor, PolicyBatch, Layout]:
@@ -361,9 +371,10 @@ def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch,
         logits, batch, layout = packed_as_row(logits, batch, "logits")
         if ref_logits is not None and ref_logits.dim() == 2:
             ref_logits = ref_logits[None]
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
-    check_token_ids(batch.tokens, tuple(logits.shape[:-1]), None, logits)
+    shape = logits.shape
+    if len(shape) != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(shape)}")
+    check_token_ids(batch.tokens, shape[:-1], None, logits)
     if ref_logits is not None:
         check_logits(ref_logits, "ref_logits")
         check_float_tensor("ref_logits", ref_logits, logits, [tuple(logits.shape)],
@@ -371,7 +382,8 @@ def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch,
     batch = check_per_token_inputs(batch)
     if check_ids:
         check_token_range(batch.tokens, vocab, counted=batch.mask)
-    layout = Layout.of(batch.mask) if layout is None else layout._replace(mask=batch.mask)
+    # Padded: each row of the (B, T) mask is a sequence (Layout.of, without its call).
+    layout = Layout(batch.mask, None, shape[0]) if layout is None else layout._replace(mask=batch.mask)
     return logits, ref_logits, batch, layout
 
 
@@ -395,7 +407,9 @@ def check_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
             and (batch.is_weights is None or _plain(batch.is_weights, (per_token, per_row), device))
             and isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.shape == per_token
             and mask.device == device):
-        return batch._replace(advantages=adv[:, None]) if adv.dim() == 1 else batch
+        if adv.dim() != 1:
+            return batch
+        return PolicyBatch(batch.tokens, adv.unsqueeze(1), *batch[2:])  # batch._replace, without its Python
     return _checked_per_token_inputs(batch)
 
 
