@@ -14,10 +14,12 @@ Qwen's 151936 (sizes and strides multiples of 16); ODD_VOCABS have rows at any 2
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -240,14 +242,29 @@ def main(archs: list[int], dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[s
     # Triton 3.9 warns that its FP-fusion default will change; the launchers compile with fusion
     # on (the counts assume fused multiply-adds), so the report says so explicitly.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    results, compiled = {}, {}
-    for key, fn, switches, dtype, arch, vocab in report_cases(archs, dtypes):
-        # Vocabularies with the same divisibility compile to the same code: once.
-        same_code = (case_key(fn, switches, dtype, arch), vocab % 16 == 0)
-        if same_code not in compiled:
-            compiled[same_code] = compile_case(fn, switches, dtype, arch, vocab)
-        results[key] = compiled[same_code]
-    return results
+    cases = report_cases(archs, dtypes)
+    # Vocabularies with the same divisibility compile to the same code: once.
+    codes = [(case_key(fn, switches, dtype, arch), vocab % 16 == 0) for _, fn, switches, dtype, arch, vocab in cases]
+    first = {code: i for i, code in reversed(list(enumerate(codes)))}
+    _PENDING[:] = [cases[i][1:] for i in first.values()]
+    # Each compile is single-threaded Python plus ptxas: one process per core (forked: the
+    # children find the cases in _PENDING) takes a 2-core machine's report from 2 to 1 minute.
+    workers = min(len(_PENDING), os.cpu_count() or 1)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            reports = list(pool.map(_compile_pending, range(len(_PENDING))))
+    else:
+        reports = [_compile_pending(i) for i in range(len(_PENDING))]
+    compiled = dict(zip(first, reports, strict=True))
+    return {case[0]: compiled[code] for case, code in zip(cases, codes, strict=True)}
+
+
+# The distinct cases of a report being compiled (main): (fn, switches, dtype, arch, vocab) each.
+_PENDING: list[tuple] = []
+
+
+def _compile_pending(index: int) -> dict[str, object]:
+    return compile_case(*_PENDING[index])
 
 
 def table(results: dict[str, dict[str, object]]) -> str:
