@@ -115,7 +115,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
     """rlops.policy_loss with vocab_group against the float64 oracle on the full vocabulary: the
     loss and this shard's gradient, with masked -100 padding and active clipping (old log-probs
-    off policy), the exact KL with an entropy bonus, and GSPO's sequence ratio with k3."""
+    off policy), the exact KL with an entropy bonus, and GSPO's sequence ratio with k3, padded and
+    packed (cu_seqlens)."""
     import rlops
     from rlops import reference
 
@@ -145,6 +146,14 @@ def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
             got.loss.backward()
             results[f"policy_loss/{name}/{backend}"] = {
                 "loss": _err(got.loss, want.loss), "grad": _err(shard.grad, full.grad[..., lo:hi])}
+    # Packed: the two rows as two segments of one packed row, the same loss (the last case's).
+    shard = x[..., lo:hi].float().reshape(8, -1).requires_grad_(True)
+    got = rlops.policy_loss(shard, tokens.reshape(-1), adv.float().reshape(-1), cu_seqlens=torch.tensor([0, 4, 8]),
+                            **{k: (v.float() if v.is_floating_point() else v).reshape(-1) for k, v in inputs.items()},
+                            **options, backend="torch", vocab_group=dist.group.WORLD)
+    got.loss.backward()
+    results[f"policy_loss/{name} packed/torch"] = {
+        "loss": _err(got.loss, want.loss), "grad": _err(shard.grad, full.grad[..., lo:hi].reshape(8, -1))}
     return results
 
 
@@ -162,7 +171,7 @@ def test_vocab_parallel_stats_and_grads_equal_the_full_vocabulary(tmp_path: Path
                 assert r.get(what, 0.0) <= TOL, (rank, key, what, r[what])
             if "bytes" in r:  # 8 float32 per token (6 of them the online-softmax state), whatever V: O(N)
                 assert r["bytes"] == 8 * 4 * 6, (rank, key, r["bytes"])
-        assert sum("bytes" in r for r in results.values()) == 4 and len(results) == 12, sorted(results)
+        assert sum("bytes" in r for r in results.values()) == 4 and len(results) == 13, sorted(results)
 
 
 def test_megatron_drop_ins_need_a_group_without_megatron() -> None:
