@@ -112,9 +112,10 @@ void policy_loss_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
                      int64_t vocab, int64_t inner, int64_t stride_outer, int64_t stride_inner, int64_t ref_inner,
                      int64_t ref_stride_outer, int64_t ref_stride_inner, double inv_tau, double clip_low,
                      double clip_high, double dual_clip, double kl_coef, int64_t kl_kind, bool kl_ratio) {
-  TORCH_CHECK(kl_kind >= kKlNone && kl_kind <= kKlFull, "rlops_cuda: kl_kind must be 0-4, got ", kl_kind);
+  TORCH_CHECK(kl_kind >= kKlNone && kl_kind <= kKAbsSt, "rlops_cuda: kl_kind must be 0-8, got ", kl_kind);
   TORCH_CHECK((kl_kind == kKlFull) == ref.has_value(), "rlops_cuda: ref_logits is needed exactly when kl_kind is 4");
-  TORCH_CHECK(kl_kind < kK1 || kl_kind > kK3 || ref_logp.has_value(), "rlops_cuda: kl_kind 1-3 need ref_logprobs");
+  TORCH_CHECK(kl_kind == kKlNone || kl_kind == kKlFull || ref_logp.has_value(),
+              "rlops_cuda: the sampled-token kl_kinds (1-3, 5-8) need ref_logprobs");
   const c10::cuda::CUDAGuard guard(x.device());
   StatsFwdArgs a{};
   set_rows(a, x, ref, tokens, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner, ref_stride_outer,

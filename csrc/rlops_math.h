@@ -26,7 +26,7 @@ namespace rlops {
 constexpr float kLowest = -3.4028234663852886e38f;
 constexpr float kLogRatioClamp = 20.0f;
 constexpr float kK3Max = 10.0f;
-enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kKlFull = 4 };
+enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kKlFull = 4, kKAbs = 5, kK1St = 6, kK3St = 7, kKAbsSt = 8 };
 // Rows of the float32 per-token output (rlops/constants.py, POLICY_ROWS): the statistics
 // kernel writes the first kStatsRows, the policy loss all kPolicyRows; the last three are the
 // upstream gradients (d loss / d logp, entropy, exact KL) that the backward reads. The
@@ -176,21 +176,27 @@ RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const 
   // KL to the reference from the sampled token's log-probs (d = ref_logp - logp).
   float kl = kl_full, d_kl = 0.f;
   float d = in.ref_logp - logp;
-  if (p.kl_kind == kK1) {
+  if (p.kl_kind == kK1 || p.kl_kind == kK1St) {
     kl = -d;
     d_kl = 1.f;
   } else if (p.kl_kind == kK2) {
     kl = 0.5f * d * d;
     d_kl = -d;
-  } else if (p.kl_kind == kK3) {
+  } else if (p.kl_kind == kK3 || p.kl_kind == kK3St) {
     float dc = clampf(d, -kLogRatioClamp, kLogRatioClamp);
     float exp_dc = exp_(dc);
     float raw = exp_dc - dc - 1.f;
     kl = raw != raw ? raw : fminf(raw, kK3Max);
     bool live = d >= -kLogRatioClamp && d <= kLogRatioClamp && raw <= kK3Max;
     d_kl = live ? 1.f - exp_dc : 0.f;
+  } else if (p.kl_kind == kKAbs || p.kl_kind == kKAbsSt) {
+    kl = fabsf(d);
+    d_kl = d < 0.f ? 1.f : (d > 0.f ? -1.f : 0.f);  // torch.abs: gradient 0 at 0
   } else if (p.kl_kind == kKlNone) {
     kl = 0.f;
+  }
+  if (p.kl_kind == kK1St || p.kl_kind == kK3St || p.kl_kind == kKAbsSt) {
+    d_kl = -d;  // straight through: the value above, the gradient of k2 = (logp - ref_logp)^2 / 2
   }
 
   float kl_term = kl, kl_scale = 1.f;

@@ -55,6 +55,10 @@ KL_K1 = tl.constexpr(KL_KINDS["k1"])
 KL_K2 = tl.constexpr(KL_KINDS["k2"])
 KL_K3 = tl.constexpr(KL_KINDS["k3"])
 KL_FULL = tl.constexpr(KL_KINDS["full"])
+KL_ABS = tl.constexpr(KL_KINDS["abs"])
+KL_K1_ST = tl.constexpr(KL_KINDS["k1+"])
+KL_K3_ST = tl.constexpr(KL_KINDS["k3+"])
+KL_ABS_ST = tl.constexpr(KL_KINDS["abs+"])
 # The epilogue rows ratio, loss, g_logp, g_entropy, g_kl follow each other from here (store_rows).
 EPILOGUE_FIRST = tl.constexpr(ROW["ratio"])
 
@@ -68,16 +72,18 @@ def _clamp(x, lo, hi):
 @triton.jit
 def _sampled_kl(logp, ref_logp_ptr, row, kl, KL_KIND: tl.constexpr):
     """(kl, d kl / d logp) from the sampled token's log-probs (d = ref_logp - logp); the exact KL
-    (KL_FULL) passes through with its gradient handled by the backward kernel."""
+    (KL_FULL) passes through with its gradient handled by the backward kernel. The straight-through
+    kinds (k1+, k3+, abs+) take the value of their base and the gradient of k2, -d. (Comparisons
+    of constexprs are chained with `or`: Triton's frontend has no `in` over a tuple.)"""
     d_kl = tl.zeros([], tl.float32)
-    if KL_KIND == KL_K1:
+    if KL_KIND == KL_K1 or KL_KIND == KL_K1_ST:  # noqa: SIM109
         kl = logp - tl.load(ref_logp_ptr + row)
         d_kl += 1.0
     if KL_KIND == KL_K2:
         d = tl.load(ref_logp_ptr + row) - logp
         kl = 0.5 * d * d
         d_kl = -d
-    if KL_KIND == KL_K3:
+    if KL_KIND == KL_K3 or KL_KIND == KL_K3_ST:  # noqa: SIM109
         d = tl.load(ref_logp_ptr + row) - logp
         dc = _clamp(d, -CLAMP, CLAMP)
         exp_dc = tl.exp(dc)
@@ -85,6 +91,12 @@ def _sampled_kl(logp, ref_logp_ptr, row, kl, KL_KIND: tl.constexpr):
         kl = tl.where(raw != raw, raw, tl.minimum(raw, K3_CAP))
         live = (d >= -CLAMP) & (d <= CLAMP) & (raw <= K3_CAP)
         d_kl = tl.where(live, 1.0 - exp_dc, 0.0)
+    if KL_KIND == KL_ABS or KL_KIND == KL_ABS_ST:  # noqa: SIM109
+        d = tl.load(ref_logp_ptr + row) - logp
+        kl = tl.abs(d)
+        d_kl = tl.where(d < 0, 1.0, tl.where(d > 0, -1.0, 0.0))  # torch.abs: gradient 0 at 0
+    if KL_KIND == KL_K1_ST or KL_KIND == KL_K3_ST or KL_KIND == KL_ABS_ST:  # noqa: SIM109
+        d_kl = logp - tl.load(ref_logp_ptr + row)
     return kl, d_kl
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .constants import KL_KINDS
+from .constants import KL_KINDS, SAMPLED_KL
 
 if TYPE_CHECKING:
     from .options import Epilogue, TokenInputs
@@ -179,8 +179,8 @@ def check_policy_launch(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: 
     if (kl_kind == _KL_FULL) != (ref_logits is not None):
         raise ValueError("ref_logits is needed exactly when the KL kind is 'full' (the exact KL)")
     if kl_kind in _SAMPLED_KL_KINDS and inputs.ref_logprobs is None:
-        raise ValueError("the sampled-token KL kinds (k1, k2, k3) need ref_logprobs")
+        raise ValueError(f"the sampled-token KL kinds ({', '.join(SAMPLED_KL)}) need ref_logprobs")
 
 
 _KL_FULL = KL_KINDS["full"]
-_SAMPLED_KL_KINDS = (KL_KINDS["k1"], KL_KINDS["k2"], KL_KINDS["k3"])
+_SAMPLED_KL_KINDS = tuple(KL_KINDS[name] for name in SAMPLED_KL)

@@ -14,9 +14,12 @@ SEQ_LOG_RATIO_MAX = 10.0
 K3_MAX = 10.0
 
 # KL estimators as the kernels' KL_KIND switch: "none" does no KL work, "full" streams the
-# reference logits (the exact KL over the vocabulary), k1-k3 use the sampled tokens' log-probs.
-KL_KINDS = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4}
-SAMPLED_KL = ("k1", "k2", "k3")
+# reference logits (the exact KL over the vocabulary), the others use the sampled tokens'
+# log-probs: k1-k3, abs = |logp - ref_logp| (verl's "abs"), and the straight-through forms
+# k1+, k3+, abs+ whose value is the base estimator's and whose gradient is k2's (verl's "+";
+# k2+ is k2 itself, so the options map it to k2).
+KL_KINDS = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4, "abs": 5, "k1+": 6, "k3+": 7, "abs+": 8}
+SAMPLED_KL = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 
 # Rows of the float32 per-token output buffers. The token-statistics kernel writes the first
 # N_STATS rows; the policy-loss kernel writes all N_POLICY_ROWS: its ratio and loss, then the

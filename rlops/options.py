@@ -27,7 +27,7 @@ from .constants import KL_KINDS, SAMPLED_KL
 from .packing import Layout
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")
+KL_ESTIMATORS = ("k1", "k2", "k3", "full", "abs", "k1+", "k2+", "k3+", "abs+")
 RATIO_LEVELS = ("token", "sequence")
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
@@ -116,6 +116,8 @@ class PolicyLossConfig:
             check_float("dual_clip", self.dual_clip, gt=1.0)
         check_float("kl_coef", self.kl_coef, ge=0.0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.kl_estimator == "k2+":  # k2's gradient is its own: verl's k2+ is k2
+            object.__setattr__(self, "kl_estimator", "k2")
         check_float("entropy_coef", self.entropy_coef)
         check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
         check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)

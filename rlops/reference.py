@@ -90,7 +90,11 @@ def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_h
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """SPEC section 3: k1, k2 or k3 per token, with d = ref_logp - logp."""
+    """SPEC section 3: k1, k2 or k3 per token, with d = ref_logp - logp; abs = |d| (verl's "abs");
+    a "+" form is its base's value carrying k2's gradient (verl's straight-through estimators)."""
+    if estimator.endswith("+"):
+        k2 = kl_penalty(logp, ref_logp, "k2")
+        return k2 + (kl_penalty(logp, ref_logp, estimator[:-1]) - k2).detach()
     d = ref_logp.to(f64) - logp.to(f64)
     if estimator == "k1":
         return -d
@@ -99,7 +103,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     if estimator == "k3":
         dc = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return (dc.exp() - dc - 1).clamp(max=K3_MAX)
-    raise ValueError(f"kl_estimator must be k1, k2 or k3 here, got {estimator!r}")
+    if estimator == "abs":
+        return d.abs()
+    raise ValueError(f"kl_estimator must be k1, k2, k3, abs or a + form here, got {estimator!r}")
 
 
 def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean", norm_len: float | None = None) -> Tensor:

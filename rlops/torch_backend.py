@@ -302,16 +302,26 @@ def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_h
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """k1, k2 or k3 per token from the sampled tokens' log-probs (SPEC section 3)."""
+    """k1, k2, k3 or abs per token from the sampled tokens' log-probs (SPEC section 3,
+    docs/objectives.md); "k1+", "k3+", "abs+": the base's value with k2's gradient (straight through)."""
     d = ref_logp.to(logp.dtype) - logp
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
+    base = estimator.removesuffix("+")
+    if base == "k1":
+        kl = -d
+    elif base == "k2":
+        kl = 0.5 * d * d
+    elif base == "k3":
         dc = torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return torch.clamp(torch.exp(dc) - dc - 1.0, max=K3_MAX)
-    raise ValueError(f"kl_estimator must be one of k1, k2, k3 here (full needs ref_logits), got {estimator!r}")
+        kl = torch.clamp(torch.exp(dc) - dc - 1.0, max=K3_MAX)
+    elif base == "abs":
+        kl = d.abs()
+    else:
+        raise ValueError(f"kl_estimator must be a sampled-token estimator here (full needs ref_logits), got "
+                         f"{estimator!r}")
+    if estimator.endswith("+") and base != "k2":
+        k2 = 0.5 * d * d
+        kl = k2 - k2.detach() + kl.detach()
+    return kl
 
 
 def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: PolicyLossConfig) -> LossTerms:

@@ -29,7 +29,8 @@ def test_clamps() -> None:
 
 
 def test_kl_kinds() -> None:
-    names = {"kKlNone": "none", "kK1": "k1", "kK2": "k2", "kK3": "k3", "kKlFull": "full"}
+    names = {"kKlNone": "none", "kK1": "k1", "kK2": "k2", "kK3": "k3", "kKlFull": "full", "kKAbs": "abs",
+             "kK1St": "k1+", "kK3St": "k3+", "kKAbsSt": "abs+"}
     cpp = _cpp_enum("KlKind")
     assert {names[k]: v for k, v in cpp.items()} == constants.KL_KINDS
 

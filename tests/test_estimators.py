@@ -521,3 +521,28 @@ def test_exposed_in_rlops() -> None:
     assert isinstance(rlops.estimators, ModuleType)
     for name in est.__all__:
         assert getattr(est, name).__doc__ and inspect.signature(getattr(est, name)).return_annotation != inspect._empty
+
+
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k2+", "k3+",
+                                  "low_var_kl+", "abs+"])
+def test_verl_kl_penalty_matches_verl(verl: SimpleNamespace, name: str) -> None:
+    """rlops.integrations.verl.kl_penalty, and the policy loss's KL estimator of the same name, against
+    verl 0.9.1's kl_penalty (core_algos.py): values and gradients, spread enough to reach the clamps."""
+    g = torch.Generator().manual_seed(1)
+    logp = (-torch.rand(4, 9, generator=g, dtype=torch.float64) * 30).requires_grad_(True)
+    ref = -torch.rand(4, 9, generator=g, dtype=torch.float64) * 30
+    ref[0, 0] = logp[0, 0].detach()  # d = 0: abs's gradient there is torch.abs's, 0
+    want = verl.ca.kl_penalty(logp, ref, name)
+    (want_grad,) = torch.autograd.grad(want.sum() * 0.5, logp)
+    got = r_verl.kl_penalty(logp, ref, name)
+    (got_grad,) = torch.autograd.grad(got.sum() * 0.5, logp)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
+    from rlops import reference
+
+    estimator = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}.get(name.removesuffix("+"), name.removesuffix("+"))
+    estimator += "+" if name.endswith("+") else ""
+    oracle = reference.kl_penalty(logp, ref, estimator)
+    (oracle_grad,) = torch.autograd.grad(oracle.sum() * 0.5, logp)
+    torch.testing.assert_close(oracle, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(oracle_grad, want_grad, rtol=0, atol=1e-12)

@@ -2,9 +2,10 @@
 rank its share of the whole batch's loss, so that the ranks' losses and gradients add up to one
 process's on the whole batch.
 
-Four gloo processes each take a part of the same full batch: one sequence each (data parallel),
-a quarter of every sequence's tokens (context parallel, padded and packed), or half the
-sequences split in halves (both: pairs of ranks share sequences). The sum of their losses and
+Two and four gloo processes each take a part of the same full batch: some of the sequences
+(data parallel), a share of every sequence's tokens (context parallel: padded, packed, and
+through the fused-linear op), or, on four, half the sequences split in halves (both: pairs of
+ranks share sequences). The sum of their losses and
 each rank's gradient are checked against the float64 oracle (rlops.reference) on the whole
 batch, on the Triton (interpreter) and PyTorch backends, with masking (a fully masked sequence
 among them), perturbed old log-probs (active clipping), a k3 KL, an entropy term aggregated
@@ -65,33 +66,39 @@ def oracle(batch: dict[str, torch.Tensor], options: dict) -> tuple[torch.Tensor,
 
 
 def _parts(rank: int, world: int) -> dict[str, tuple]:
-    """Each split's (rows, time steps, GlobalBatch) for this rank, on 4 ranks."""
-    pair = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-    quarter = slice(rank * T // world, (rank + 1) * T // world)
-    half = slice((rank % 2) * T // 2, (rank % 2 + 1) * T // 2)
-    return {
-        "data": (slice(rank, rank + 1), slice(None), rlops.GlobalBatch(group=dist.group.WORLD)),
-        "context": (slice(None), quarter, rlops.GlobalBatch(seq_group=dist.group.WORLD)),
-        "both": (slice(2 * (rank // 2), 2 * (rank // 2) + 2), half,
-                 rlops.GlobalBatch(group=dist.group.WORLD, seq_group=pair[rank // 2])),
+    """Each split's (rows, time steps, GlobalBatch) for this rank, on 2 or 4 ranks."""
+    rows, share = B // world, slice(rank * T // world, (rank + 1) * T // world)
+    parts = {
+        "data": (slice(rank * rows, (rank + 1) * rows), slice(None), rlops.GlobalBatch(group=dist.group.WORLD)),
+        "context": (slice(None), share, rlops.GlobalBatch(seq_group=dist.group.WORLD)),
     }
+    if world == 4:  # pairs of ranks share half the sequences, each rank half of their tokens
+        pair = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        half = slice((rank % 2) * T // 2, (rank % 2 + 1) * T // 2)
+        parts["both"] = (slice(2 * (rank // 2), 2 * (rank // 2) + 2), half,
+                         rlops.GlobalBatch(group=dist.group.WORLD, seq_group=pair[rank // 2]))
+    return parts
 
 
 def _rank_loss(batch: dict, rows: slice, steps: slice, split: rlops.GlobalBatch, options: dict, backend: str,
-               packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's loss on its part and the gradient in its logits."""
+               variant: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's loss on its part and the gradient in its logits: rlops.policy_loss on them padded
+    or packed, or rlops.linear_policy_loss on hidden states = the logits and an identity lm_head."""
     part = {k: v[rows] if v.dim() == 1 else v[rows, steps] for k, v in batch.items()}
     x = part.pop("logits").clone().requires_grad_(True)
     tokens, adv = part.pop("tokens"), part.pop("advantages")
-    kwargs = {}
-    if packed:  # each (B_r, T_r) row a segment of the packed row, advantages spread to tokens
+    kwargs = {**part, **options, "global_batch": split, "backend": backend}
+    if variant == "packed":  # each (B_r, T_r) row a segment of the packed row, advantages spread to tokens
         n_rows, n_steps = tokens.shape
         kwargs["cu_seqlens"] = torch.arange(0, n_rows * n_steps + 1, n_steps, dtype=torch.int32)
         adv = adv[:, None].expand(n_rows, n_steps)
         x, tokens, adv = x.reshape(-1, V), tokens.reshape(-1), adv.reshape(-1)
-        part = {k: v.reshape(-1) for k, v in part.items()}
+        kwargs.update({k: v.reshape(-1) for k, v in part.items()})
         x = x.detach().requires_grad_(True)
-    loss = rlops.policy_loss(x, tokens, adv, **part, **kwargs, **options, global_batch=split, backend=backend).loss
+    if variant == "linear":
+        loss = rlops.linear_policy_loss(x, torch.eye(V), tokens, adv, **kwargs).loss
+    else:
+        loss = rlops.policy_loss(x, tokens, adv, **kwargs).loss
     loss.backward()
     return loss.detach(), x.grad.reshape(len(range(B)[rows]), len(range(T)[steps]), V)
 
@@ -102,22 +109,24 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     parts = _parts(rank, world)
     for i, (case, options) in enumerate(CASES.items()):
         want_loss, want_grad = oracle(batch, options)
-        # Each split on both backends over the cases (the Triton interpreter is slow), and packed.
-        runs = [(mode, "triton" if (i + j) % 2 else "torch", False) for j, mode in enumerate(parts)]
-        for mode, backend, packed in [*runs, ("context", "triton", True)]:
+        # Each split on both backends over the cases (the Triton interpreter is slow), packed, and
+        # through the fused-linear op.
+        runs = [(mode, "triton" if (i + j) % 2 else "torch", "padded") for j, mode in enumerate(parts)]
+        for mode, backend, variant in [*runs, ("context", "triton", "packed"), ("context", "torch", "linear")]:
             rows, steps, split = parts[mode]
-            loss, grad = _rank_loss(batch, rows, steps, split, options, backend, packed)
+            loss, grad = _rank_loss(batch, rows, steps, split, options, backend, variant)
             dist.all_reduce(loss)
             err = torch.stack([(loss - want_loss).abs().float(),
                                (grad.double() - want_grad[rows, steps]).abs().max().float()])
             dist.all_reduce(err, op=dist.ReduceOp.MAX)
-            errors[f"{case}/{mode}/{backend}{' packed' if packed else ''}"] = err.tolist()
+            errors[f"{case}/{mode}/{backend}/{variant}"] = err.tolist()
     # masked_whiten over the ranks' sequences (data parallel) against the whole batch's.
     x, m = batch["old_logprobs"], batch["mask"]
     values = x[m].double()
     want = (x.double() - values.mean()) / torch.sqrt(values.var() + 1e-8)
-    got = rlops.masked_whiten(x[rank:rank + 1], m[rank:rank + 1], group=dist.group.WORLD)
-    err = torch.where(m[rank:rank + 1], got.double() - want[rank:rank + 1], 0.0).abs().max().float()[None]
+    rows = parts["data"][0]
+    got = rlops.masked_whiten(x[rows], m[rows], group=dist.group.WORLD)
+    err = torch.where(m[rows], got.double() - want[rows], 0.0).abs().max().float()[None]
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     errors["masked_whiten/data"] = [float(err), 0.0]
     if rank == 0:
@@ -125,11 +134,13 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_split_batches_add_up_to_the_whole_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_batches_add_up_to_the_whole_batch(tmp_path: Path, world: int) -> None:
     out = tmp_path / "errors.json"
-    mp.spawn(_worker, args=(4, str(tmp_path / "store"), str(out)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(out)), nprocs=world, join=True)
     errors = json.loads(out.read_text())
-    assert len(errors) == len(CASES) * 4 + 1
+    modes = 3 if world == 4 else 2
+    assert len(errors) == len(CASES) * (modes + 2) + 1
     bad = {name: e for name, e in errors.items() if not max(e) < TOL}
     assert not bad, bad
 
@@ -146,7 +157,7 @@ def test_given_counts_need_no_group() -> None:
             continue  # one seqs number serves one of the two sequence counts
         total = 0.0
         for rows in (slice(0, 1), slice(1, B)):
-            loss, grad = _rank_loss(batch, rows, slice(None), split, options, "torch", False)
+            loss, grad = _rank_loss(batch, rows, slice(None), split, options, "torch")
             total += float(loss)
             assert (grad.double() - want_grad[rows]).abs().max() < TOL
         assert abs(total - float(want_loss)) < TOL

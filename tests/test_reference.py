@@ -82,6 +82,15 @@ def test_kl_estimators_by_hand() -> None:
                                torch.tensor([0.125, 0.5, 0.0, 450.0, 450.0], dtype=torch.float64))
     k3 = [math.exp(-0.5) + 0.5 - 1, math.e - 2, 0.0, 10.0, 10.0]  # |d| = 30 clamps to 20, then to 10
     torch.testing.assert_close(reference.kl_penalty(logp, ref, "k3"), torch.tensor(k3, dtype=torch.float64))
+    torch.testing.assert_close(reference.kl_penalty(logp, ref, "abs"),
+                               torch.tensor([0.5, 1.0, 0.0, 30.0, 30.0], dtype=torch.float64))
+    # Straight through: the base's value, k2's gradient d k2 / d logp = logp - ref.
+    for name, value in (("k1+", [0.5, -1.0, 0.0, 30.0, -30.0]), ("k3+", k3), ("abs+", [0.5, 1.0, 0.0, 30.0, 30.0])):
+        x = logp.clone().requires_grad_(True)
+        kl = reference.kl_penalty(x, ref, name)
+        kl.sum().backward()
+        torch.testing.assert_close(kl.detach(), torch.tensor(value, dtype=torch.float64))
+        torch.testing.assert_close(x.grad, torch.tensor([0.5, -1.0, 0.0, 30.0, -30.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="kl_estimator"):
         reference.kl_penalty(logp, ref, "k4")
 

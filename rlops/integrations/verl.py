@@ -158,21 +158,18 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: i
     return loss
 
 
-_KL_NAMES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+# verl's names of the sampled-token estimators, as rlops' kl_estimator names them.
+_KL_NAMES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3", "abs": "abs"}
 
 
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
-    """verl's `kl_penalty`: k1 ("kl"), k2 ("mse"), k3 ("low_var_kl"), and their "+" forms (the
+    """verl's `kl_penalty`: k1 ("kl"), k2 ("mse"), k3 ("low_var_kl"), abs, and their "+" forms (the
     value of the estimator with the gradient of k2, an unbiased KL gradient)."""
-    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    base = kl_penalty.removesuffix("+")
     if base not in _KL_NAMES:
-        raise ValueError(f"kl_penalty {kl_penalty!r} is not covered by rlops (k1/kl, k2/mse, k3/low_var_kl and "
-                         "their '+' forms are)")
-    value = torch_backend.kl_penalty(logprob, ref_logprob, _KL_NAMES[base])
-    if not kl_penalty.endswith("+") or base in ("mse", "k2"):
-        return value
-    backward = 0.5 * (logprob - ref_logprob).square()
-    return backward - backward.detach() + value.detach()
+        raise ValueError(f"kl_penalty {kl_penalty!r} is not covered by rlops (k1/kl, k2/mse, k3/low_var_kl, abs "
+                         "and their '+' forms are)")
+    return torch_backend.kl_penalty(logprob, ref_logprob, _KL_NAMES[base] + kl_penalty[len(base):])
 
 
 def _clip_ratios(config: Any) -> tuple[float, float]:

@@ -217,7 +217,8 @@ def policy_loss(
         advantages: (B, T) per token, or (B,) / (B, 1) per sequence (GRPO), float.
         mask: (B, T) bool or 0/1; 1 = the token counts. None = every token counts.
         old_logprobs: (B, T) log-probs under the sampling policy; None = on-policy (ratio 1).
-        ref_logprobs: (B, T) log-probs under the reference model, for kl_estimator k1/k2/k3.
+        ref_logprobs: (B, T) log-probs under the reference model, for the sampled-token
+            kl_estimators (all but "full").
         ref_logits: (B, T, V) reference logits, for kl_estimator "full" (exact KL).
         is_weights: (B, T) or (B, 1) importance weights multiplying pg (e.g. vLLM's
             truncated IS); no gradient.
@@ -231,7 +232,9 @@ def policy_loss(
         clip_low, clip_high: >= 0; the ratio is clipped to [1 - clip_low, 1 + clip_high].
         dual_clip: None or > 1; caps the loss of negative-advantage tokens at -A * dual_clip.
         kl_coef: >= 0; 0 reads no reference input and does no KL work.
-        kl_estimator: "k1", "k2", "k3" or "full".
+        kl_estimator: "k1", "k2", "k3", "abs" (|logp - ref_logp|), their straight-through forms
+            "k1+", "k2+" (= k2), "k3+", "abs+" (the value of the base, the gradient of k2; verl's
+            "+"), or "full" (the exact KL over the vocabulary, from ref_logits).
         entropy_coef: weight of the entropy bonus.
         loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
             "seq-mean-token-sum-norm" (divided by B * norm_len, default T; any number > 0).
