@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from interpreter_speed import skip_nested_language_patches
 
 import rlops
 from rlops import reference
@@ -104,6 +105,7 @@ def _rank_loss(batch: dict, rows: slice, steps: slice, split: rlops.GlobalBatch,
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
+    skip_nested_language_patches()  # conftest applies it; this spawned process does not load conftest
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     batch, errors = full_batch(), {}
     parts = _parts(rank, world)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from interpreter_speed import skip_nested_language_patches
 
 TOL = 2e-5  # float32 statistics of a few hundred logits against float64
 
@@ -40,6 +41,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
+    skip_nested_language_patches()  # conftest applies it; this spawned process does not load conftest
     import rlops.vocab_parallel as vp
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

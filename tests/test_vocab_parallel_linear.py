@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from interpreter_speed import skip_nested_language_patches
 
 TOL = 2e-5  # float32 against float64, relative to the largest value compared (at least 1)
 SHAPE, H, TAU = (2, 3), 8, 0.8
@@ -154,6 +155,7 @@ def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
+    skip_nested_language_patches()  # conftest applies it; this spawned process does not load conftest
     import rlops.vocab_parallel as vp
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
