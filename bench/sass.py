@@ -37,6 +37,10 @@ CASES = (
                                   "KL_RATIO": kind > 0}) for kind in range(5)]
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "HAS_ENT": False, "KL_KIND": 0,
                                   "KL_RATIO": False})]
+    # The other objectives (constants.OBJECTIVES) and sampled-token KL kinds (abs, the + forms).
+    + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": kind,
+                                  "KL_RATIO": True, "OBJECTIVE": objective})
+       for objective, kind in ((1, 5), (2, 7), (0, 8))]
     + [(_gae_kernel, {"HAS_BOOT": boot, "PACKED": packed}) for packed in (False, True) for boot in (False, True)]
     # Small N (vocab_splits): each row's vocabulary split over SPLITS programs, merged in the forward.
     + [(_row_states_kernel, {"HAS_REF": ref, "HAS_LIVE": True, "SPLITS": 8}) for ref in (False, True)]
@@ -72,7 +76,8 @@ BYTE_PTRS = {"mask_ptr", "m_ptr"}
 I32_ARGS = {"N", "V", "T", "inner", "ref_inner", "n_seqs", "seqs_per_prog", "chunk"}
 STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
                "dx_stride_inner", "r_stride", "v_stride", "m_stride"}
-FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "gamma", "lam"}
+FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "ratio_cap", "tau_pos", "tau_neg",
+              "entropy_coef", "gamma", "lam"}
 
 
 # Switches that triton.heuristics derives from a pointer's None-ness: off means that pointer is None

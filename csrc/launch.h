@@ -34,6 +34,8 @@ struct StatsFwdArgs {
   float clip_low, clip_high, dual_clip, kl_coef;
   int kl_kind;
   bool kl_ratio;
+  int objective;
+  float ratio_cap, tau_pos, tau_neg;
 };
 
 // kernels/token_stats.py, _token_stats_bwd_kernel: d logits from (3, N) upstream gradients.

@@ -26,6 +26,7 @@ namespace rlops {
 constexpr float kLowest = -3.4028234663852886e38f;
 constexpr float kLogRatioClamp = 20.0f;
 constexpr float kK3Max = 10.0f;
+enum Objective : int { kClip = 0, kCispo = 1, kSapo = 2 };
 enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kKlFull = 4, kKAbs = 5, kK1St = 6, kK3St = 7, kKAbsSt = 8 };
 // Rows of the float32 per-token output (rlops/constants.py, POLICY_ROWS): the statistics
 // kernel writes the first kStatsRows, the policy loss all kPolicyRows; the last three are the
@@ -133,6 +134,8 @@ struct PolicyParams {
   float clip_low, clip_high, dual_clip, kl_coef;  // dual_clip = inf disables the cap
   int kl_kind;
   bool has_old, has_isw, has_ent, kl_ratio;
+  int objective;                     // Objective
+  float ratio_cap, tau_pos, tau_neg;  // ratio_cap = inf: no cap; SAPO's gate temperatures
 };
 
 struct TokenInputs {
@@ -158,15 +161,32 @@ RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const 
   float d_log_r = (diff >= -kLogRatioClamp && diff <= kLogRatioClamp) ? 1.f : 0.f;
   float ratio = exp_(log_r);
 
-  // Clipped surrogate: the gradient flows through the unclipped branch when it is the max.
-  float pg_unclipped = -in.adv * ratio;
-  float pg_clipped = -in.adv * clampf(ratio, 1.f - p.clip_low, 1.f + p.clip_high);
-  float pg = fmaxf(pg_unclipped, pg_clipped);
-  float d_pg = (pg_unclipped >= pg_clipped ? pg_unclipped : 0.f) * d_log_r;
-  float cap = -in.adv * p.dual_clip;
-  if (in.adv < 0.f && pg > cap) {
-    pg = cap;
-    d_pg = 0.f;
+  float pg, d_pg;
+  if (p.objective == kCispo) {
+    // -sg(clamp(r)) * A * logp: the weight carries no gradient, logp does.
+    float weight = clampf(ratio, 1.f - p.clip_low, 1.f + p.clip_high);
+    pg = -in.adv * weight * logp;
+    d_pg = -in.adv * weight;
+  } else if (p.objective == kSapo) {
+    float tau = in.adv > 0.f ? p.tau_pos : p.tau_neg;
+    float gate = 1.f / (1.f + exp_(-tau * (ratio - 1.f)));
+    pg = -in.adv * gate * (4.f / tau);
+    d_pg = -in.adv * 4.f * gate * (1.f - gate) * ratio * d_log_r;
+  } else {
+    // Clipped surrogate: the gradient flows through the larger branch (the unclipped one on a
+    // tie), each passing it where its clamp does not bind. The unclipped ratio is capped at
+    // ratio_cap (inf: no cap); below the cap the clipped branch can be the larger one.
+    float pg_unclipped = -in.adv * clampf(ratio, 0.f, p.ratio_cap);
+    float pg_clipped = -in.adv * clampf(ratio, 1.f - p.clip_low, 1.f + p.clip_high);
+    pg = fmaxf(pg_unclipped, pg_clipped);
+    bool passes = pg_unclipped >= pg_clipped ? ratio <= p.ratio_cap
+                                             : ratio >= 1.f - p.clip_low && ratio <= 1.f + p.clip_high;
+    d_pg = (passes ? -in.adv * ratio : 0.f) * d_log_r;
+    float cap = -in.adv * p.dual_clip;
+    if (in.adv < 0.f && pg > cap) {
+      pg = cap;
+      d_pg = 0.f;
+    }
   }
   if (p.has_isw) {
     pg *= in.isw;

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from rlops._layout import check_policy_launch, flat, per_token, ref_layout, row_layout, same_alignment
-from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, ROW
+from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, OBJECTIVES, ROW
 from rlops.options import Epilogue, TokenInputs
 
 from ._common import (
@@ -56,6 +56,8 @@ KL_K2 = tl.constexpr(KL_KINDS["k2"])
 KL_K3 = tl.constexpr(KL_KINDS["k3"])
 KL_FULL = tl.constexpr(KL_KINDS["full"])
 KL_ABS = tl.constexpr(KL_KINDS["abs"])
+CISPO = tl.constexpr(OBJECTIVES["cispo"])
+SAPO = tl.constexpr(OBJECTIVES["sapo"])
 KL_K1_ST = tl.constexpr(KL_KINDS["k1+"])
 KL_K3_ST = tl.constexpr(KL_KINDS["k3+"])
 KL_ABS_ST = tl.constexpr(KL_KINDS["abs+"])
@@ -100,6 +102,37 @@ def _sampled_kl(logp, ref_logp_ptr, row, kl, KL_KIND: tl.constexpr):
     return kl, d_kl
 
 
+@triton.jit
+def _surrogate(ratio, d_log_r, logp, adv, clip_low, clip_high, dual_clip, ratio_cap, tau_pos, tau_neg,
+               OBJECTIVE: tl.constexpr):
+    """(pg, d pg / d logp) of one token for the objective (docs/objectives.md)."""
+    if OBJECTIVE == CISPO:
+        # -sg(clamp(r)) * A * logp: the weight carries no gradient, logp does.
+        weight = _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        pg = -adv * weight * logp
+        d_pg = -adv * weight
+    elif OBJECTIVE == SAPO:
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        pg = -adv * gate * (4.0 / tau)
+        d_pg = -adv * 4.0 * gate * (1.0 - gate) * ratio * d_log_r
+    else:
+        # Clipped surrogate: the gradient flows through the larger branch (the unclipped one on a
+        # tie), each passing it where its clamp does not bind. The unclipped ratio is capped at
+        # ratio_cap (inf: no cap); below the cap the clipped branch can be the larger one.
+        pg_unclipped = -adv * _clamp(ratio, 0.0, ratio_cap)
+        pg_clipped = -adv * _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        pg = tl.maximum(pg_unclipped, pg_clipped)
+        passes = tl.where(pg_unclipped >= pg_clipped, ratio <= ratio_cap,
+                          (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high))
+        d_pg = tl.where(passes, -adv * ratio, 0.0) * d_log_r
+        cap = -adv * dual_clip  # dual_clip = inf disables the cap
+        capped = (adv < 0) & (pg > cap)
+        pg = tl.where(capped, cap, pg)
+        d_pg = tl.where(capped, 0.0, d_pg)
+    return pg, d_pg
+
+
 @triton.heuristics({"HAS_OLD": lambda args: args["old_ptr"] is not None,
                      "HAS_ISW": lambda args: args["isw_ptr"] is not None,
                      "HAS_ENT": lambda args: args["ent_coef_ptr"] is not None,
@@ -118,11 +151,11 @@ def _policy_loss_fwd_kernel(
     # strides (rlops/_layout.py: RowLayout)
     inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
     # scalars (rlops/options.py: Epilogue)
-    inv_tau, clip_low, clip_high, dual_clip, kl_coef,
+    inv_tau, clip_low, clip_high, dual_clip, kl_coef, ratio_cap, tau_pos, tau_neg,
     # switches
     HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr,
     KL_RATIO: tl.constexpr, BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr = True,
-    HAS_PARTS: tl.constexpr = False, SPLITS: tl.constexpr = 1,
+    HAS_PARTS: tl.constexpr = False, SPLITS: tl.constexpr = 1, OBJECTIVE: tl.constexpr = 0,
 ):
     """Reads N*V logits once (2*N*V with the exact KL; with HAS_PARTS, SPLITS states per row
     instead) and ~6 floats per token; writes N_POLICY_ROWS floats per token."""
@@ -133,6 +166,9 @@ def _policy_loss_fwd_kernel(
     clip_high = tl.cast(clip_high, tl.float32)
     dual_clip = tl.cast(dual_clip, tl.float32)
     kl_coef = tl.cast(kl_coef, tl.float32)
+    ratio_cap = tl.cast(ratio_cap, tl.float32)
+    tau_pos = tl.cast(tau_pos, tl.float32)
+    tau_neg = tl.cast(tau_neg, tl.float32)
     w = tl.load(agg_w_ptr + row)
     if w == 0:
         store_stats(out_ptr, N, row, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -156,16 +192,9 @@ def _policy_loss_fwd_kernel(
         d_log_r = tl.where((diff >= -CLAMP) & (diff <= CLAMP), 1.0, 0.0)
         ratio = tl.exp(log_r)
 
-        # Clipped surrogate: the gradient flows through the unclipped branch when it is the max.
         adv = tl.load(adv_ptr + row)
-        pg_unclipped = -adv * ratio
-        pg_clipped = -adv * _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-        pg = tl.maximum(pg_unclipped, pg_clipped)
-        d_pg = tl.where(pg_unclipped >= pg_clipped, pg_unclipped, 0.0) * d_log_r
-        cap = -adv * dual_clip  # dual_clip = inf disables the cap
-        capped = (adv < 0) & (pg > cap)
-        pg = tl.where(capped, cap, pg)
-        d_pg = tl.where(capped, 0.0, d_pg)
+        pg, d_pg = _surrogate(ratio, d_log_r, logp, adv, clip_low, clip_high, dual_clip, ratio_cap, tau_pos, tau_neg,
+                              OBJECTIVE)
         if HAS_ISW:
             isw = tl.load(isw_ptr + row)
             pg = pg * isw
@@ -216,8 +245,10 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:],
             # scalars
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
+            epilogue.ratio_cap, epilogue.tau_pos, epilogue.tau_neg,
             # switches (HAS_OLD, HAS_ISW, HAS_ENT and HAS_PARTS follow the inputs present)
             KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=_block_v(logits.shape[-1]),
-            REF_ALIGNED=ref_aligned, SPLITS=1 if parts is None else parts.shape[1], num_warps=NUM_WARPS,
+            REF_ALIGNED=ref_aligned, SPLITS=1 if parts is None else parts.shape[1], OBJECTIVE=epilogue.objective,
+            num_warps=NUM_WARPS,
         )
     return out

@@ -176,3 +176,33 @@ def check_mask(mask: object, shape: tuple[int, ...], like: torch.Tensor, name: s
     if mask.numel() and value_checks_enabled(mask) and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1 (1 = the token counts)")
     return mask != 0
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               names: tuple[str, str, str]) -> int:
+    """Checks hidden (..., H), weight (V, H) and bias (V,) of one dtype and device; returns V."""
+    h_name, w_name, b_name = names
+    check_logits(hidden, h_name)
+    check_logits(weight, w_name)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{w_name} must have shape (V, H) with H = {h_name}.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w_name} ({weight.dtype}) and {h_name} ({hidden.dtype}) must have one dtype")
+    check_float_tensor(w_name, weight, hidden, [tuple(weight.shape)], "(V, H)", h_name)
+    if bias is not None:
+        check_float_tensor(b_name, bias, hidden, [(weight.shape[0],)], f"(V,) = ({weight.shape[0]},)", h_name)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{b_name} ({bias.dtype}) and {h_name} ({hidden.dtype}) must have one dtype")
+    return weight.shape[0]
+
+
+def check_ref_head(hidden: torch.Tensor, vocab: int, ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None,
+                    ref_bias: torch.Tensor | None) -> None:
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("the exact KL needs both ref_hidden and ref_weight (and ref_bias if the reference has one)")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(ref_hidden.shape[:-1])}")
+    if check_head(ref_hidden, ref_weight, ref_bias, ("ref_hidden", "ref_weight", "ref_bias")) != vocab:
+        raise ValueError(f"ref_weight must have the policy's vocabulary V = {vocab}, got {ref_weight.shape[0]}")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._validation import check_choice, check_float, check_positive_float
-from .constants import KL_KINDS, SAMPLED_KL
+from .constants import KL_KINDS, OBJECTIVES, SAMPLED_KL
 from .packing import Layout
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -91,9 +91,13 @@ class PolicyLossConfig:
     """
 
     temperature: float = 1.0
+    objective: str = "clip"
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
+    ratio_cap: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
@@ -112,8 +116,15 @@ class PolicyLossConfig:
         check_positive_float("temperature", self.temperature)
         check_float("clip_low", self.clip_low, ge=0.0)
         check_float("clip_high", self.clip_high, ge=0.0)
-        if self.dual_clip is not None:
-            check_float("dual_clip", self.dual_clip, gt=1.0)
+        check_choice("objective", self.objective, tuple(OBJECTIVES))
+        for name in ("dual_clip", "ratio_cap"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), gt=1.0)
+                if self.objective != "clip":
+                    raise ValueError(f"{name} applies to objective='clip' (the clipped surrogate), not "
+                                     f"{self.objective!r}")
+        check_positive_float("sapo_tau_pos", self.sapo_tau_pos)
+        check_positive_float("sapo_tau_neg", self.sapo_tau_neg)
         check_float("kl_coef", self.kl_coef, ge=0.0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.kl_estimator == "k2+":  # k2's gradient is its own: verl's k2+ is k2
@@ -294,12 +305,18 @@ class Epilogue(NamedTuple):
     kl_coef: float
     kl_kind: int  # constants.KL_KINDS
     kl_ratio_weighted: bool  # only with a KL term
+    objective: int  # constants.OBJECTIVES
+    ratio_cap: float  # inf: no cap
+    tau_pos: float  # SAPO's gate temperatures
+    tau_neg: float
 
     @classmethod
     def of(cls, config: PolicyLossConfig) -> Epilogue:
         return cls(config.temperature, config.clip_low, config.clip_high,
                    math.inf if config.dual_clip is None else float(config.dual_clip), config.kl_coef,
-                   KL_KINDS[config.kl_used], config.kl_ratio_weighted and config.kl_used != "none")
+                   KL_KINDS[config.kl_used], config.kl_ratio_weighted and config.kl_used != "none",
+                   OBJECTIVES[config.objective], math.inf if config.ratio_cap is None else float(config.ratio_cap),
+                   config.sapo_tau_pos, config.sapo_tau_neg)
 
     def pack(self) -> list[float]:
         return [float(v) for v in self]
@@ -307,7 +324,8 @@ class Epilogue(NamedTuple):
     @classmethod
     def unpack(cls, values: list[float]) -> Epilogue:
         e = cls(*values)
-        return e._replace(kl_kind=int(e.kl_kind), kl_ratio_weighted=bool(e.kl_ratio_weighted))
+        return e._replace(kl_kind=int(e.kl_kind), kl_ratio_weighted=bool(e.kl_ratio_weighted),
+                          objective=int(e.objective))
 
 
 class TokenInputs(NamedTuple):

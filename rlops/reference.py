@@ -76,17 +76,34 @@ def log_ratio(logp: Tensor, old_logp: Tensor | None, mask: Tensor, ratio_level: 
 
 
 def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
-                      dual_clip: float | None = None, is_weights: Tensor | None = None
+                      dual_clip: float | None = None, is_weights: Tensor | None = None, ratio_cap: float | None = None
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SPEC section 2: (pg, r, clipped below, clipped above) per token; advantages broadcast."""
+    """SPEC section 2: (pg, r, clipped below, clipped above) per token; advantages broadcast;
+    ratio_cap (docs/objectives.md): the unclipped term's ratio capped above."""
     r = log_r.to(f64).exp()
     a = advantages.to(f64).expand_as(r)
-    pg = torch.max(-a * r, -a * r.clamp(1 - clip_low, 1 + clip_high))
+    unclipped = r if ratio_cap is None else r.clamp(max=ratio_cap)
+    pg = torch.max(-a * unclipped, -a * r.clamp(1 - clip_low, 1 + clip_high))
     if dual_clip is not None:
         pg = torch.where(a < 0, torch.min(pg, -a * dual_clip), pg)
     if is_weights is not None:
         pg = pg * is_weights.detach().to(f64)
     return pg, r.detach(), (r < 1 - clip_low) & (a < 0), (r > 1 + clip_high) & (a > 0)
+
+
+def objective_pg(log_r: Tensor, logp: Tensor, advantages: Tensor, opt: PolicyLossConfig) -> Tensor:
+    """docs/objectives.md: CISPO's and SAPO's policy-gradient term per token (float64)."""
+    r = log_r.to(f64).exp()
+    a = advantages.to(f64).expand_as(r)
+    if opt.objective == "cispo":  # the clipped weight carries no gradient; logp does
+        weight = r.clamp(1 - opt.clip_low, 1 + opt.clip_high).detach()
+        return -(weight * a) * logp.to(f64)
+    if opt.objective == "sapo":
+        tau = torch.full_like(a, opt.sapo_tau_neg)
+        tau[a > 0] = opt.sapo_tau_pos
+        gate = 1 / (1 + torch.exp(-tau * (r - 1)))
+        return -a * gate * 4 / tau
+    raise ValueError(f"objective must be cispo or sapo here, got {opt.objective!r}")
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
@@ -164,7 +181,11 @@ def policy_loss(logits: Tensor, tokens: Tensor, advantages: Tensor,
         kl = kl_penalty(logp, t["ref_logprobs"], opt.kl_estimator) if opt.kl_coef != 0 else torch.zeros_like(logp)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_r = log_ratio(logp, t["old_logprobs"], mask, opt.ratio_level)
-    pg, ratio, low, high = clipped_surrogate(log_r, adv, opt.clip_low, opt.clip_high, opt.dual_clip, t["is_weights"])
+    pg, ratio, low, high = clipped_surrogate(log_r, adv, opt.clip_low, opt.clip_high, opt.dual_clip, t["is_weights"],
+                                             opt.ratio_cap)
+    if opt.objective != "clip":
+        pg = objective_pg(log_r, logp, adv, opt)
+        pg = pg if t["is_weights"] is None else pg * t["is_weights"].detach().to(f64)
     kl_term = kl * log_r.exp() if opt.kl_ratio_weighted and opt.kl_coef != 0 else kl
     per_token = pg + opt.kl_coef * kl_term - opt.entropy_coef * entropy
     if opt.entropy_agg in (None, opt.loss_agg):

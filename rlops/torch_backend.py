@@ -286,12 +286,14 @@ def log_ratio(logp: Tensor, old_logp: Tensor | None, layout: Layout, ratio_level
 
 
 def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
-                      dual_clip: float | None = None, is_weights: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(pg, ratio, clipped_low, clipped_high) per token, SPEC section 2; advantages broadcast to log_r."""
+                      dual_clip: float | None = None, is_weights: Tensor | None = None, *,
+                      ratio_cap: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(pg, ratio, clipped_low, clipped_high) per token, SPEC section 2; advantages broadcast to log_r.
+    ratio_cap: the unclipped branch's ratio capped above (TRL's delta, two-sided clipping)."""
     a = advantages.to(log_r.dtype).expand_as(log_r)
     r = torch.exp(log_r)
-    pg = torch.maximum(-a * r, -a * torch.clamp(r, 1.0 - clip_low, 1.0 + clip_high))
+    unclipped = r if ratio_cap is None else torch.clamp(r, max=ratio_cap)
+    pg = torch.maximum(-a * unclipped, -a * torch.clamp(r, 1.0 - clip_low, 1.0 + clip_high))
     if dual_clip is not None:
         pg = torch.where(a < 0, torch.minimum(pg, -a * dual_clip), pg)
     if is_weights is not None:
@@ -299,6 +301,28 @@ def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_h
     clipped_low = (r < 1.0 - clip_low) & (a < 0)
     clipped_high = (r > 1.0 + clip_high) & (a > 0)
     return pg, r.detach(), clipped_low, clipped_high
+
+
+def surrogate(log_r: Tensor, logp: Tensor, advantages: Tensor, config: PolicyLossConfig,
+              is_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(pg, ratio detached) per token of config.objective (docs/objectives.md): "clip", SPEC
+    section 2 (with config.ratio_cap); "cispo", -sg(clamp(r, 1 - clip_low, 1 + clip_high)) A logp;
+    "sapo", -A (4 / tau) sigmoid(tau (r - 1)), tau = sapo_tau_pos where A > 0 else sapo_tau_neg."""
+    if config.objective == "clip":
+        pg, ratio, _, _ = clipped_surrogate(log_r, advantages, config.clip_low, config.clip_high, config.dual_clip,
+                                            is_weights, ratio_cap=config.ratio_cap)
+        return pg, ratio
+    a = advantages.to(log_r.dtype).expand_as(log_r)
+    r = torch.exp(log_r)
+    if config.objective == "cispo":
+        pg = -torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high).detach() * a * logp
+    else:
+        # Both temperatures in log_r's dtype (a where() of two Python floats would be float32).
+        tau = torch.where(a > 0, config.sapo_tau_pos, torch.full_like(a, config.sapo_tau_neg))
+        pg = -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * a
+    if is_weights is not None:
+        pg = pg * is_weights.to(log_r.dtype).detach()
+    return pg, r.detach()
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
@@ -339,8 +363,7 @@ def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: 
 
     logp, entropy = counted(stats.logp), counted(stats.entropy)
     log_r = log_ratio(logp, counted(inputs.old_logprobs), layout, config.ratio_level)
-    pg, ratio, _, _ = clipped_surrogate(log_r, counted(inputs.advantages), config.clip_low, config.clip_high,
-                                        config.dual_clip, counted(inputs.is_weights, 1.0))
+    pg, ratio = surrogate(log_r, logp, counted(inputs.advantages), config, counted(inputs.is_weights, 1.0))
     kl = torch.zeros_like(logp)
     if config.kl_used == "full":
         kl = counted(stats.full_kl)

@@ -35,6 +35,11 @@ def test_kl_kinds() -> None:
     assert {names[k]: v for k, v in cpp.items()} == constants.KL_KINDS
 
 
+def test_objectives() -> None:
+    cpp = _cpp_enum("Objective")
+    assert {name: cpp["k" + name.title()] for name in constants.OBJECTIVES} == constants.OBJECTIVES
+
+
 def test_output_rows() -> None:
     cpp = _cpp_enum("OutRow")
     rows = {name: cpp["kRow" + "".join(part.title() for part in name.split("_"))] for name in constants.POLICY_ROWS}

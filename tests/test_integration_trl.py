@@ -196,12 +196,58 @@ def test_vllm_importance_sampling_and_tool_mask(loss_type: str, path: str, tiny_
     _assert_step_grads_close(got_grads, want_grads)
 
 
+def _loss_grads_metrics(trainer: object, model: torch.nn.Module, inputs: dict, compute
+                        ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, list[float]]]:
+    """compute(model, inputs)'s loss, the parameters' gradients and the metrics it logged."""
+    model.zero_grad()
+    trainer._metrics["train"].clear()
+    loss = compute(model, inputs)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], dict(trainer._metrics["train"])
+
+
+OBJECTIVE_CONFIGS = {
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.3, "beta": 0.04},
+    "sapo": {"loss_type": "sapo", "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 2.0, "entropy_coef": 0.01},
+    "sapo-sequence": {"loss_type": "sapo", "importance_sampling_level": "sequence"},
+    "grpo-delta": {"loss_type": "grpo", "delta": 1.2, "epsilon_high": 0.28, "beta": 0.04},
+}
+
+
+@pytest.mark.parametrize("path", ["linear", "logits"])
+@pytest.mark.parametrize("name", list(OBJECTIVE_CONFIGS))
+def test_objectives_equal_trl(name: str, path: str, tiny_model: str, tmp_path: Path) -> None:
+    """TRL's cispo, sapo and two-sided clipping (delta): loss, gradients and the metrics TRL logs,
+    on a batch with masked tokens and old log-probs far enough off policy that the caps bind."""
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=7, report_to=[], use_cpu=True, bf16=False, **OBJECTIVE_CONFIGS[name])
+    trainer = trl.GRPOTrainer(model=tiny_model, reward_funcs=_reward, args=args,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": ["1+1="] * 4}),
+                              processing_class=_tokenizer())
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = _batch(len(trainer.processing_class))
+    model = trainer.model.train()
+
+    def loss_grads_metrics(compute) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, list[float]]]:
+        return _loss_grads_metrics(trainer, model, inputs, compute)
+
+    want, want_grads, want_metrics = loss_grads_metrics(lambda m, i: trl.GRPOTrainer._compute_loss(trainer, m, i))
+    if name == "cispo":
+        assert want_metrics["cispo_clip_ratio"][0] > 0, "the ratio cap should bind in this batch"
+    rlops_trl.patch(trainer, path=path)
+    got, got_grads, got_metrics = loss_grads_metrics(trainer._compute_loss)
+    assert_values_close(got, want, 1e-5 * max(1.0, want.abs().item()), "loss")
+    _assert_step_grads_close(got_grads, want_grads)
+    assert got_metrics.keys() == want_metrics.keys()
+    for key, values in want_metrics.items():
+        assert got_metrics[key] == pytest.approx(values, rel=1e-5, abs=1e-6, nan_ok=True), key
+
+
 @pytest.mark.parametrize(
     "config, match",
     [
-        ({"loss_type": "cispo"}, "loss_type='cispo'"),
-        ({"loss_type": "sapo"}, "loss_type='sapo'"),
-        ({"delta": 2.0}, "delta"),
+        ({"loss_type": "vespo"}, "loss_type='vespo'"),
+        ({"loss_type": "sapo", "delta": 2.0}, "delta with loss_type='sapo'"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
         ({"use_adaptive_entropy": True}, "adaptive entropy"),
@@ -347,11 +393,7 @@ def test_padding_free_equals_trl(name: str, tiny_model: str, tmp_path: Path) -> 
         lambda module, a, kw: seen.append((tuple(kw["input_ids"].shape), kw.get("attention_mask"))), with_kwargs=True)
 
     def loss_grads_metrics(compute) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, list[float]]]:
-        model.zero_grad()
-        trainer._metrics["train"].clear()
-        loss = compute(model, inputs)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()], dict(trainer._metrics["train"])
+        return _loss_grads_metrics(trainer, model, inputs, compute)
 
     want, want_grads, want_metrics = loss_grads_metrics(lambda m, i: trl.GRPOTrainer._compute_loss(trainer, m, i))
     clipped = want_metrics["clip_ratio/low_mean"][0], want_metrics["clip_ratio/high_mean"][0]

@@ -26,7 +26,7 @@ from rlops.profile import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 352, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": True}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True}
 
 
 @pytest.fixture(scope="module")

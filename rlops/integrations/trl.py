@@ -7,8 +7,9 @@ or, on a trainer already built: `rlops.integrations.trl.patch(trainer)`.
 
 The loss is TRL's own (GRPOTrainer._compute_loss, TRL 1.x), computed by `rlops.linear_policy_loss`
 on the model's last hidden states and lm_head (path="linear", the default: no logits at all)
-or by `rlops.policy_loss` on its logits (path="logits"). Covered: loss_type grpo, bnpo, dr_grpo
-and dapo; epsilon / epsilon_high; beta (k3 KL to the reference); temperature;
+or by `rlops.policy_loss` on its logits (path="logits"). Covered: loss_type grpo, bnpo, dr_grpo,
+dapo, cispo and sapo (sapo_temperature_pos/neg); epsilon / epsilon_high; delta (two-sided
+clipping); beta (k3 KL to the reference); temperature;
 importance_sampling_level token or sequence; use_bias_correction_kl; vLLM's
 importance-sampling correction; num_items_in_batch (dapo); the static entropy bonus;
 gradient accumulation; TRL's logged metrics. Anything else TRL offers raises a ValueError
@@ -63,7 +64,9 @@ from ..torch_backend import token_logprobs as _torch_logprobs
 
 # Loss types of TRL that SPEC.md covers, and their aggregation (dapo's is set per batch).
 LOSS_AGGS = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-             "dapo": "seq-mean-token-sum-norm"}
+             "dapo": "seq-mean-token-sum-norm", "sapo": "seq-mean-token-mean", "cispo": "seq-mean-token-sum-norm"}
+# TRL's loss_type as rlops' objective (the others are the clipped surrogate).
+OBJECTIVES = {"cispo": "cispo", "sapo": "sapo"}
 PATHS = ("linear", "logits")
 # Inputs of vision-language batches, which the patched loss does not forward to the model.
 MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
@@ -138,8 +141,12 @@ def _unsupported(trainer: Any) -> list[str]:
     problems = []
     if trainer.loss_type not in LOSS_AGGS:
         problems.append(f"loss_type={trainer.loss_type!r} (supported: {', '.join(LOSS_AGGS)})")
+    delta = getattr(args, "delta", None)
     checks = [
-        (getattr(args, "delta", None) is not None, "delta (two-sided clipping)"),
+        (delta is not None and trainer.loss_type in OBJECTIVES, f"delta with loss_type={trainer.loss_type!r} (TRL "
+                                                                 "ignores it there)"),
+        (trainer.loss_type == "cispo" and trainer.epsilon_high < 1.0, "loss_type='cispo' with epsilon_high < 1 (a "
+                                                                     "ratio cap below 1)"),
         (getattr(trainer, "off_policy_mask_threshold", None) is not None, "off_policy_mask_threshold"),
         (getattr(trainer, "top_entropy_quantile", 1.0) < 1.0, "top_entropy_quantile < 1"),
         (getattr(trainer, "use_adaptive_entropy", False), "adaptive entropy control"),
@@ -221,7 +228,7 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
         "old_logprobs": inputs.get("old_per_token_logps"),
         "ref_logprobs": inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
         "is_weights": inputs["importance_sampling_ratio"] if use_is else None,
-        "temperature": self.temperature, "clip_low": self.epsilon_low, "clip_high": self.epsilon_high,
+        "temperature": self.temperature, **_objective(self),
         "kl_coef": self.beta, "kl_estimator": "k3", "ratio_level": self.importance_sampling_level,
         "kl_ratio_weighted": bool(getattr(self.args, "use_bias_correction_kl", False)),
         "loss_agg": LOSS_AGGS[self.loss_type], "entropy_agg": "token-mean",
@@ -231,7 +238,7 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
     scale = 1.0 / accumulation
     if self.loss_type == "dr_grpo":
         options["norm_len"] = self.max_completion_length
-    elif self.loss_type == "dapo":
+    elif self.loss_type in ("dapo", "cispo"):
         # TRL divides the token sum by the batch's share of num_items_in_batch, and only the
         # entropy bonus by the accumulation steps.
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -279,6 +286,19 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
         out = policy_loss(logits, completion_ids, advantages, **options)
     _log_metrics(self, mode, out, options["mask"], advantages, cu_seqlens, options["entropy_coef"])
     return out.loss * scale
+
+
+def _objective(self: Any) -> dict[str, Any]:
+    """rlops' objective options of a TRL GRPOTrainer: its loss_type, clipping and SAPO temperatures."""
+    if self.loss_type == "cispo":  # TRL caps the detached ratio at epsilon_high: [1 - 1, 1 + (eps_high - 1)]
+        return {"objective": "cispo", "clip_low": 1.0, "clip_high": self.epsilon_high - 1.0}
+    options = {"objective": OBJECTIVES.get(self.loss_type, "clip"), "clip_low": self.epsilon_low,
+               "clip_high": self.epsilon_high}
+    if self.loss_type == "sapo":
+        options.update(sapo_tau_pos=self.args.sapo_temperature_pos, sapo_tau_neg=self.args.sapo_temperature_neg)
+    else:
+        options["ratio_cap"] = getattr(self.args, "delta", None)
+    return options
 
 
 def _pack_batch(inputs: dict[str, Any]) -> dict[str, Tensor]:
@@ -369,6 +389,15 @@ def _log_metrics(self: Any, mode: str, out: Any, mask: Tensor, advantages: Tenso
         weighted = getattr(self.args, "use_bias_correction_kl", False)  # TRL logs the KL term as used
         metrics["kl"].append(global_mean(out.kl * ratio if weighted else out.kl))
     metrics["entropy"].append(global_mean(out.entropy))
+    if self.loss_type in OBJECTIVES:  # TRL logs cispo's clip ratio, and none for sapo
+        if self.loss_type == "cispo":
+            clipped = ((ratio > self.epsilon_high) & (adv > 0)).float()
+            metrics["cispo_clip_ratio"].append(global_mean(clipped, per_sequence))
+        return
+    delta = getattr(self.args, "delta", None)
+    if delta is not None:  # TRL's clip ratios are those of its ratio after the cap (coef_1 = clamp(coef_1, max=delta))
+        ratio = ratio.clamp(max=delta)
+        seq_ratio = seq_ratio.clamp(max=delta) if per_sequence else None
     if per_sequence:
         low = ((seq_ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
         high = ((seq_ratio > 1 + self.epsilon_high) & (advantages > 0)).float()

@@ -47,6 +47,7 @@ from torch import Tensor
 from .. import torch_backend
 from ..constants import ROW, SEQ_LOG_RATIO_MAX
 from ..ops.token_stats import token_logprobs_and_entropy, token_stats_op
+from ..options import PolicyLossConfig
 from ..packing import Layout
 from .megatron import vocab_parallel_entropy, vocab_parallel_log_probs_from_logits
 from .verl_advantages import (
@@ -247,14 +248,51 @@ def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     return loss, _metrics(clipfrac, _masked_mean(-diff.detach(), mask), torch.zeros((), device=loss.device))
 
 
+def _objective_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                    options: PolicyLossConfig, rollout_is_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token losses of a non-clip objective (docs/objectives.md), its ratio and verl's ppo_kl."""
+    log_r = torch_backend.log_ratio(log_prob, old_log_prob, Layout.of(response_mask.bool()))
+    pg, ratio = torch_backend.surrogate(log_r, log_prob, advantages, options, rollout_is_weights)
+    return pg, ratio, _masked_mean(-log_r.detach(), response_mask.to(log_prob.dtype))
+
+
+def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                              loss_agg_mode: str = "token-mean", config: Any = None,
+                              rollout_is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """verl's CISPO loss (MiniMax-M1): -sg(clamp(r, 1 - clip_ratio_low, 1 + clip_ratio_high)) * A * log_prob."""
+    low, high = _clip_ratios(config)
+    pg, ratio, ppo_kl = _objective_loss(old_log_prob, log_prob, advantages, response_mask,
+                                        PolicyLossConfig(objective="cispo", clip_low=low, clip_high=high),
+                                        rollout_is_weights)
+    loss = agg_loss(pg, response_mask, loss_agg_mode, **(_config(config, "global_batch_info") or {}))
+    clipped = (ratio != ratio.clamp(1 - low, 1 + high)).to(log_prob.dtype)
+    return loss, _metrics(_masked_mean(clipped, response_mask.to(log_prob.dtype)), ppo_kl,
+                          torch.zeros((), device=loss.device))
+
+
+def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config: Any = None,
+                             rollout_is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """verl's SAPO loss: -A * 4/tau * sigmoid(tau (r - 1)), tau = config.tau_pos where A > 0, else
+    tau_neg; aggregated by seq-mean-token-mean whatever loss_agg_mode says, as verl does."""
+    options = PolicyLossConfig(objective="sapo", sapo_tau_pos=float(_config(config, "tau_pos", 1.0)),
+                               sapo_tau_neg=float(_config(config, "tau_neg", 1.05)))
+    pg, _, ppo_kl = _objective_loss(old_log_prob, log_prob, advantages, response_mask, options, rollout_is_weights)
+    loss = agg_loss(pg, response_mask, "seq-mean-token-mean", **(_config(config, "global_batch_info") or {}))
+    zero = torch.zeros((), device=loss.device)
+    return loss, _metrics(zero, ppo_kl, zero)
+
+
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
     "vanilla": compute_policy_loss_vanilla,
     "gspo": compute_policy_loss_gspo,
+    "cispo": compute_policy_loss_cispo,
+    "sapo": compute_policy_loss_sapo,
 }
 
 
 def get_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
-    """verl's `get_policy_loss_fn` for the losses rlops covers ("vanilla", "gspo")."""
+    """verl's `get_policy_loss_fn` for the losses rlops covers (vanilla, gspo, cispo, sapo)."""
     if name not in POLICY_LOSSES:
         raise ValueError(f"policy loss {name!r} is not covered by rlops; covered: {', '.join(POLICY_LOSSES)}")
     return POLICY_LOSSES[name]
@@ -273,7 +311,9 @@ __all__ = [
     "compute_opo_outcome_advantage",
     "compute_optimal_token_baseline_advantage",
     "compute_policy_loss",
+    "compute_policy_loss_cispo",
     "compute_policy_loss_gspo",
+    "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_reinforce_plus_plus_outcome_advantage",

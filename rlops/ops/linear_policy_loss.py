@@ -31,9 +31,9 @@ from torch import Tensor
 
 from .. import torch_backend
 from .._validation import (
-    check_float_tensor,
-    check_logits,
+    check_head,
     check_positive_float,
+    check_ref_head,
     check_token_ids,
     check_token_range,
 )
@@ -188,35 +188,6 @@ class _LinearPolicyLoss(torch.autograd.Function):
         return (*scaled, None)
 
 
-def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, names: tuple[str, str, str]) -> int:
-    """Checks hidden (..., H), weight (V, H) and bias (V,) of one dtype and device; returns V."""
-    h_name, w_name, b_name = names
-    check_logits(hidden, h_name)
-    check_logits(weight, w_name)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{w_name} must have shape (V, H) with H = {h_name}.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{w_name} ({weight.dtype}) and {h_name} ({hidden.dtype}) must have one dtype")
-    check_float_tensor(w_name, weight, hidden, [tuple(weight.shape)], "(V, H)", h_name)
-    if bias is not None:
-        check_float_tensor(b_name, bias, hidden, [(weight.shape[0],)], f"(V,) = ({weight.shape[0]},)", h_name)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{b_name} ({bias.dtype}) and {h_name} ({hidden.dtype}) must have one dtype")
-    return weight.shape[0]
-
-
-def _check_ref_head(hidden: Tensor, vocab: int, ref_hidden: Tensor | None, ref_weight: Tensor | None,
-                    ref_bias: Tensor | None) -> None:
-    if ref_hidden is None or ref_weight is None:
-        raise ValueError("the exact KL needs both ref_hidden and ref_weight (and ref_bias if the reference has one)")
-    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
-        raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
-                         f"{tuple(ref_hidden.shape[:-1])}")
-    if _check_head(ref_hidden, ref_weight, ref_bias, ("ref_hidden", "ref_weight", "ref_bias")) != vocab:
-        raise ValueError(f"ref_weight must have the policy's vocabulary V = {vocab}, got {ref_weight.shape[0]}")
-
-
 def _chunk(chunk_size: int | None, n: int, hidden: Tensor, vocab: int, with_ref: bool) -> int:
     if chunk_size is None:
         return default_chunk_rows(n, hidden.shape[-1], vocab, hidden.element_size(), with_ref, gpu_wave(hidden))
@@ -261,7 +232,7 @@ def linear_token_logprobs_and_entropy(
     Returns:
         (logp, entropy), float32 of tokens' shape; gradients reach hidden, weight and bias.
     """
-    vocab = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
+    vocab = check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
     rows = hidden
     if cu_seqlens is not None:
         # Packed: (N, H) or (1, N, H) hidden with (N,) or (1, N) tokens, in either pairing.
@@ -311,9 +282,13 @@ def linear_policy_loss(
     is_weights: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     temperature: float = 1.0,
+    objective: str = "clip",
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
+    ratio_cap: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -365,9 +340,9 @@ def linear_policy_loss(
 def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None, Head] | None, batch: PolicyBatch,
                config: PolicyLossConfig, chunk_size: int | None) -> PolicyLossOutput:
     """`linear_policy_loss` on a built config and batch."""
-    vocab = _check_head(hidden, head.weight, head.bias, ("hidden", "weight", "bias"))
+    vocab = check_head(hidden, head.weight, head.bias, ("hidden", "weight", "bias"))
     if ref is not None:
-        _check_ref_head(hidden, vocab, ref[0], *ref[1])
+        check_ref_head(hidden, vocab, ref[0], *ref[1])
     caller_shape, layout = getattr(batch.tokens, "shape", None), None
     if batch.cu_seqlens is not None:
         hidden, batch, layout = packed_as_row(hidden, batch, "hidden")

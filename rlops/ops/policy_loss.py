@@ -189,9 +189,13 @@ def policy_loss(
     is_weights: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     temperature: float = 1.0,
+    objective: str = "clip",
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
+    ratio_cap: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -230,7 +234,13 @@ def policy_loss(
             seq-mean-token-sum-norm needs norm_len. Outputs have tokens' shape.
         temperature: > 0; the policy is softmax(logits / temperature).
         clip_low, clip_high: >= 0; the ratio is clipped to [1 - clip_low, 1 + clip_high].
+        objective: the policy-gradient term (docs/objectives.md): "clip" (PPO's clipped
+            surrogate), "cispo" (-sg(clamp(r, 1 - clip_low, 1 + clip_high)) * A * logp: MiniMax-M1,
+            TRL's and verl's cispo) or "sapo" (the soft gate -A * 4/tau * sigmoid(tau (r - 1)),
+            tau = sapo_tau_pos where A > 0, else sapo_tau_neg: TRL's and verl's sapo).
         dual_clip: None or > 1; caps the loss of negative-advantage tokens at -A * dual_clip.
+        ratio_cap: None or > 1; the unclipped term's ratio capped at it (two-sided clipping,
+            TRL's delta). dual_clip and ratio_cap apply to objective "clip".
         kl_coef: >= 0; 0 reads no reference input and does no KL work.
         kl_estimator: "k1", "k2", "k3", "abs" (|logp - ref_logp|), their straight-through forms
             "k1+", "k2+" (= k2), "k3+", "abs+" (the value of the base, the gradient of k2; verl's
