@@ -15,14 +15,12 @@ Counts given instead of all-reduced (GlobalBatch(tokens=, seqs=)) are checked in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from interpreter_speed import skip_nested_language_patches
+from multiprocess import spawn_ranks
 
 import rlops
 from rlops import reference
@@ -104,9 +102,7 @@ def _rank_loss(batch: dict, rows: slice, steps: slice, split: rlops.GlobalBatch,
     return loss.detach(), x.grad.reshape(len(range(B)[rows]), len(range(T)[steps]), V)
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    skip_nested_language_patches()  # conftest applies it; this spawned process does not load conftest
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+def _cases(rank: int, world: int) -> dict:
     batch, errors = full_batch(), {}
     parts = _parts(rank, world)
     for i, (case, options) in enumerate(CASES.items()):
@@ -131,16 +127,12 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     err = torch.where(m[rows], got.double() - want[rows], 0.0).abs().max().float()[None]
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     errors["masked_whiten/data"] = [float(err), 0.0]
-    if rank == 0:
-        Path(out).write_text(json.dumps(errors))
-    dist.destroy_process_group()
+    return errors  # all-reduced: the same on every rank
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_batches_add_up_to_the_whole_batch(tmp_path: Path, world: int) -> None:
-    out = tmp_path / "errors.json"
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(out)), nprocs=world, join=True)
-    errors = json.loads(out.read_text())
+    errors = spawn_ranks(_cases, world, tmp_path)[0]
     modes = 3 if world == 4 else 2
     assert len(errors) == len(CASES) * (modes + 2) + 1
     bad = {name: e for name, e in errors.items() if not max(e) < TOL}

@@ -10,15 +10,12 @@ all-gathers: 8 floats per token and rank, the same at two vocabulary sizes (and 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from interpreter_speed import skip_nested_language_patches
+from multiprocess import spawn_ranks
 
 TOL = 2e-5  # float32 statistics of a few hundred logits against float64
 
@@ -40,11 +37,9 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double())[finite].abs().max()) if finite.any() else 0.0
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    skip_nested_language_patches()  # conftest applies it; this spawned process does not load conftest
+def _cases(rank: int, world: int) -> dict:
     import rlops.vocab_parallel as vp
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     sent = []
     gather = vp._all_gather
 
@@ -110,8 +105,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     public = rlops.token_logprobs(shard.detach(), tokens, vocab_group=dist.group.WORLD, vocab_start=16 * rank)
     results["public"] = {"logp": _err(public, want_logp)}
     results.update(_policy_loss_cases(rank, world, gen))
-    Path(out, f"{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    return results
 
 
 def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
@@ -161,10 +155,7 @@ def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_stats_and_grads_equal_the_full_vocabulary(tmp_path: Path, world: int) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
-    for rank in range(world):
-        results = json.loads((tmp_path / f"{rank}.json").read_text())
+    for rank, results in enumerate(spawn_ranks(_cases, world, tmp_path)):
         for key, r in results.items():
             if key.startswith("nan/"):
                 assert r == {"row0_finite": True, "row1_nan": True}, (rank, key, r)

@@ -14,15 +14,12 @@ bytes each call all-gathers: 8 floats per token and rank, the same at two vocabu
 from __future__ import annotations
 
 import importlib
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from interpreter_speed import skip_nested_language_patches
+from multiprocess import spawn_ranks
 
 TOL = 2e-5  # float32 against float64, relative to the largest value compared (at least 1)
 SHAPE, H, TAU = (2, 3), 8, 0.8
@@ -154,11 +151,9 @@ def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
     return results
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    skip_nested_language_patches()  # conftest applies it; this spawned process does not load conftest
+def _cases(rank: int, world: int) -> dict:
     import rlops.vocab_parallel as vp
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     sent: list[int] = []
     gather = vp._all_gather
 
@@ -168,17 +163,12 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
     vp._all_gather = counting  # every all_gather of the ops goes through here
     gen = torch.Generator().manual_seed(0)  # the same inputs on every rank
-    results = {**_token_stats_cases(rank, world, gen, sent), **_policy_loss_cases(rank, world, gen)}
-    Path(out, f"{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    return {**_token_stats_cases(rank, world, gen, sent), **_policy_loss_cases(rank, world, gen)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_linear_ops_equal_the_full_vocabulary(tmp_path: Path, world: int) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
-    for rank in range(world):
-        results = json.loads((tmp_path / f"{rank}.json").read_text())
+    for rank, results in enumerate(spawn_ranks(_cases, world, tmp_path)):
         backends = _backends(world)
         runs = [run for case in _LOSS_CASES.values() for run in case[2] if run[0] in backends]
         assert len(results) == 2 * len(backends) + len(runs), sorted(results)
