@@ -35,7 +35,7 @@ struct StatsFwdArgs {
   int kl_kind;
   bool kl_ratio;
   int objective;
-  float ratio_cap, tau_pos, tau_neg;
+  float ratio_cap, param_pos, param_neg;
 };
 
 // kernels/token_stats.py, _token_stats_bwd_kernel: d logits from (3, N) upstream gradients.

@@ -112,8 +112,8 @@ void policy_loss_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
                      int64_t vocab, int64_t inner, int64_t stride_outer, int64_t stride_inner, int64_t ref_inner,
                      int64_t ref_stride_outer, int64_t ref_stride_inner, double inv_tau, double clip_low,
                      double clip_high, double dual_clip, double kl_coef, int64_t kl_kind, bool kl_ratio,
-                     int64_t objective, double ratio_cap, double tau_pos, double tau_neg) {
-  TORCH_CHECK(objective >= kClip && objective <= kSapo, "rlops_cuda: objective must be 0-2, got ", objective);
+                     int64_t objective, double ratio_cap, double param_pos, double param_neg) {
+  TORCH_CHECK(objective >= kClip && objective <= kDppoKl, "rlops_cuda: objective must be 0-6, got ", objective);
   TORCH_CHECK(kl_kind >= kKlNone && kl_kind <= kKAbsSt, "rlops_cuda: kl_kind must be 0-8, got ", kl_kind);
   TORCH_CHECK((kl_kind == kKlFull) == ref.has_value(), "rlops_cuda: ref_logits is needed exactly when kl_kind is 4");
   TORCH_CHECK(kl_kind == kKlNone || kl_kind == kKlFull || ref_logp.has_value(),
@@ -138,8 +138,8 @@ void policy_loss_fwd(const Tensor& x, const OptTensor& ref, const Tensor& tokens
   a.kl_ratio = kl_ratio;
   a.objective = static_cast<int>(objective);
   a.ratio_cap = static_cast<float>(ratio_cap);
-  a.tau_pos = static_cast<float>(tau_pos);
-  a.tau_neg = static_cast<float>(tau_neg);
+  a.param_pos = static_cast<float>(param_pos);
+  a.param_neg = static_cast<float>(param_neg);
   check_launch(launch_stats_fwd(a, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -214,7 +214,7 @@ TORCH_LIBRARY(rlops_cuda, m) {
       "Tensor? old_logp, Tensor? ref_logp, Tensor? isw, Tensor(a!) out, int n_rows, int vocab, int inner, "
       "int stride_outer, int stride_inner, int ref_inner, int ref_stride_outer, int ref_stride_inner, "
       "float inv_tau, float clip_low, float clip_high, float dual_clip, float kl_coef, int kl_kind, "
-      "bool kl_ratio, int objective, float ratio_cap, float tau_pos, float tau_neg) -> ()");
+      "bool kl_ratio, int objective, float ratio_cap, float param_pos, float param_neg) -> ()");
   m.def(
       "token_stats_bwd(Tensor x, Tensor? ref, Tensor tokens, Tensor stats, Tensor grads, Tensor(a!) dx, "
       "int n_rows, int vocab, int inner, int stride_outer, int stride_inner, int ref_inner, int ref_stride_outer, "

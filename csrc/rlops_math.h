@@ -26,7 +26,7 @@ namespace rlops {
 constexpr float kLowest = -3.4028234663852886e38f;
 constexpr float kLogRatioClamp = 20.0f;
 constexpr float kK3Max = 10.0f;
-enum Objective : int { kClip = 0, kCispo = 1, kSapo = 2 };
+enum Objective : int { kClip = 0, kCispo = 1, kSapo = 2, kReinforce = 3, kDro = 4, kDppoTv = 5, kDppoKl = 6 };
 enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kKlFull = 4, kKAbs = 5, kK1St = 6, kK3St = 7, kKAbsSt = 8 };
 // Rows of the float32 per-token output (rlops/constants.py, POLICY_ROWS): the statistics
 // kernel writes the first kStatsRows, the policy loss all kPolicyRows; the last three are the
@@ -134,8 +134,10 @@ struct PolicyParams {
   float clip_low, clip_high, dual_clip, kl_coef;  // dual_clip = inf disables the cap
   int kl_kind;
   bool has_old, has_isw, has_ent, kl_ratio;
-  int objective;                     // Objective
-  float ratio_cap, tau_pos, tau_neg;  // ratio_cap = inf: no cap; SAPO's gate temperatures
+  int objective;  // Objective
+  // ratio_cap = inf: no cap; the objective's parameters for A > 0 and A <= 0 (SAPO's gate
+  // temperatures, DRO's beta)
+  float ratio_cap, param_pos, param_neg;
 };
 
 struct TokenInputs {
@@ -152,11 +154,27 @@ struct PolicyOut {
 // x clamped to [lo, hi], NaN kept NaN (fminf/fmaxf alone would turn a NaN into a bound).
 RLOPS_HD float clampf(float x, float lo, float hi) { return x != x ? x : fminf(fmaxf(x, lo), hi); }
 
+// DPPO's trust region (verl's dppo_tv / dppo_kl): 1 where the token's probability moved less than
+// the bound on the side its advantage pushes it, else 0 (NaN in: NaN out).
+RLOPS_HD float dppo_valid(float logp, float old_logp, float adv, const PolicyParams& p) {
+  float prob = exp_(logp), prob_old = exp_(old_logp);
+  bool valid;
+  if (p.objective == kDppoKl) {
+    // KL between Bernoulli(p_old) and Bernoulli(p), verl's 1e-8 kept for equal arithmetic.
+    float kl = prob_old * (old_logp - logp) + (1.f - prob_old) * logf((1.f - prob_old + 1e-8f) / (1.f - prob + 1e-8f));
+    valid = adv > 0.f ? (kl <= p.clip_high || prob <= prob_old) : (kl <= p.clip_low || prob >= prob_old);
+  } else {
+    valid = adv > 0.f ? prob - prob_old <= p.clip_high : prob - prob_old >= -p.clip_low;
+  }
+  return (logp != logp || old_logp != old_logp) ? logp + old_logp : (valid ? 1.f : 0.f);
+}
+
 RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const TokenInputs& in,
                                 const PolicyParams& p) {
   // Importance ratio; torch.clamp passes the gradient at the bounds, so the same here. On
   // policy, old = logp.detach(): the difference is 0, or NaN for a NaN logp (SPEC: NaN in, NaN out).
-  float diff = p.has_old ? logp - in.old_logp : (logp == logp ? 0.f : logp);
+  float old_logp = p.has_old ? in.old_logp : logp;
+  float diff = p.has_old ? logp - old_logp : (logp == logp ? 0.f : logp);
   float log_r = clampf(diff, -kLogRatioClamp, kLogRatioClamp);
   float d_log_r = (diff >= -kLogRatioClamp && diff <= kLogRatioClamp) ? 1.f : 0.f;
   float ratio = exp_(log_r);
@@ -168,10 +186,23 @@ RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const 
     pg = -in.adv * weight * logp;
     d_pg = -in.adv * weight;
   } else if (p.objective == kSapo) {
-    float tau = in.adv > 0.f ? p.tau_pos : p.tau_neg;
+    float tau = in.adv > 0.f ? p.param_pos : p.param_neg;
     float gate = 1.f / (1.f + exp_(-tau * (ratio - 1.f)));
     pg = -in.adv * gate * (4.f / tau);
     d_pg = -in.adv * 4.f * gate * (1.f - gate) * ratio * d_log_r;
+  } else if (p.objective == kReinforce) {
+    pg = -in.adv * logp;
+    d_pg = -in.adv;
+  } else if (p.objective == kDro) {
+    // -(A logp - beta/2 (logp - old)^2), the log-ratio unclamped as verl's.
+    float d_old = logp - old_logp;
+    pg = -(in.adv * logp - 0.5f * p.param_pos * d_old * d_old);
+    d_pg = -in.adv + p.param_pos * d_old;
+  } else if (p.objective == kDppoTv || p.objective == kDppoKl) {
+    // -A sg(min(r, ratio_cap)) logp inside the trust region, 0 outside.
+    float weight = clampf(ratio, 0.f, p.ratio_cap) * dppo_valid(logp, old_logp, in.adv, p);
+    pg = -in.adv * weight * logp;
+    d_pg = -in.adv * weight;
   } else {
     // Clipped surrogate: the gradient flows through the larger branch (the unclipped one on a
     // tie), each passing it where its clamp does not bind. The unclipped ratio is capped at

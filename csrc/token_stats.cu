@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) stats_fwd_kernel(StatsFwdArgs a) {
   if constexpr (POLICY) {
     PolicyParams p{a.clip_low, a.clip_high, a.dual_clip, a.kl_coef, a.kl_kind,
                    a.old_logp != nullptr, a.isw != nullptr, a.ent_weights != nullptr, a.kl_ratio,
-                   a.objective, a.ratio_cap, a.tau_pos, a.tau_neg};
+                   a.objective, a.ratio_cap, a.param_pos, a.param_neg};
     TokenInputs in{a.weights[row],
                    p.has_ent ? a.ent_weights[row] : 0.f,
                    a.adv[row],

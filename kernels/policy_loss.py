@@ -58,6 +58,10 @@ KL_FULL = tl.constexpr(KL_KINDS["full"])
 KL_ABS = tl.constexpr(KL_KINDS["abs"])
 CISPO = tl.constexpr(OBJECTIVES["cispo"])
 SAPO = tl.constexpr(OBJECTIVES["sapo"])
+REINFORCE = tl.constexpr(OBJECTIVES["reinforce"])
+DRO = tl.constexpr(OBJECTIVES["dro"])
+DPPO_TV = tl.constexpr(OBJECTIVES["dppo_tv"])
+DPPO_KL = tl.constexpr(OBJECTIVES["dppo_kl"])
 KL_K1_ST = tl.constexpr(KL_KINDS["k1+"])
 KL_K3_ST = tl.constexpr(KL_KINDS["k3+"])
 KL_ABS_ST = tl.constexpr(KL_KINDS["abs+"])
@@ -103,19 +107,50 @@ def _sampled_kl(logp, ref_logp_ptr, row, kl, KL_KIND: tl.constexpr):
 
 
 @triton.jit
-def _surrogate(ratio, d_log_r, logp, adv, clip_low, clip_high, dual_clip, ratio_cap, tau_pos, tau_neg,
+def _dppo_valid(logp, old_logp, adv, clip_low, clip_high, BINARY_KL: tl.constexpr):
+    """DPPO's trust region (verl's dppo_tv / dppo_kl): 1.0 where the token's probability moved
+    less than the bound on the side its advantage pushes it, else 0.0 (NaN in: NaN out)."""
+    p = tl.exp(logp)
+    p_old = tl.exp(old_logp)
+    if BINARY_KL:
+        # KL between Bernoulli(p_old) and Bernoulli(p), verl's 1e-8 kept for equal arithmetic.
+        kl = p_old * (old_logp - logp) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        valid = tl.where(adv > 0, (kl <= clip_high) | (p <= p_old), (kl <= clip_low) | (p >= p_old))
+    else:
+        valid = tl.where(adv > 0, p - p_old <= clip_high, p - p_old >= -clip_low)
+    nan = (logp != logp) | (old_logp != old_logp)
+    return tl.where(nan, logp + old_logp, tl.where(valid, 1.0, 0.0))
+
+
+@triton.jit
+def _surrogate(ratio, d_log_r, logp, old_logp, adv, clip_low, clip_high, dual_clip, ratio_cap, param_pos, param_neg,
                OBJECTIVE: tl.constexpr):
-    """(pg, d pg / d logp) of one token for the objective (docs/objectives.md)."""
+    """(pg, d pg / d logp) of one token for the objective (docs/objectives.md). param_pos and
+    param_neg: SAPO's temperatures, DRO's beta."""
     if OBJECTIVE == CISPO:
         # -sg(clamp(r)) * A * logp: the weight carries no gradient, logp does.
         weight = _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
         pg = -adv * weight * logp
         d_pg = -adv * weight
     elif OBJECTIVE == SAPO:
-        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        tau = tl.where(adv > 0, param_pos, param_neg)
         gate = tl.sigmoid(tau * (ratio - 1.0))
         pg = -adv * gate * (4.0 / tau)
         d_pg = -adv * 4.0 * gate * (1.0 - gate) * ratio * d_log_r
+    elif OBJECTIVE == REINFORCE:
+        pg = -adv * logp
+        d_pg = -adv
+    elif OBJECTIVE == DRO:
+        # -(A logp - beta/2 (logp - old)^2), the log-ratio unclamped as verl's.
+        diff = logp - old_logp
+        pg = -(adv * logp - 0.5 * param_pos * diff * diff)
+        d_pg = -adv + param_pos * diff
+    elif OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL:  # noqa: SIM109
+        # -A sg(min(r, ratio_cap)) logp inside the trust region, 0 outside.
+        weight = _clamp(ratio, 0.0, ratio_cap) * _dppo_valid(logp, old_logp, adv, clip_low, clip_high,
+                                                             OBJECTIVE == DPPO_KL)
+        pg = -adv * weight * logp
+        d_pg = -adv * weight
     else:
         # Clipped surrogate: the gradient flows through the larger branch (the unclipped one on a
         # tie), each passing it where its clamp does not bind. The unclipped ratio is capped at
@@ -151,7 +186,7 @@ def _policy_loss_fwd_kernel(
     # strides (rlops/_layout.py: RowLayout)
     inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
     # scalars (rlops/options.py: Epilogue)
-    inv_tau, clip_low, clip_high, dual_clip, kl_coef, ratio_cap, tau_pos, tau_neg,
+    inv_tau, clip_low, clip_high, dual_clip, kl_coef, ratio_cap, param_pos, param_neg,
     # switches
     HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr,
     KL_RATIO: tl.constexpr, BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr = True,
@@ -167,8 +202,8 @@ def _policy_loss_fwd_kernel(
     dual_clip = tl.cast(dual_clip, tl.float32)
     kl_coef = tl.cast(kl_coef, tl.float32)
     ratio_cap = tl.cast(ratio_cap, tl.float32)
-    tau_pos = tl.cast(tau_pos, tl.float32)
-    tau_neg = tl.cast(tau_neg, tl.float32)
+    param_pos = tl.cast(param_pos, tl.float32)
+    param_neg = tl.cast(param_neg, tl.float32)
     w = tl.load(agg_w_ptr + row)
     if w == 0:
         store_stats(out_ptr, N, row, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -185,16 +220,18 @@ def _policy_loss_fwd_kernel(
 
         # Importance ratio; torch.clamp passes the gradient at the bounds, so the same here. On
         # policy, old = logp.detach(): the difference is 0, or NaN for a NaN logp (SPEC: NaN in, NaN out).
+        old_logp = logp
         diff = tl.where(logp == logp, 0.0, logp)
         if HAS_OLD:
-            diff = logp - tl.load(old_ptr + row)
+            old_logp = tl.load(old_ptr + row)
+            diff = logp - old_logp
         log_r = _clamp(diff, -CLAMP, CLAMP)
         d_log_r = tl.where((diff >= -CLAMP) & (diff <= CLAMP), 1.0, 0.0)
         ratio = tl.exp(log_r)
 
         adv = tl.load(adv_ptr + row)
-        pg, d_pg = _surrogate(ratio, d_log_r, logp, adv, clip_low, clip_high, dual_clip, ratio_cap, tau_pos, tau_neg,
-                              OBJECTIVE)
+        pg, d_pg = _surrogate(ratio, d_log_r, logp, old_logp, adv, clip_low, clip_high, dual_clip, ratio_cap,
+                              param_pos, param_neg, OBJECTIVE)
         if HAS_ISW:
             isw = tl.load(isw_ptr + row)
             pg = pg * isw
@@ -245,7 +282,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:],
             # scalars
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
-            epilogue.ratio_cap, epilogue.tau_pos, epilogue.tau_neg,
+            epilogue.ratio_cap, epilogue.param_pos, epilogue.param_neg,
             # switches (HAS_OLD, HAS_ISW, HAS_ENT and HAS_PARTS follow the inputs present)
             KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=_block_v(logits.shape[-1]),
             REF_ALIGNED=ref_aligned, SPLITS=1 if parts is None else parts.shape[1], OBJECTIVE=epilogue.objective,

@@ -168,7 +168,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
             ref_logp=v.ref_logprobs, isw=v.is_weights, inv_tau=1.0 / epilogue.temperature, clip_low=epilogue.clip_low,
             clip_high=epilogue.clip_high, dual_clip=epilogue.dual_clip, kl_coef=epilogue.kl_coef,
             kl_kind=epilogue.kl_kind, kl_ratio=epilogue.kl_ratio_weighted, objective=epilogue.objective,
-            ratio_cap=epilogue.ratio_cap, tau_pos=epilogue.tau_pos, tau_neg=epilogue.tau_neg)
+            ratio_cap=epilogue.ratio_cap, param_pos=epilogue.param_pos, param_neg=epilogue.param_neg)
     return out
 
 

@@ -135,8 +135,9 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_float(name: str, value: object, *, ge: float | None = None, gt: float | None = None) -> float:
-    """Checks a finite real number (optionally >= ge or > gt) and returns it as float."""
+def check_float(name: str, value: object, *, ge: float | None = None, gt: float | None = None,
+                le: float | None = None) -> float:
+    """Checks a finite real number (optionally >= ge or > gt, and <= le) and returns it as float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
@@ -146,6 +147,8 @@ def check_float(name: str, value: object, *, ge: float | None = None, gt: float 
         raise ValueError(f"{name} must be >= {ge}, got {value}")
     if gt is not None and value <= gt:
         raise ValueError(f"{name} must be > {gt}, got {value}")
+    if le is not None and value > le:
+        raise ValueError(f"{name} must be <= {le}, got {value}")
     return value
 
 

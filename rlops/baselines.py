@@ -100,7 +100,8 @@ def eager_policy_loss_output(logits: Tensor, tokens: Tensor, advantages: Tensor,
     baseline a trainer can run in place of the fused loss (rlops.trainers' loss_impl="eager").
     Keywords: rlops.policy_loss's tensors (mask, old_logprobs, ref_logprobs, is_weights) and options."""
     from . import torch_backend
-    from .ops.policy_loss import PolicyLossOutput, check_batch, check_kl_inputs, check_packed_options
+    from .ops.policy_batch import check_batch, check_kl_inputs, check_packed_options
+    from .ops.policy_loss import PolicyLossOutput
     from .options import PolicyBatch, PolicyLossConfig, TokenInputs
 
     tensors = {name: tensors_and_options.pop(name, None)

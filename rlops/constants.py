@@ -21,9 +21,13 @@ K3_MAX = 10.0
 KL_KINDS = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4, "abs": 5, "k1+": 6, "k3+": 7, "abs+": 8}
 SAMPLED_KL = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 
-# The policy-gradient term as the kernels' OBJECTIVE switch (docs/objectives.md): PPO's clipped
-# surrogate (SPEC 2), CISPO's clipped importance weight times logp, SAPO's soft gate.
-OBJECTIVES = {"clip": 0, "cispo": 1, "sapo": 2}
+# The per-token policy-gradient term as the kernels' OBJECTIVE switch (docs/objectives.md): PPO's
+# clipped surrogate (SPEC 2), CISPO's clipped importance weight times logp, SAPO's soft gate,
+# REINFORCE's -A logp (verl's gpg), DRO's quadratic log-ratio penalty, DPPO's trust region by
+# total variation or binary KL. SEQUENCE_OBJECTIVES couple the tokens of a sequence: they run as
+# the O(B*T) epilogue after the fused statistics (rlops.torch_backend), never in the kernels.
+OBJECTIVES = {"clip": 0, "cispo": 1, "sapo": 2, "reinforce": 3, "dro": 4, "dppo_tv": 5, "dppo_kl": 6}
+SEQUENCE_OBJECTIVES = ("gmpo", "vespo")
 
 # Rows of the float32 per-token output buffers. The token-statistics kernel writes the first
 # N_STATS rows; the policy-loss kernel writes all N_POLICY_ROWS: its ratio and loss, then the

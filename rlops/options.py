@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._validation import check_choice, check_float, check_positive_float
-from .constants import KL_KINDS, OBJECTIVES, SAMPLED_KL
+from .constants import KL_KINDS, OBJECTIVES, SAMPLED_KL, SEQUENCE_OBJECTIVES
 from .packing import Layout
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -98,6 +98,13 @@ class PolicyLossConfig:
     ratio_cap: float | None = None
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
+    dro_beta: float | None = None
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask: float | None = None
+    top_entropy_quantile: float = 1.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
@@ -116,15 +123,8 @@ class PolicyLossConfig:
         check_positive_float("temperature", self.temperature)
         check_float("clip_low", self.clip_low, ge=0.0)
         check_float("clip_high", self.clip_high, ge=0.0)
-        check_choice("objective", self.objective, tuple(OBJECTIVES))
-        for name in ("dual_clip", "ratio_cap"):
-            if getattr(self, name) is not None:
-                check_float(name, getattr(self, name), gt=1.0)
-                if self.objective != "clip":
-                    raise ValueError(f"{name} applies to objective='clip' (the clipped surrogate), not "
-                                     f"{self.objective!r}")
-        check_positive_float("sapo_tau_pos", self.sapo_tau_pos)
-        check_positive_float("sapo_tau_neg", self.sapo_tau_neg)
+        check_choice("objective", self.objective, (*OBJECTIVES, *SEQUENCE_OBJECTIVES))
+        self._check_objective_options()
         check_float("kl_coef", self.kl_coef, ge=0.0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.kl_estimator == "k2+":  # k2's gradient is its own: verl's k2+ is k2
@@ -147,6 +147,36 @@ class PolicyLossConfig:
             raise ValueError("vocab_group needs backend 'auto', 'triton' or 'torch': the CUDA twins have no "
                              "row-state kernel")
         self._check_global_batch()
+
+    def _check_objective_options(self) -> None:
+        applies = {"dual_clip": ("clip",), "ratio_cap": ("clip", "dppo_tv", "dppo_kl")}
+        for name, objectives in applies.items():
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), gt=1.0)
+                if self.objective not in objectives:
+                    raise ValueError(f"{name} applies to objective {' or '.join(map(repr, objectives))}, not "
+                                     f"{self.objective!r}")
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            check_positive_float(name, getattr(self, name))
+        check_float("vespo_k_pos", self.vespo_k_pos, ge=0.0)
+        check_float("vespo_k_neg", self.vespo_k_neg, ge=0.0)
+        if self.objective == "dro" and self.dro_beta is None:
+            raise ValueError("objective='dro' needs dro_beta > 0, the weight of its quadratic log-ratio penalty")
+        if self.dro_beta is not None:
+            check_positive_float("dro_beta", self.dro_beta)
+            if self.objective != "dro":
+                raise ValueError(f"dro_beta applies to objective='dro', not {self.objective!r}")
+        if self.off_policy_mask is not None:
+            check_float("off_policy_mask", self.off_policy_mask, ge=0.0)
+        check_float("top_entropy_quantile", self.top_entropy_quantile, gt=0.0, le=1.0)
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the loss couples tokens beyond their own statistics (a sequence-level ratio or
+        objective, the off-policy sequence mask, the batch's entropy quantile): it then runs as the
+        O(B*T) epilogue after the fused per-token statistics, not inside the fused kernel."""
+        return (self.ratio_level == "sequence" or self.objective in SEQUENCE_OBJECTIVES
+                or self.off_policy_mask is not None or self.top_entropy_quantile < 1.0)
 
     def _check_global_batch(self) -> None:
         split = self.global_batch
@@ -182,6 +212,13 @@ class PolicyLossConfig:
     def kl_used(self) -> str:
         """The KL estimator actually computed: "none" when kl_coef is 0 (no reference input is read)."""
         return self.kl_estimator if self.kl_coef > 0 else "none"
+
+    @property
+    def objective_params(self) -> tuple[float, float]:
+        """Epilogue.param_pos, param_neg: the per-token objective's parameters for A > 0 and A <= 0."""
+        if self.objective == "dro":
+            return float(self.dro_beta), float(self.dro_beta)
+        return self.sapo_tau_pos, self.sapo_tau_neg
 
     @property
     def entropy_agg_used(self) -> str:
@@ -306,9 +343,10 @@ class Epilogue(NamedTuple):
     kl_kind: int  # constants.KL_KINDS
     kl_ratio_weighted: bool  # only with a KL term
     objective: int  # constants.OBJECTIVES
-    ratio_cap: float  # inf: no cap
-    tau_pos: float  # SAPO's gate temperatures
-    tau_neg: float
+    ratio_cap: float  # inf: no cap (DPPO: the truncation of its importance weight)
+    # The objective's parameters for tokens with A > 0 and A <= 0: SAPO's gate temperatures, DRO's beta (both).
+    param_pos: float
+    param_neg: float
 
     @classmethod
     def of(cls, config: PolicyLossConfig) -> Epilogue:
@@ -316,7 +354,7 @@ class Epilogue(NamedTuple):
                    math.inf if config.dual_clip is None else float(config.dual_clip), config.kl_coef,
                    KL_KINDS[config.kl_used], config.kl_ratio_weighted and config.kl_used != "none",
                    OBJECTIVES[config.objective], math.inf if config.ratio_cap is None else float(config.ratio_cap),
-                   config.sapo_tau_pos, config.sapo_tau_neg)
+                   *config.objective_params)
 
     def pack(self) -> list[float]:
         return [float(v) for v in self]
@@ -378,3 +416,4 @@ class PolicyBatch(NamedTuple):
     ref_logprobs: Tensor | None = None
     is_weights: Tensor | None = None
     cu_seqlens: Tensor | None = None
+    rollout_logprobs: Tensor | None = None

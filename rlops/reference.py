@@ -8,6 +8,7 @@ separately, and the tests compare each of them with this module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,19 +92,94 @@ def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_h
     return pg, r.detach(), (r < 1 - clip_low) & (a < 0), (r > 1 + clip_high) & (a > 0)
 
 
-def objective_pg(log_r: Tensor, logp: Tensor, advantages: Tensor, opt: PolicyLossConfig) -> Tensor:
-    """docs/objectives.md: CISPO's and SAPO's policy-gradient term per token (float64)."""
+def objective_pg(log_r: Tensor, logp: Tensor, old_logp: Tensor | None, advantages: Tensor,
+                 opt: PolicyLossConfig) -> Tensor:
+    """docs/objectives.md: the policy-gradient term per token (float64) of the objectives beyond
+    the clipped surrogate: cispo, sapo, reinforce, dro, dppo_tv, dppo_kl. old_logp None: on policy."""
     r = log_r.to(f64).exp()
     a = advantages.to(f64).expand_as(r)
+    logp = logp.to(f64)
+    old = logp.detach() if old_logp is None else old_logp.to(f64)
     if opt.objective == "cispo":  # the clipped weight carries no gradient; logp does
         weight = r.clamp(1 - opt.clip_low, 1 + opt.clip_high).detach()
-        return -(weight * a) * logp.to(f64)
+        return -(weight * a) * logp
     if opt.objective == "sapo":
         tau = torch.full_like(a, opt.sapo_tau_neg)
         tau[a > 0] = opt.sapo_tau_pos
         gate = 1 / (1 + torch.exp(-tau * (r - 1)))
         return -a * gate * 4 / tau
-    raise ValueError(f"objective must be cispo or sapo here, got {opt.objective!r}")
+    if opt.objective == "reinforce":
+        return -a * logp
+    if opt.objective == "dro":
+        return -a * logp + opt.dro_beta / 2 * (logp - old) ** 2
+    if opt.objective in ("dppo_tv", "dppo_kl"):
+        p, q = logp.detach().exp(), old.exp()  # q: the old policy's probability of the token
+        if opt.objective == "dppo_tv":
+            inside = torch.where(a > 0, p - q <= opt.clip_high, q - p <= opt.clip_low)
+        else:
+            bernoulli_kl = q * (old - logp.detach()) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
+            inside = torch.where(a > 0, (bernoulli_kl <= opt.clip_high) | (p <= q),
+                                 (bernoulli_kl <= opt.clip_low) | (p >= q))
+        weight = r.detach() if opt.ratio_cap is None else r.detach().clamp(max=opt.ratio_cap)
+        weight = torch.where(inside, weight, torch.zeros_like(weight))
+        weight[logp.isnan() | old.isnan()] = float("nan")
+        return -(weight * a) * logp
+    raise ValueError(f"objective must be a per-token objective other than clip here, got {opt.objective!r}")
+
+
+def sequence_pg(logp: Tensor, old: Tensor, adv: Tensor, is_weights: Tensor | None, mask: Tensor,
+                opt: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """docs/objectives.md: GMPO's and VESPO's pg per token (each row a sequence), and the ratio
+    reported (GMPO's geometric mean per sequence, VESPO's token ratio); float64, row by row."""
+    pg_rows, ratio_rows = [], []
+    isw = torch.ones_like(logp) if is_weights is None else is_weights.detach().to(f64).expand_as(logp)
+    for i in range(logp.shape[0]):
+        m = mask[i].bool()
+        lp, d, a = logp[i].to(f64), logp[i].to(f64) - old[i], adv[i]
+        if opt.objective == "gmpo":
+            n = float(m.sum()) + 1e-8
+            clipped = torch.where(a > 0, torch.min(d, d.clamp(max=opt.clip_high)),
+                                  torch.where(a < 0, torch.max(d, d.clamp(min=-opt.clip_low)), torch.zeros_like(d)))
+            ratio = torch.exp(clipped[m].sum() / n)
+            geo_isw = torch.exp(torch.log(isw[i][m] + 1e-10).sum() / n)
+            pg_rows.append((-a[m].sum() / n * ratio * geo_isw).expand_as(lp))
+            ratio_rows.append(ratio.detach().expand_as(lp))
+            continue
+        log_w = d.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)[m].sum()
+        if is_weights is not None:
+            log_w = log_w + isw[i][m].log().clamp(math.log(1e-8), LOG_RATIO_CLAMP).sum()
+        log_w = log_w.clamp(math.log(1e-8), LOG_RATIO_CLAMP)
+        k = torch.where(a >= 0, opt.vespo_k_pos, opt.vespo_k_neg).to(f64)
+        lam = torch.where(a >= 0, opt.vespo_lambda_pos, opt.vespo_lambda_neg).to(f64)
+        phi = torch.exp(lam + k * log_w - lam * log_w.exp())
+        phi = torch.where(phi.isinf(), torch.zeros_like(phi), phi)  # TRL's overflow to 0; NaN in, NaN out
+        pg_rows.append(-phi * a * lp)
+        ratio_rows.append(d.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp())
+    return torch.stack(pg_rows), torch.stack(ratio_rows)
+
+
+def off_policy_keep(logp: Tensor, sampling: Tensor, adv: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """docs/objectives.md: the off-policy sequence mask, 1 or 0 per token (float64), row by row."""
+    keep = torch.ones_like(logp, dtype=f64)
+    for i in range(logp.shape[0]):
+        m = mask[i].bool()
+        gap = (sampling[i].to(f64) - logp[i].detach().to(f64))[m].nan_to_num(0.0)
+        mean_gap = float(gap.sum()) / max(int(m.sum()), 1)
+        keep[i] = torch.where(adv[i] >= 0, 1.0, 1.0 if mean_gap <= threshold else 0.0)
+    return keep
+
+
+def high_entropy(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """docs/objectives.md: the counted tokens whose entropy is at least the (1 - quantile)
+    quantile of the counted tokens' entropies (linear interpolation between order statistics)."""
+    values = sorted(float(v) for v in entropy.detach()[mask.bool()].to(f64))
+    if not values:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    pos = (len(values) - 1) * (1 - quantile)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(values) - 1)
+    threshold = values[lo] + (values[hi] - values[lo]) * (pos - lo)
+    return (entropy.detach() >= threshold) & mask.bool()
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
@@ -169,7 +245,7 @@ def policy_loss(logits: Tensor, tokens: Tensor, advantages: Tensor,
     assumed valid. l_t = pg_t + kl_coef * kl_t (times r_t with kl_ratio_weighted) - entropy_coef * H_t,
     aggregated by loss_agg; with entropy_agg the entropy term is aggregated on its own.
     """
-    names = ("mask", "old_logprobs", "ref_logprobs", "ref_logits", "is_weights")
+    names = ("mask", "old_logprobs", "ref_logprobs", "ref_logits", "is_weights", "rollout_logprobs")
     t = {name: inputs_and_options.pop(name, None) for name in names}
     opt = PolicyLossConfig(**inputs_and_options)
     mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if t["mask"] is None else t["mask"].bool()
@@ -179,20 +255,30 @@ def policy_loss(logits: Tensor, tokens: Tensor, advantages: Tensor,
     else:
         logp, entropy = token_logprobs_and_entropy(logits, tokens, opt.temperature)
         kl = kl_penalty(logp, t["ref_logprobs"], opt.kl_estimator) if opt.kl_coef != 0 else torch.zeros_like(logp)
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(f64).expand_as(logp)
     log_r = log_ratio(logp, t["old_logprobs"], mask, opt.ratio_level)
     pg, ratio, low, high = clipped_surrogate(log_r, adv, opt.clip_low, opt.clip_high, opt.dual_clip, t["is_weights"],
                                              opt.ratio_cap)
-    if opt.objective != "clip":
-        pg = objective_pg(log_r, logp, adv, opt)
+    old = logp.detach() if t["old_logprobs"] is None else t["old_logprobs"].to(f64)
+    if opt.objective in ("gmpo", "vespo"):
+        pg, ratio = sequence_pg(logp, old, adv, t["is_weights"], mask, opt)
+    elif opt.objective != "clip":
+        pg = objective_pg(log_r, logp, t["old_logprobs"], adv, opt)
         pg = pg if t["is_weights"] is None else pg * t["is_weights"].detach().to(f64)
+    if opt.off_policy_mask is not None:
+        sampling = old if t["rollout_logprobs"] is None else t["rollout_logprobs"].to(f64)
+        pg = pg * off_policy_keep(logp, sampling, adv, mask, opt.off_policy_mask)
+    entropy_mask = mask
+    if opt.top_entropy_quantile < 1:
+        entropy_mask = high_entropy(entropy, mask, opt.top_entropy_quantile)
+        pg = pg * entropy_mask
     kl_term = kl * log_r.exp() if opt.kl_ratio_weighted and opt.kl_coef != 0 else kl
     per_token = pg + opt.kl_coef * kl_term - opt.entropy_coef * entropy
-    if opt.entropy_agg in (None, opt.loss_agg):
+    if opt.entropy_agg in (None, opt.loss_agg) and opt.top_entropy_quantile == 1:
         loss = aggregate(per_token, mask, opt.loss_agg, opt.norm_len)
     else:
         loss = (aggregate(pg + opt.kl_coef * kl_term, mask, opt.loss_agg, opt.norm_len)
-                - opt.entropy_coef * aggregate(entropy, mask, opt.entropy_agg, opt.norm_len))
+                - opt.entropy_coef * aggregate(entropy, entropy_mask, opt.entropy_agg or opt.loss_agg, opt.norm_len))
     return ReferencePolicyLoss(loss, per_token, logp, entropy, kl, ratio, pg, low, high)
 
 

@@ -19,8 +19,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .constants import K3_MAX, LOG_RATIO_CLAMP, SEQ_LOG_RATIO_MAX
-from .options import Head, PolicyLossConfig, TokenInputs
+from . import objectives
+from .constants import K3_MAX, LOG_RATIO_CLAMP, SEQ_LOG_RATIO_MAX, SEQUENCE_OBJECTIVES
+from .objectives import surrogate
+from .options import Head, PolicyLossConfig, TokenInputs, aggregation_weights
 from .packing import Layout
 
 # Rows per chunk are chosen so that one float32 temporary of a chunk is at most 16 MiB.
@@ -285,46 +287,6 @@ def log_ratio(logp: Tensor, old_logp: Tensor | None, layout: Layout, ratio_level
     return torch.clamp(layout.per_token(seq), max=SEQ_LOG_RATIO_MAX).expand_as(logp)
 
 
-def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
-                      dual_clip: float | None = None, is_weights: Tensor | None = None, *,
-                      ratio_cap: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(pg, ratio, clipped_low, clipped_high) per token, SPEC section 2; advantages broadcast to log_r.
-    ratio_cap: the unclipped branch's ratio capped above (TRL's delta, two-sided clipping)."""
-    a = advantages.to(log_r.dtype).expand_as(log_r)
-    r = torch.exp(log_r)
-    unclipped = r if ratio_cap is None else torch.clamp(r, max=ratio_cap)
-    pg = torch.maximum(-a * unclipped, -a * torch.clamp(r, 1.0 - clip_low, 1.0 + clip_high))
-    if dual_clip is not None:
-        pg = torch.where(a < 0, torch.minimum(pg, -a * dual_clip), pg)
-    if is_weights is not None:
-        pg = pg * is_weights.to(log_r.dtype).detach()
-    clipped_low = (r < 1.0 - clip_low) & (a < 0)
-    clipped_high = (r > 1.0 + clip_high) & (a > 0)
-    return pg, r.detach(), clipped_low, clipped_high
-
-
-def surrogate(log_r: Tensor, logp: Tensor, advantages: Tensor, config: PolicyLossConfig,
-              is_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(pg, ratio detached) per token of config.objective (docs/objectives.md): "clip", SPEC
-    section 2 (with config.ratio_cap); "cispo", -sg(clamp(r, 1 - clip_low, 1 + clip_high)) A logp;
-    "sapo", -A (4 / tau) sigmoid(tau (r - 1)), tau = sapo_tau_pos where A > 0 else sapo_tau_neg."""
-    if config.objective == "clip":
-        pg, ratio, _, _ = clipped_surrogate(log_r, advantages, config.clip_low, config.clip_high, config.dual_clip,
-                                            is_weights, ratio_cap=config.ratio_cap)
-        return pg, ratio
-    a = advantages.to(log_r.dtype).expand_as(log_r)
-    r = torch.exp(log_r)
-    if config.objective == "cispo":
-        pg = -torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high).detach() * a * logp
-    else:
-        # Both temperatures in log_r's dtype (a where() of two Python floats would be float32).
-        tau = torch.where(a > 0, config.sapo_tau_pos, torch.full_like(a, config.sapo_tau_neg))
-        pg = -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * a
-    if is_weights is not None:
-        pg = pg * is_weights.to(log_r.dtype).detach()
-    return pg, r.detach()
-
-
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     """k1, k2, k3 or abs per token from the sampled tokens' log-probs (SPEC section 3,
     docs/objectives.md); "k1+", "k3+", "abs+": the base's value with k2's gradient (straight through)."""
@@ -348,22 +310,41 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     return kl
 
 
-def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: PolicyLossConfig) -> LossTerms:
+def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: PolicyLossConfig,
+                sampling_logprobs: Tensor | None = None) -> LossTerms:
     """The policy loss of SPEC sections 2-4 from per-token statistics (layout.mask's shape) with autograd.
 
     loss = sum_t w_t (pg_t + kl_coef * kl_t [* r_t]) - sum_t e_t H_t with w = inputs.agg_weights
-    and e = inputs.entropy_coefs, as the fused kernels compute it. Per-token inputs are read
-    only where the mask is 1, so no padding value, however non-finite, reaches the loss or a
-    gradient. The layout's sequences are those of the sequence-level ratio.
+    and e = inputs.entropy_coefs, as the fused kernels compute it; pg_t is the objective's,
+    times the off-policy sequence mask and the top-entropy token mask when configured
+    (rlops.coupled). Per-token inputs are read only where the mask is 1, so no padding value,
+    however non-finite, reaches the loss or a gradient. The layout's sequences are those of the
+    sequence-level ratio and objectives. sampling_logprobs: the rollout engine's log-probs for
+    the off-policy mask (default: the old log-probs).
     """
     dtype, mask = stats.logp.dtype, layout.mask
 
     def counted(x: Tensor | None, fill: float = 0.0) -> Tensor | None:
         return None if x is None else torch.where(mask, x.to(dtype).expand(mask.shape), fill)
 
-    logp, entropy = counted(stats.logp), counted(stats.entropy)
-    log_r = log_ratio(logp, counted(inputs.old_logprobs), layout, config.ratio_level)
-    pg, ratio = surrogate(log_r, logp, counted(inputs.advantages), config, counted(inputs.is_weights, 1.0))
+    logp, entropy, old = counted(stats.logp), counted(stats.entropy), counted(inputs.old_logprobs)
+    log_r = log_ratio(logp, old, layout, config.ratio_level)
+    adv, isw = counted(inputs.advantages), counted(inputs.is_weights, 1.0)
+    if config.objective in SEQUENCE_OBJECTIVES:
+        objective = objectives.gmpo if config.objective == "gmpo" else objectives.vespo
+        pg, ratio = objective(logp, logp.detach() if old is None else old, adv, isw, layout, config)
+    else:
+        pg, ratio = surrogate(log_r, logp, old, adv, config, isw)
+    if config.off_policy_mask is not None:
+        sampling = old if sampling_logprobs is None else counted(sampling_logprobs)
+        pg = pg * objectives.off_policy_keep(logp, sampling, adv, layout, config.off_policy_mask)
+    entropy_coefs = inputs.entropy_coefs
+    if config.top_entropy_quantile < 1.0:
+        selected = objectives.high_entropy_mask(entropy, mask, config.top_entropy_quantile)
+        pg = pg * selected
+        if entropy_coefs is not None:  # TRL's bonus averages over the same tokens
+            entropy_coefs = config.entropy_coef * aggregation_weights(layout._replace(mask=selected),
+                                                                      config.entropy_agg_used, config.norm_len)
     kl = torch.zeros_like(logp)
     if config.kl_used == "full":
         kl = counted(stats.full_kl)
@@ -372,8 +353,8 @@ def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: 
     kl_term = kl * torch.exp(log_r) if config.kl_ratio_weighted else kl
     per_token = torch.where(mask, pg + config.kl_coef * kl_term, 0.0)
     loss = (inputs.agg_weights.to(dtype) * per_token).sum()
-    if inputs.entropy_coefs is not None:
-        loss = loss - (inputs.entropy_coefs.to(dtype) * entropy).sum()
+    if entropy_coefs is not None:
+        loss = loss - (entropy_coefs.to(dtype) * entropy).sum()
     reported = (torch.where(mask, v.detach(), 0.0).to(torch.float32) for v in (logp, entropy, kl, ratio))
     return LossTerms(loss.to(torch.float32), *reported)
 

@@ -270,14 +270,14 @@ def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: floa
     return stats[ROW["logp"]], stats[ROW["entropy"]]
 
 
-def policy_loss_terms(logits: Tensor, ref_logits: Tensor | None, tokens: Tensor, layout: object, inputs: object,
-                      config: object) -> object:
-    """The policy loss (rlops.policy_loss with vocab_group) from this rank's shard: logits (B, T, V_r)
-    and, for the exact KL, the reference logits' shard; tokens (B, T) global ids, checked, with
-    layout, inputs and config as rlops.ops.policy_loss builds them. The vocabulary work is the
-    vocabulary-parallel statistics; the O(B*T) epilogue is the PyTorch backend's, so every
-    objective and option of the single-device op applies. Every rank returns the same loss."""
-    from .torch_backend import TokenStats, policy_loss
+def policy_stats(logits: Tensor, ref_logits: Tensor | None, tokens: Tensor, layout: object,
+                 config: object) -> object:
+    """The token statistics of rlops.policy_loss with vocab_group, from this rank's shard: logits
+    (B, T, V_r) and, for the exact KL, the reference logits' shard; tokens (B, T) global ids,
+    checked, with layout and config as rlops.ops.policy_loss builds them. Every rank gets the
+    whole vocabulary's statistics; the O(B*T) epilogue is then the PyTorch backend's, so every
+    objective and option of the single-device op applies, and every rank has the same loss."""
+    from .torch_backend import TokenStats
 
     backend = resolve(config.backend, logits)
     # A masked token is never counted: any id may pad it (Hugging Face's -100), read as this shard's first.
@@ -286,4 +286,4 @@ def policy_loss_terms(logits: Tensor, ref_logits: Tensor | None, tokens: Tensor,
     shard = check_vocab_parallel(logits, tokens, config.vocab_group, config.vocab_start, backend, ref_logits)
     stats = token_stats(logits, tokens, shard, config.temperature, backend, ref_logits)
     kl = stats[ROW["kl"]] if ref_logits is not None else None
-    return policy_loss(TokenStats(stats[ROW["logp"]], stats[ROW["entropy"]], kl), layout, inputs, config)
+    return TokenStats(stats[ROW["logp"]], stats[ROW["entropy"]], kl)

@@ -101,8 +101,8 @@ class HostOps:
 
     def policy_loss_fwd(self, x, ref, tokens, weights, ent_weights, adv, old_logp, ref_logp, isw, out, n_rows, vocab,
                         inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner, inv_tau,
-                        clip_low, clip_high, dual_clip, kl_coef, kl_kind, kl_ratio, objective, ratio_cap, tau_pos,
-                        tau_neg) -> None:
+                        clip_low, clip_high, dual_clip, kl_coef, kl_kind, kl_ratio, objective, ratio_cap, param_pos,
+                        param_neg) -> None:
         stats = self._stats(x, (n_rows, vocab, inner, stride_outer, stride_inner), ref,
                             (n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner), tokens, inv_tau)
         zeros = torch.zeros(n_rows)
@@ -115,7 +115,7 @@ class HostOps:
                                                                                   kl_coef)),
             *(ctypes.c_int(int(v)) for v in (kl_kind, old_logp is not None, isw is not None,
                                              ent_weights is not None, kl_ratio, objective)),
-            *(ctypes.c_float(v) for v in (ratio_cap, tau_pos, tau_neg)), _ptr(token_out))
+            *(ctypes.c_float(v) for v in (ratio_cap, param_pos, param_neg)), _ptr(token_out))
         full = torch.cat([stats, token_out[1:]])  # the rows of rlops.constants.ROW: ratio.. follow the stats
         full[ROW["kl"]] = token_out[0]
         full[:, weights == 0] = 0.0

@@ -120,9 +120,9 @@ void rlops_row_stats(const float* x, const float* y, const int64_t* tokens, cons
 // out (6, n): kl, ratio, loss, g_logp, g_entropy, g_kl.
 void rlops_policy_token(const float* in, int64_t n, float clip_low, float clip_high, float dual_clip, float kl_coef,
                         int kl_kind, int has_old, int has_isw, int has_ent, int kl_ratio, int objective,
-                        float ratio_cap, float tau_pos, float tau_neg, float* out) {
+                        float ratio_cap, float param_pos, float param_neg, float* out) {
   PolicyParams p{clip_low, clip_high, dual_clip, kl_coef, kl_kind, has_old != 0, has_isw != 0, has_ent != 0,
-                 kl_ratio != 0, objective, ratio_cap, tau_pos, tau_neg};
+                 kl_ratio != 0, objective, ratio_cap, param_pos, param_neg};
   for (int64_t i = 0; i < n; ++i) {
     TokenInputs t{in[3 * n + i], in[4 * n + i], in[5 * n + i], in[6 * n + i], in[7 * n + i], in[8 * n + i]};
     PolicyOut o = policy_token(in[i], in[n + i], in[2 * n + i], t, p);

@@ -37,7 +37,7 @@ def test_kl_kinds() -> None:
 
 def test_objectives() -> None:
     cpp = _cpp_enum("Objective")
-    assert {name: cpp["k" + name.title()] for name in constants.OBJECTIVES} == constants.OBJECTIVES
+    assert {name: cpp["k" + name.title().replace("_", "")] for name in constants.OBJECTIVES} == constants.OBJECTIVES
 
 
 def test_output_rows() -> None:

@@ -44,6 +44,7 @@ def _batch(dtype: torch.dtype = torch.float32, seed: int = 0, masked_row: bool =
         "ref_hidden": (hidden + 0.3 * torch.randn(B, T, H, generator=g)).to(dtype),
         "ref_weight": (weight + 0.1 * torch.randn(V, H, generator=g)).to(dtype),
         "is_weights": torch.rand(B, T, generator=g) * 1.5 + 0.25,
+        "rollout_logprobs": (logp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)).float(),
     }
     return {k: None if v is None else v.to(DEVICE) for k, v in batch.items()}
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import torch_backend
+from .. import objectives, torch_backend
 from ..ops.token_stats import named_token_logprobs, token_logprobs_and_entropy
 from ..packing import Layout
 
@@ -138,7 +138,7 @@ class PolicyLoss(nn.Module):
             diff = log_probs - rollout_log_probs if self.is_correction_level != "off" else raw_log_ratio
             log_r = ((diff * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(diff)
         coef, vllm_kl, filter_ratio = self._is_correction(old_log_probs, rollout_log_probs, mask)
-        loss, _, clipped_low, clipped_high = torch_backend.clipped_surrogate(
+        loss, _, clipped_low, clipped_high = objectives.clipped_surrogate(
             log_r, advantages, self.clip_eps_low, self.clip_eps_high, self.dual_clip, coef)
         loss = aggregate_loss(loss, mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
         clip_ratio = _masked_mean((clipped_low | clipped_high).to(mask.dtype), mask)

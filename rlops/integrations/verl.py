@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import torch_backend
+from .. import objectives, torch_backend
 from ..constants import ROW, SEQ_LOG_RATIO_MAX
 from ..ops.token_stats import token_logprobs_and_entropy, token_stats_op
 from ..options import PolicyLossConfig
@@ -192,7 +192,7 @@ def _dual_clip(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, respo
         raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {clip_ratio_c}")
     mask = response_mask.to(log_prob.dtype)
     log_r = torch_backend.log_ratio(log_prob, old_log_prob, Layout.of(response_mask.bool()))
-    pg, ratio, clipped_low, clipped_high = torch_backend.clipped_surrogate(log_r, advantages, low, high, clip_ratio_c,
+    pg, ratio, clipped_low, clipped_high = objectives.clipped_surrogate(log_r, advantages, low, high, clip_ratio_c,
                                                                        rollout_is_weights)
     undual = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high))
     clipfrac_lower = _masked_mean(((undual > -advantages * clip_ratio_c) & (advantages < 0)).to(mask.dtype), mask)
@@ -241,7 +241,7 @@ def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     diff = log_prob - old_log_prob
     seq = (diff * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     log_r = torch.clamp(log_prob - log_prob.detach() + seq.detach().unsqueeze(-1), max=SEQ_LOG_RATIO_MAX)
-    pg, _, clipped_low, clipped_high = torch_backend.clipped_surrogate(log_r, advantages, low, high, None,
+    pg, _, clipped_low, clipped_high = objectives.clipped_surrogate(log_r, advantages, low, high, None,
                                                                    rollout_is_weights)
     loss = agg_loss(pg, response_mask, loss_agg_mode, **(_config(config, "global_batch_info") or {}))
     clipfrac = _masked_mean((clipped_low | clipped_high).to(mask.dtype), mask)
@@ -252,7 +252,7 @@ def _objective_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, 
                     options: PolicyLossConfig, rollout_is_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token losses of a non-clip objective (docs/objectives.md), its ratio and verl's ppo_kl."""
     log_r = torch_backend.log_ratio(log_prob, old_log_prob, Layout.of(response_mask.bool()))
-    pg, ratio = torch_backend.surrogate(log_r, log_prob, advantages, options, rollout_is_weights)
+    pg, ratio = objectives.surrogate(log_r, log_prob, old_log_prob, advantages, options, rollout_is_weights)
     return pg, ratio, _masked_mean(-log_r.detach(), response_mask.to(log_prob.dtype))
 
 

@@ -44,13 +44,8 @@ from ..torch_backend import LossTerms, TokenStats
 from ..vocab_parallel import VocabShard
 from ._backend import launchers, resolve_backend
 from .chunking import add_matmul, default_chunk_rows, gpu_wave
-from .policy_loss import (
-    PolicyLossOutput,
-    check_kl_inputs,
-    check_packed_options,
-    check_per_token_inputs,
-    packed_as_row,
-)
+from .policy_batch import check_kl_inputs, check_packed_options, check_per_token_inputs, packed_as_row
+from .policy_loss import PolicyLossOutput
 
 
 def _push_through_head(dlogits: Tensor, hidden: Tensor, weight: Tensor, grads: list[Tensor | None],
@@ -280,6 +275,7 @@ def linear_policy_loss(
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     is_weights: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     temperature: float = 1.0,
     objective: str = "clip",
@@ -289,6 +285,13 @@ def linear_policy_loss(
     ratio_cap: float | None = None,
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    dro_beta: float | None = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask: float | None = None,
+    top_entropy_quantile: float = 1.0,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -333,7 +336,7 @@ def linear_policy_loss(
     config = PolicyLossConfig.from_call(locals())
     ref = None if ref_hidden is None and ref_weight is None and ref_bias is None \
         else (ref_hidden, Head(ref_weight, ref_bias))
-    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens)
+    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens, rollout_logprobs)
     return run_linear_policy_loss(hidden, Head(weight, bias), ref, batch, config, chunk_size)
 
 
@@ -379,7 +382,7 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
                      mask=mask if isinstance(counted, slice) else None, shard=shard)
     inputs = TokenInputs.of(batch, layout, config)
     counted_hidden = hidden.reshape(-1, hidden.shape[-1])[counted]
-    if shard is None and backend != "torch" and config.ratio_level == "token":
+    if shard is None and backend != "torch" and not config.coupled:
         shape = batch.tokens.shape
         gathered = inputs.map(lambda x: x.to(torch.float32).expand(shape).reshape(-1)[counted])
         loss, out = _LinearPolicyLoss.apply(counted_hidden, *head, dataclasses.replace(chunks, inputs=gathered,
@@ -388,7 +391,7 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
                                   for name in ("logp", "entropy", "kl", "ratio")))
     else:
         stats = _counted_stats(counted_hidden, head, chunks, batch.tokens.shape, counted)
-        terms = torch_backend.policy_loss(stats, layout, inputs, config)
+        terms = torch_backend.policy_loss(stats, layout, inputs, config, batch.rollout_logprobs)
     if one_sequence:
         terms = LossTerms(terms.loss, *(v.view(hidden.shape[:-1]) for v in terms[1:]))
     return PolicyLossOutput.of(terms, batch, config, layout, caller_shape)

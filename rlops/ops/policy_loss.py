@@ -19,20 +19,12 @@ import torch
 from torch import Tensor
 
 from .. import torch_backend, vocab_parallel
-from .._validation import (
-    check_float_tensor,
-    check_logits,
-    check_mask,
-    check_shape,
-    check_tensor,
-    check_token_ids,
-    check_token_range,
-)
-from ..constants import GRADS, N_POLICY_ROWS, ROW, SAMPLED_KL
+from ..constants import GRADS, N_POLICY_ROWS, ROW
 from ..options import Epilogue, GlobalBatch, PolicyBatch, PolicyLossConfig, TokenInputs
-from ..packing import Layout, check_cu_seqlens
+from ..packing import Layout
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
+from .policy_batch import check_batch, check_kl_inputs, check_packed_options
 from .token_stats import grad_to_logits, named_inputs, save_for_grad, token_stats_op
 
 
@@ -187,6 +179,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     ref_logits: Tensor | None = None,
     is_weights: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     temperature: float = 1.0,
     objective: str = "clip",
@@ -196,6 +189,13 @@ def policy_loss(
     ratio_cap: float | None = None,
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    dro_beta: float | None = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask: float | None = None,
+    top_entropy_quantile: float = 1.0,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -226,6 +226,8 @@ def policy_loss(
         ref_logits: (B, T, V) reference logits, for kl_estimator "full" (exact KL).
         is_weights: (B, T) or (B, 1) importance weights multiplying pg (e.g. vLLM's
             truncated IS); no gradient.
+        rollout_logprobs: (B, T) the rollout engine's (e.g. vLLM's) log-probs of the sampled
+            tokens, for the off-policy mask (default there: old_logprobs).
         cu_seqlens: int32/int64 (S + 1,) boundaries of packed sequences (rlops.packing), or None.
             With it the batch is packed: logits (N, V) or (1, N, V), tokens and every per-token
             tensor (N,) or (1, N), advantages (N,) per token or (S,) per sequence (a (N,)
@@ -234,13 +236,29 @@ def policy_loss(
             seq-mean-token-sum-norm needs norm_len. Outputs have tokens' shape.
         temperature: > 0; the policy is softmax(logits / temperature).
         clip_low, clip_high: >= 0; the ratio is clipped to [1 - clip_low, 1 + clip_high].
-        objective: the policy-gradient term (docs/objectives.md): "clip" (PPO's clipped
-            surrogate), "cispo" (-sg(clamp(r, 1 - clip_low, 1 + clip_high)) * A * logp: MiniMax-M1,
-            TRL's and verl's cispo) or "sapo" (the soft gate -A * 4/tau * sigmoid(tau (r - 1)),
-            tau = sapo_tau_pos where A > 0, else sapo_tau_neg: TRL's and verl's sapo).
+        objective: the policy-gradient term (docs/objectives.md has each formula and source):
+            "clip" (PPO's clipped surrogate), "cispo" (-sg(clamp(r, 1 - clip_low, 1 + clip_high))
+            * A * logp), "sapo" (the soft gate -A * 4/tau * sigmoid(tau (r - 1)), tau =
+            sapo_tau_pos where A > 0, else sapo_tau_neg), "reinforce" (-A * logp: verl's gpg),
+            "dro" (-(A * logp - dro_beta / 2 * (logp - old)^2)), "dppo_tv" / "dppo_kl" (-A *
+            sg(min(r, ratio_cap)) * logp where the token's probability moved less than clip_high
+            (A > 0) / clip_low (A <= 0), by total variation / binary KL); and the sequence-coupled
+            "gmpo" (the geometric mean of each sequence's sign-clipped token ratios times its
+            mean advantage, averaged over sequences: verl's geo_mean) and "vespo" (-phi(w) * A *
+            logp, phi the gamma weight of the sequence ratio w with vespo_k_pos/neg and
+            vespo_lambda_pos/neg: TRL's vespo).
         dual_clip: None or > 1; caps the loss of negative-advantage tokens at -A * dual_clip.
         ratio_cap: None or > 1; the unclipped term's ratio capped at it (two-sided clipping,
-            TRL's delta). dual_clip and ratio_cap apply to objective "clip".
+            TRL's delta; DPPO's truncation). dual_clip applies to objective "clip", ratio_cap to
+            "clip", "dppo_tv" and "dppo_kl".
+        dro_beta: > 0, DRO's penalty weight (objective "dro" needs it).
+        off_policy_mask: None or >= 0: DeepSeek-V3.2's off-policy sequence mask (TRL's
+            off_policy_mask_threshold): a sequence with A < 0 whose mean of (sampling logp -
+            logp) exceeds it gets no policy-gradient term (the sampling log-probs:
+            old_logprobs; on policy nothing is masked).
+        top_entropy_quantile: in (0, 1]; below 1 only the tokens whose entropy is at or above
+            the batch's (1 - q) quantile get the policy-gradient and entropy terms (TRL's
+            top_entropy_quantile; the entropy bonus then averages over those tokens).
         kl_coef: >= 0; 0 reads no reference input and does no KL work.
         kl_estimator: "k1", "k2", "k3", "abs" (|logp - ref_logp|), their straight-through forms
             "k1+", "k2+" (= k2), "k3+", "abs+" (the value of the base, the gradient of k2; verl's
@@ -274,7 +292,7 @@ def policy_loss(
         PolicyLossOutput.
     """
     config = PolicyLossConfig.from_call(locals())
-    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens)
+    batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens, rollout_logprobs)
     return run_policy_loss(logits, ref_logits, batch, config)
 
 
@@ -296,149 +314,23 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
     if config.vocab_group is not None:
         if config.inplace_grad:
             raise ValueError("inplace_grad is not supported with vocab_group")
-        terms = vocab_parallel.policy_loss_terms(logits, ref_logits, batch.tokens, layout, inputs, config)
+        stats = vocab_parallel.policy_stats(logits, ref_logits, batch.tokens, layout, config)
     elif backend == "torch":
         # The PyTorch backend reads every row: padding ids at masked tokens are replaced by 0 there.
         tokens = torch.where(batch.mask, batch.tokens, 0)
         stats = torch_backend.token_stats(logits, tokens, config.temperature, ref_logits)
-        terms = torch_backend.policy_loss(stats, layout, inputs, config)
-    elif config.ratio_level == "sequence":
-        # The vocabulary work is the fused statistics kernel; the O(B*T) epilogue couples each row.
+    elif config.coupled:
+        # The vocabulary work is the fused statistics kernel; the O(B*T) epilogue couples the tokens.
         out = token_stats_op(logits, batch.tokens, ref_logits, batch.mask, config.temperature,
                              config.inplace_grad, backend)
         stats = TokenStats(out[ROW["logp"]], out[ROW["entropy"]], None if ref_logits is None else out[ROW["kl"]])
-        terms = torch_backend.policy_loss(stats, layout, inputs, config)
     else:
         loss, out = policy_loss_op(logits, batch.tokens, ref_logits, inputs, config, backend)
         terms = LossTerms(loss, out[_LOGP], out[_ENTROPY], out[_KL], out[_RATIO])
+        return PolicyLossOutput.of(terms, batch, config, layout, shape)
+    terms = torch_backend.policy_loss(stats, layout, inputs, config, batch.rollout_logprobs)
     return PolicyLossOutput.of(terms, batch, config, layout, shape)
 
 
 # The rows of the per-token outputs that PolicyLossOutput returns.
 _LOGP, _ENTROPY, _KL, _RATIO = ROW["logp"], ROW["entropy"], ROW["kl"], ROW["ratio"]
-
-
-def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_ref_logits: bool,
-                    ref_logits_needed: str) -> None:
-    """Raises if the reference input that config's KL estimator needs is missing."""
-    if config.kl_used == "full" and not has_ref_logits:
-        raise ValueError(f"kl_estimator='full' with kl_coef > 0 needs {ref_logits_needed}")
-    if config.kl_used in SAMPLED_KL and ref_logprobs is None:
-        raise ValueError(f"kl_estimator={config.kl_estimator!r} with kl_coef > 0 needs ref_logprobs (B, T), the "
-                         "sampled tokens' log-probs under the reference model (the reference's logits are only read "
-                         "by 'full')")
-
-
-def check_packed_options(config: PolicyLossConfig, layout: Layout) -> Layout:
-    """Raises for the options a packed batch cannot default (seq-mean-token-sum-norm's length T);
-    returns the layout, its sequences summed over global_batch.seq_group when that is set."""
-    norm = "seq-mean-token-sum-norm"
-    if layout.seq_ids is not None and config.norm_len is None and norm in (config.loss_agg, config.entropy_agg_used):
-        raise ValueError(f"loss_agg or entropy_agg {norm!r} on a packed batch (cu_seqlens) needs norm_len, the "
-                         "constant length each sequence's token sum is divided by (the padded layout's default, T, "
-                         "does not exist there)")
-    split = config.global_batch
-    return layout if split is None or split.seq_group is None else layout._replace(seq_group=split.seq_group)
-
-
-def packed_as_row(rows: Tensor, batch: PolicyBatch, rows_name: str) -> tuple[Tensor, PolicyBatch, Layout]:
-    """A packed batch (batch.cu_seqlens given) as one row: rows (N, D) or (1, N, D) as (1, N, D), every
-    per-token tensor (N,) or (1, N) as (1, N), per-sequence advantages (S,) or (S, 1) spread to their
-    tokens, cu_seqlens checked; returns (rows, batch, layout), the layout's mask still all ones."""
-    if rows.dim() == 2:
-        rows = rows[None]
-    if rows.dim() != 3 or rows.shape[0] != 1:
-        d = "V" if rows_name.endswith("logits") else "H"
-        raise ValueError(f"with cu_seqlens, {rows_name} must have shape (N, {d}) or (1, N, {d}) (packed "
-                         f"sequences), got {tuple(rows.shape)}")
-    n = rows.shape[1]
-    cu = check_cu_seqlens(batch.cu_seqlens, n, rows, rows_name)
-    layout = Layout.of(torch.ones((1, n), dtype=torch.bool, device=rows.device), cu)
-    per_token = [(n,), (1, n)]
-    described = f"(N,) = ({n},) or (1, N)"
-
-    def as_row(name: str, x: Tensor | None) -> Tensor | None:
-        if x is None:
-            return None
-        x = check_tensor(name, x)
-        if name == "advantages" and tuple(x.shape) in ([(layout.n_seqs,), (layout.n_seqs, 1)]) \
-                and tuple(x.shape) not in per_token:
-            return layout.per_token(x.reshape(-1))
-        check_shape(name, x, per_token, f"{described} with cu_seqlens" + (
-            f", or (S,) = ({layout.n_seqs},) per sequence" if name == "advantages" else ""))
-        return x.view(1, n)
-
-    fields = {name: as_row(name, x) for name, x in batch._asdict().items() if name != "cu_seqlens"}
-    return rows, PolicyBatch(**fields, cu_seqlens=cu), layout
-
-
-def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch,
-                check_ids: bool = True) -> tuple[Tensor, Tensor | None, PolicyBatch, Layout]:
-    """Checks the tensor arguments; returns (logits (B, T, V), ref_logits, batch, layout), the batch with
-    advantages (B, T) or (B, 1) and mask bool (B, T). A packed batch (cu_seqlens) comes back as one row:
-    logits (1, N, V), per-token tensors (1, N), its layout holding the sequences.
-    Token ids are checked where the mask is 1 only: any id (such as -100) may pad a masked token."""
-    vocab = check_logits(logits)
-    layout = None
-    if batch.cu_seqlens is not None:
-        logits, batch, layout = packed_as_row(logits, batch, "logits")
-        if ref_logits is not None and ref_logits.dim() == 2:
-            ref_logits = ref_logits[None]
-    shape = logits.shape
-    if len(shape) != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got {tuple(shape)}")
-    check_token_ids(batch.tokens, shape[:-1], None, logits)
-    if ref_logits is not None:
-        check_logits(ref_logits, "ref_logits")
-        check_float_tensor("ref_logits", ref_logits, logits, [tuple(logits.shape)],
-                           f"logits' shape {tuple(logits.shape)}")
-    batch = check_per_token_inputs(batch)
-    if check_ids:
-        check_token_range(batch.tokens, vocab, counted=batch.mask)
-    # Padded: each row of the (B, T) mask is a sequence (Layout.of, without its call).
-    layout = Layout(batch.mask, None, shape[0]) if layout is None else layout._replace(mask=batch.mask)
-    return logits, ref_logits, batch, layout
-
-
-def _plain(x: object, shapes: tuple[tuple[int, ...], ...], device: torch.device) -> bool:
-    """Whether x is a floating tensor of one of `shapes` on `device` (what check_float_tensor accepts)."""
-    return isinstance(x, Tensor) and x.dtype.is_floating_point and x.shape in shapes and x.device == device
-
-
-def check_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
-    """Checks the (B, T) inputs against batch.tokens (B, T), already checked; returns the batch with
-    advantages as (B, T) or (B, 1) and mask as bool (B, T)."""
-    tokens = batch.tokens
-    per_token, per_row, device = tokens.shape, (tokens.shape[0], 1), tokens.device
-    # The usual call passes every check at once: a bool mask and float tensors of the accepted
-    # shapes, on the tokens' device. Anything else takes the checks below, which convert a 0/1
-    # mask of another dtype or raise, naming the argument (their messages cost host time to format).
-    adv, mask = batch.advantages, batch.mask
-    if (_plain(adv, (per_token, per_row, per_row[:1]), device)
-            and (batch.old_logprobs is None or _plain(batch.old_logprobs, (per_token,), device))
-            and (batch.ref_logprobs is None or _plain(batch.ref_logprobs, (per_token,), device))
-            and (batch.is_weights is None or _plain(batch.is_weights, (per_token, per_row), device))
-            and isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.shape == per_token
-            and mask.device == device):
-        if adv.dim() != 1:
-            return batch
-        return PolicyBatch(batch.tokens, adv.unsqueeze(1), *batch[2:])  # batch._replace, without its Python
-    return _checked_per_token_inputs(batch)
-
-
-def _checked_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
-    """check_per_token_inputs, every input checked on its own (its error naming it)."""
-    tokens = batch.tokens
-    per_token, per_row = tuple(tokens.shape), (tokens.shape[0], 1)
-    token_shape = f"(B, T) = {per_token}"
-    advantages = check_float_tensor("advantages", batch.advantages, tokens, [per_token, per_row, per_row[:1]],
-                                    f"{token_shape}, (B, 1) or (B,)", "tokens")
-    for name in ("old_logprobs", "ref_logprobs"):
-        if getattr(batch, name) is not None:
-            check_float_tensor(name, getattr(batch, name), tokens, [per_token], token_shape, "tokens")
-    if batch.is_weights is not None:
-        check_float_tensor("is_weights", batch.is_weights, tokens, [per_token, per_row], f"{token_shape} or (B, 1)",
-                           "tokens")
-    mask = torch.ones(per_token, dtype=torch.bool, device=tokens.device) if batch.mask is None \
-        else check_mask(batch.mask, per_token, tokens, like_name="tokens")
-    return batch._replace(advantages=advantages[:, None] if advantages.dim() == 1 else advantages, mask=mask)

@@ -1,0 +1,172 @@
+"""The policy-gradient terms of the PyTorch epilogue (docs/objectives.md), per token, with autograd.
+
+The per-token objectives (`surrogate`: clip, cispo, sapo, reinforce, dro, dppo), which the fused
+kernels compute too; and what couples tokens beyond their own statistics, which only this
+epilogue computes, after the fused kernel's per-token statistics (the vocabulary is streamed
+once, as for every other option): the sequence objectives GMPO (verl's geo_mean) and VESPO
+(TRL's vespo), the off-policy sequence mask (DeepSeek-V3.2; TRL's off_policy_mask_threshold) and
+the top-entropy token selection (TRL's top_entropy_quantile). rlops.torch_backend.policy_loss
+composes them. Inputs are per-token tensors of the layout's mask shape, already zero (one for
+weights) where the mask is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .constants import LOG_RATIO_CLAMP
+from .options import PolicyLossConfig
+from .packing import Layout
+
+# TRL clamps VESPO's log-weights below at log(1e-8), "for matching truthfully the original implementation".
+_VESPO_LOG_MIN = math.log(1e-8)
+
+
+def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
+                      dual_clip: float | None = None, is_weights: Tensor | None = None, *,
+                      ratio_cap: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(pg, ratio, clipped_low, clipped_high) per token, SPEC section 2; advantages broadcast to log_r.
+    ratio_cap: the unclipped branch's ratio capped above (TRL's delta, two-sided clipping)."""
+    a = advantages.to(log_r.dtype).expand_as(log_r)
+    r = torch.exp(log_r)
+    unclipped = r if ratio_cap is None else torch.clamp(r, max=ratio_cap)
+    pg = torch.maximum(-a * unclipped, -a * torch.clamp(r, 1.0 - clip_low, 1.0 + clip_high))
+    if dual_clip is not None:
+        pg = torch.where(a < 0, torch.minimum(pg, -a * dual_clip), pg)
+    if is_weights is not None:
+        pg = pg * is_weights.to(log_r.dtype).detach()
+    clipped_low = (r < 1.0 - clip_low) & (a < 0)
+    clipped_high = (r > 1.0 + clip_high) & (a > 0)
+    return pg, r.detach(), clipped_low, clipped_high
+
+
+def surrogate(log_r: Tensor, logp: Tensor, old_logp: Tensor | None, advantages: Tensor, config: PolicyLossConfig,
+              is_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(pg, ratio detached) per token of a per-token config.objective (docs/objectives.md): "clip",
+    SPEC section 2 (with config.ratio_cap); "cispo", -sg(clamp(r, 1 - clip_low, 1 + clip_high)) A logp;
+    "sapo", -A (4 / tau) sigmoid(tau (r - 1)), tau = sapo_tau_pos where A > 0 else sapo_tau_neg;
+    "reinforce", -A logp; "dro", -(A logp - dro_beta / 2 (logp - old)^2); "dppo_tv" / "dppo_kl",
+    -A sg(min(r, ratio_cap)) logp inside DPPO's trust region. old_logp None: on policy."""
+    if config.objective == "clip":
+        pg, ratio, _, _ = clipped_surrogate(log_r, advantages, config.clip_low, config.clip_high, config.dual_clip,
+                                            is_weights, ratio_cap=config.ratio_cap)
+        return pg, ratio
+    a = advantages.to(log_r.dtype).expand_as(log_r)
+    r = torch.exp(log_r)
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    if config.objective == "cispo":
+        pg = -torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high).detach() * a * logp
+    elif config.objective == "sapo":
+        # Both temperatures in log_r's dtype (a where() of two Python floats would be float32).
+        tau = torch.where(a > 0, config.sapo_tau_pos, torch.full_like(a, config.sapo_tau_neg))
+        pg = -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * a
+    elif config.objective == "reinforce":
+        pg = -a * logp
+    elif config.objective == "dro":
+        pg = -(a * logp - 0.5 * config.dro_beta * (logp - old).square())
+    else:
+        cap = math.inf if config.ratio_cap is None else config.ratio_cap
+        weight = torch.clamp(r, max=cap) * dppo_valid(logp.detach(), old, a, config)
+        pg = -a * weight.detach() * logp
+    if is_weights is not None:
+        pg = pg * is_weights.to(log_r.dtype).detach()
+    return pg, r.detach()
+
+
+def dppo_valid(logp: Tensor, old_logp: Tensor, advantages: Tensor, config: PolicyLossConfig) -> Tensor:
+    """DPPO's trust region (verl 0.9.1 compute_policy_loss_dppo_tv / _kl): 1.0 where the token's
+    probability moved less than clip_high (A > 0) or clip_low (A <= 0), by total variation or by
+    the binary KL, else 0.0; NaN where an input is NaN (NaN in, NaN out)."""
+    p, p_old = torch.exp(logp), torch.exp(old_logp)
+    if config.objective == "dppo_kl":
+        kl = p_old * (old_logp - logp) + (1 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        valid = torch.where(advantages > 0, (kl <= config.clip_high) | (p <= p_old),
+                            (kl <= config.clip_low) | (p >= p_old))
+    else:
+        valid = torch.where(advantages > 0, p - p_old <= config.clip_high, p - p_old >= -config.clip_low)
+    return torch.where(logp.isnan() | old_logp.isnan(), logp + old_logp, valid.to(logp.dtype))
+
+
+def _seq_mean(x: Tensor, layout: Layout, eps: float = 0.0) -> Tensor:
+    """Each sequence's mean of x over its counted tokens, per token; eps: verl's + 1e-8 in the
+    denominator (0: a count of 0 clamped to 1, as TRL)."""
+    counts = layout.seq_totals(layout.mask.to(x.dtype))
+    counts = counts + eps if eps else counts.clamp(min=1.0)
+    return layout.per_token(layout.seq_totals(torch.where(layout.mask, x, 0.0)) / counts).expand_as(x)
+
+
+def gmpo(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: Layout,
+         config: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """(pg, ratio) per token of GMPO (arXiv 2507.20673; verl 0.9.1 compute_policy_loss_geo_mean):
+    every token of a sequence holds -mean(A) * exp(mean_t(sgn(A) min(sgn(A) d_t, sgn(A) clamp(d_t,
+    -clip_low, clip_high)))), d = logp - old, times the geometric mean of its is_weights; its
+    seq-mean-token-mean is verl's per-sequence loss. The ratio is that geometric-mean ratio."""
+    d = logp - old
+    sign = torch.sign(adv)
+    clipped = sign * torch.minimum(sign * d, sign * torch.clamp(d, -config.clip_low, config.clip_high))
+    ratio = torch.exp(_seq_mean(clipped, layout, 1e-8))
+    pg = -_seq_mean(adv, layout, 1e-8) * ratio
+    if isw is not None:
+        pg = pg * torch.exp(_seq_mean(torch.log(isw.detach() + 1e-10), layout, 1e-8))
+    return pg, ratio.detach()
+
+
+def vespo(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: Layout,
+          config: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """(pg, ratio) per token of VESPO (TRL 1.16 GRPOTrainer.get_gamma_weights and loss_type "vespo"):
+    -phi(w) A logp with phi(w) = exp(lambda + k log w - lambda w), detached, w the sequence's
+    product of token ratios (times its is_weights, which VESPO folds in instead of multiplying
+    the loss), log w clamped to [log 1e-8, 20]; k, lambda = vespo_k_pos, vespo_lambda_pos where
+    A >= 0, else the _neg pair. The ratio reported is the token ratio. A NaN log-ratio gives a NaN
+    loss, where TRL's nan_to_num gives the sequence phi = 0."""
+    log_r = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
+    log_w = layout.seq_totals(torch.where(layout.mask, log_r, 0.0))
+    if isw is not None:
+        log_isw = torch.clamp(torch.log(isw.detach()), _VESPO_LOG_MIN, LOG_RATIO_CLAMP)
+        log_w = log_w + layout.seq_totals(torch.where(layout.mask, log_isw, 0.0))
+    log_w = layout.per_token(torch.clamp(log_w, _VESPO_LOG_MIN, LOG_RATIO_CLAMP)).expand_as(logp)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, config.vespo_k_pos, torch.full_like(log_w, config.vespo_k_neg))
+    lam = torch.where(nonneg, config.vespo_lambda_pos, torch.full_like(log_w, config.vespo_lambda_neg))
+    # TRL's nan_to_num(nan=0, posinf=0): an overflow (large k) gives phi = 0 as there, but a NaN
+    # input stays NaN, where TRL's would give phi = 0 and a finite loss (docs/objectives.md).
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    phi = torch.where(torch.isinf(phi), 0.0, phi)
+    return -phi * adv * logp, torch.exp(log_r)
+
+
+def off_policy_keep(logp: Tensor, sampling: Tensor | None, adv: Tensor, layout: Layout,
+                    threshold: float) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask), per
+    token: 1.0 unless A < 0 and the sequence's mean of (sampling - logp) over its counted tokens
+    exceeds threshold, a NaN sampling log-prob counting as 0 there (as TRL's). sampling None: on
+    policy, nothing is masked."""
+    if sampling is None:
+        return torch.ones_like(logp)
+    kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+    keep = (adv >= 0) | (_seq_mean(kl, layout) <= threshold)
+    return keep.to(logp.dtype)
+
+
+def counted_quantile(x: Tensor, mask: Tensor, q: float) -> Tensor:
+    """torch.quantile(x[mask], q) (linear interpolation) without reading the count back to the
+    host: the counted values sorted first, the rest after them as +inf. An empty mask gives +inf."""
+    values = torch.sort(torch.where(mask, x, math.inf).reshape(-1)).values
+    n = mask.sum()
+    pos = (n - 1).clamp(min=0).to(x.dtype) * q
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
+    low_value, high_value = values[lo], values[hi]
+    # torch.lerp, as torch.quantile: an exact hit keeps its value even next to +inf.
+    value = torch.where(pos == lo, low_value, torch.lerp(low_value, high_value, pos - lo))
+    return torch.where(n > 0, value, math.inf)
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """TRL 1.16 GRPOTrainer.get_high_entropy_mask in one process: the counted tokens whose
+    entropy is at least the (1 - quantile) quantile of the counted tokens' entropies (bool)."""
+    threshold = counted_quantile(entropy.detach(), mask, 1.0 - quantile)
+    return (entropy.detach() >= threshold) & mask
