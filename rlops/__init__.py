@@ -18,6 +18,7 @@ from .ops import (
     token_logprobs_and_entropy,
 )
 from .options import GlobalBatch
+from .rollout_correction import RolloutCorrection, RolloutCorrectionOutput, rollout_correction
 
 try:
     __version__ = version("rlops")
@@ -29,6 +30,8 @@ __all__ = [
     "PolicyLoss",
     "PolicyLossConfig",
     "PolicyLossOutput",
+    "RolloutCorrection",
+    "RolloutCorrectionOutput",
     "__version__",
     "gae",
     "group_advantages",
@@ -38,6 +41,7 @@ __all__ = [
     "linear_token_logprobs_and_entropy",
     "masked_whiten",
     "policy_loss",
+    "rollout_correction",
     "token_logprobs",
     "token_logprobs_and_entropy",
 ]

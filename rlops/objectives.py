@@ -159,7 +159,8 @@ def counted_quantile(x: Tensor, mask: Tensor, q: float) -> Tensor:
     pos = (n - 1).clamp(min=0).to(x.dtype) * q
     lo = pos.floor().long()
     hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-    low_value, high_value = values[lo], values[hi]
+    # gather, not values[lo]: indexing with a 0-d tensor reads it back to the host.
+    low_value, high_value = values.gather(0, lo.view(1))[0], values.gather(0, hi.view(1))[0]
     # torch.lerp, as torch.quantile: an exact hit keeps its value even next to +inf.
     value = torch.where(pos == lo, low_value, torch.lerp(low_value, high_value, pos - lo))
     return torch.where(n > 0, value, math.inf)

@@ -25,6 +25,7 @@ from torch import Tensor
 from ._validation import check_choice, check_float, check_positive_float
 from .constants import KL_KINDS, OBJECTIVES, SAMPLED_KL, SEQUENCE_OBJECTIVES
 from .packing import Layout
+from .rollout_correction import RolloutCorrection
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "full", "abs", "k1+", "k2+", "k3+", "abs+")
@@ -105,6 +106,7 @@ class PolicyLossConfig:
     vespo_lambda_neg: float = 2.0
     off_policy_mask: float | None = None
     top_entropy_quantile: float = 1.0
+    rollout_correction: RolloutCorrection | None = None  # weights and rejection against rollout_logprobs
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
@@ -169,6 +171,9 @@ class PolicyLossConfig:
         if self.off_policy_mask is not None:
             check_float("off_policy_mask", self.off_policy_mask, ge=0.0)
         check_float("top_entropy_quantile", self.top_entropy_quantile, gt=0.0, le=1.0)
+        if self.rollout_correction is not None and not isinstance(self.rollout_correction, RolloutCorrection):
+            raise TypeError(f"rollout_correction must be an rlops.RolloutCorrection or None, got "
+                            f"{type(self.rollout_correction).__name__}")
 
     @property
     def coupled(self) -> bool:
@@ -184,6 +189,9 @@ class PolicyLossConfig:
             return
         if not isinstance(split, GlobalBatch):
             raise TypeError(f"global_batch must be an rlops.GlobalBatch or None, got {type(split).__name__}")
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError("top_entropy_quantile < 1 with global_batch: the entropy quantile would be this "
+                             "rank's, not the whole batch's")
         norm_aggs = {self.loss_agg, self.entropy_agg_used} & {"seq-mean-token-sum-norm"}
         if split.seq_group is not None and norm_aggs and self.norm_len is None:
             raise ValueError("seq-mean-token-sum-norm with global_batch.seq_group needs norm_len: the sequences "

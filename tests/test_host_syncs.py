@@ -118,6 +118,9 @@ def _linear(x: SimpleNamespace, backend: str, **kw) -> torch.Tensor:
                                     old_logprobs=x.logp, backend=backend, **kw).loss
 
 
+_ROLLOUT = rlops.RolloutCorrection(level="sequence", mode="mask", lower=0.5, upper=2.0, reject={"seq_max_k3": 1.0})
+
+
 def _sum(*outs: torch.Tensor) -> torch.Tensor:
     return sum(o.sum() for o in outs)
 
@@ -134,6 +137,11 @@ KERNEL_OPS: dict[str, Callable[[SimpleNamespace, str], torch.Tensor]] = {
     "policy_loss-full-sequence": lambda x, b: _policy(x, b, kl_coef=0.1, kl_estimator="full", ref_logits=x.ref_logits,
                                                       ratio_level="sequence"),
     "policy_loss-packed-token": lambda x, b: _packed_policy(x, b),
+    # The objectives and options that couple tokens (rlops/objectives.py), and the rollout correction.
+    "policy_loss-coupled": lambda x, b: _policy(x, b, objective="vespo", off_policy_mask=0.1, top_entropy_quantile=0.5,
+                                                rollout_logprobs=x.ref_logp),
+    "policy_loss-gmpo-rollout": lambda x, b: _policy(x, b, objective="gmpo", rollout_logprobs=x.ref_logp,
+                                                     rollout_correction=_ROLLOUT),
     "policy_loss-packed-sequence": lambda x, b: _packed_policy(x, b, ratio_level="sequence"),
     "PolicyLoss": lambda x, b: rlops.PolicyLoss(rlops.PolicyLossConfig.grpo(backend=b))(
         x.logits, x.tokens, x.adv, mask=x.mask, ref_logprobs=x.ref_logp).loss,

@@ -40,11 +40,18 @@ from .._validation import (
 from ..constants import GRADS, N_POLICY_ROWS, N_STATS, ROW, STAT_GRADS
 from ..options import Epilogue, GlobalBatch, Head, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..packing import Layout, check_cu_seqlens
+from ..rollout_correction import RolloutCorrection
 from ..torch_backend import LossTerms, TokenStats
 from ..vocab_parallel import VocabShard
 from ._backend import launchers, resolve_backend
 from .chunking import add_matmul, default_chunk_rows, gpu_wave
-from .policy_batch import check_kl_inputs, check_packed_options, check_per_token_inputs, packed_as_row
+from .policy_batch import (
+    apply_rollout_correction,
+    check_kl_inputs,
+    check_packed_options,
+    check_per_token_inputs,
+    packed_as_row,
+)
 from .policy_loss import PolicyLossOutput
 
 
@@ -292,6 +299,7 @@ def linear_policy_loss(
     vespo_lambda_neg: float = 2.0,
     off_policy_mask: float | None = None,
     top_entropy_quantile: float = 1.0,
+    rollout_correction: RolloutCorrection | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -370,6 +378,7 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
     check_kl_inputs(config, batch.ref_logprobs, ref is not None,
                     "ref_hidden and ref_weight, the reference model's last hidden states and lm_head")
     layout = check_packed_options(config, layout)
+    batch, layout, rollout = apply_rollout_correction(batch, layout, config)  # before the rows are chosen
     backend = resolve_backend(backend, hidden, "linear_policy_loss")
     full_kl = config.kl_used == "full"
     mask = batch.mask.reshape(-1)
@@ -394,7 +403,7 @@ def run_linear_policy_loss(hidden: Tensor, head: Head, ref: tuple[Tensor | None,
         terms = torch_backend.policy_loss(stats, layout, inputs, config, batch.rollout_logprobs)
     if one_sequence:
         terms = LossTerms(terms.loss, *(v.view(hidden.shape[:-1]) for v in terms[1:]))
-    return PolicyLossOutput.of(terms, batch, config, layout, caller_shape)
+    return PolicyLossOutput.of(terms, batch, config, layout, caller_shape, rollout)
 
 
 def _drops_masked_rows(hidden: Tensor) -> bool:

@@ -18,6 +18,7 @@ from .._validation import (
 from ..constants import SAMPLED_KL
 from ..options import PolicyBatch, PolicyLossConfig
 from ..packing import Layout, check_cu_seqlens
+from ..rollout_correction import RolloutCorrectionOutput, rollout_correction
 
 
 def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_ref_logits: bool,
@@ -145,3 +146,23 @@ def _checked_per_token_inputs(batch: PolicyBatch) -> PolicyBatch:
     mask = torch.ones(per_token, dtype=torch.bool, device=tokens.device) if batch.mask is None \
         else check_mask(batch.mask, per_token, tokens, like_name="tokens")
     return batch._replace(advantages=advantages[:, None] if advantages.dim() == 1 else advantages, mask=mask)
+
+
+def apply_rollout_correction(batch: PolicyBatch, layout: Layout, config: PolicyLossConfig
+                             ) -> tuple[PolicyBatch, Layout, RolloutCorrectionOutput | None]:
+    """The checked batch with config.rollout_correction applied (docs/rollout_correction.md): its
+    importance weights as is_weights and its rejected tokens out of the mask (so out of every
+    aggregation's counts); returns (batch, layout, the correction's output or None)."""
+    options = config.rollout_correction
+    if options is None:
+        return batch, layout, None
+    if batch.rollout_logprobs is None or batch.old_logprobs is None:
+        raise ValueError("rollout_correction needs rollout_logprobs (B, T), the rollout engine's log-probs of the "
+                         "sampled tokens, and old_logprobs (B, T), the trainer's (the weights are their ratio)")
+    if batch.is_weights is not None:
+        raise ValueError("pass either is_weights (importance weights computed by the caller) or rollout_correction "
+                         "(rlops computes them), not both")
+    out = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, batch.mask, options,
+                             None if layout.seq_ids is None else batch.cu_seqlens)
+    mask = out.mask
+    return batch._replace(mask=mask, is_weights=out.weights), layout._replace(mask=mask), out

@@ -22,9 +22,10 @@ from .. import torch_backend, vocab_parallel
 from ..constants import GRADS, N_POLICY_ROWS, ROW
 from ..options import Epilogue, GlobalBatch, PolicyBatch, PolicyLossConfig, TokenInputs
 from ..packing import Layout
+from ..rollout_correction import RolloutCorrection, RolloutCorrectionOutput
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
-from .policy_batch import check_batch, check_kl_inputs, check_packed_options
+from .policy_batch import apply_rollout_correction, check_batch, check_kl_inputs, check_packed_options
 from .token_stats import grad_to_logits, named_inputs, save_for_grad, token_stats_op
 
 
@@ -121,6 +122,8 @@ class PolicyLossOutput:
 
     loss: scalar float32, differentiable. logprobs, entropy, kl, ratio: float32 (B, T),
     detached, 0 where mask is 0 (those tokens are not computed). kl is 0 when kl_coef is 0.
+    mask: bool (B, T), the tokens counted (with rollout_correction, its rejected ones left out).
+    rollout: the rollout correction's weights, mask and metrics (rlops.RolloutCorrectionOutput), or None.
     metrics: Python floats over the masked tokens, computed (one host sync) on first access.
     """
 
@@ -134,17 +137,18 @@ class PolicyLossOutput:
     clip_low: float = field(repr=False, default=0.2)
     clip_high: float = field(repr=False, default=0.2)
     dual_clip: float | None = field(repr=False, default=None)
+    rollout: RolloutCorrectionOutput | None = field(repr=False, default=None)
 
     @classmethod
     def of(cls, terms: LossTerms, batch: PolicyBatch, config: PolicyLossConfig, layout: Layout,
-           shape: tuple[int, ...]) -> "PolicyLossOutput":
+           shape: tuple[int, ...], rollout: RolloutCorrectionOutput | None = None) -> "PolicyLossOutput":
         """The output of a checked batch; a packed one's per-token tensors go back to the caller's tokens' shape."""
         advantages = batch.advantages
         if layout.seq_ids is not None:
             terms = LossTerms(terms.loss, *(v.view(shape) for v in terms[1:]))
             batch, advantages = batch._replace(mask=batch.mask.view(shape)), advantages.reshape(shape)
         return cls(*terms, mask=batch.mask, advantages=advantages, clip_low=config.clip_low,
-                   clip_high=config.clip_high, dual_clip=config.dual_clip)
+                   clip_high=config.clip_high, dual_clip=config.dual_clip, rollout=rollout)
 
     @functools.cached_property
     def metrics(self) -> dict[str, float]:
@@ -196,6 +200,7 @@ def policy_loss(
     vespo_lambda_neg: float = 2.0,
     off_policy_mask: float | None = None,
     top_entropy_quantile: float = 1.0,
+    rollout_correction: RolloutCorrection | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -227,7 +232,7 @@ def policy_loss(
         is_weights: (B, T) or (B, 1) importance weights multiplying pg (e.g. vLLM's
             truncated IS); no gradient.
         rollout_logprobs: (B, T) the rollout engine's (e.g. vLLM's) log-probs of the sampled
-            tokens, for the off-policy mask (default there: old_logprobs).
+            tokens, for rollout_correction and the off-policy mask (default there: old_logprobs).
         cu_seqlens: int32/int64 (S + 1,) boundaries of packed sequences (rlops.packing), or None.
             With it the batch is packed: logits (N, V) or (1, N, V), tokens and every per-token
             tensor (N,) or (1, N), advantages (N,) per token or (S,) per sequence (a (N,)
@@ -259,6 +264,12 @@ def policy_loss(
         top_entropy_quantile: in (0, 1]; below 1 only the tokens whose entropy is at or above
             the batch's (1 - q) quantile get the policy-gradient and entropy terms (TRL's
             top_entropy_quantile; the entropy bonus then averages over those tokens).
+        rollout_correction: None or an rlops.RolloutCorrection (docs/rollout_correction.md):
+            importance weights between the trainer (old_logprobs) and the rollout engine
+            (rollout_logprobs), token- or sequence-level, truncated or masked, and rejection of
+            tokens or sequences (TRL's vllm_importance_sampling_*, verl's rollout_correction).
+            The weights multiply pg as is_weights would (so not with is_weights); rejected
+            tokens leave the mask and every count. Metrics: output.rollout.metrics.
         kl_coef: >= 0; 0 reads no reference input and does no KL work.
         kl_estimator: "k1", "k2", "k3", "abs" (|logp - ref_logp|), their straight-through forms
             "k1+", "k2+" (= k2), "k3+", "abs+" (the value of the base, the gradient of k2; verl's
@@ -310,6 +321,7 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
                          "operation (such as the lm_head), not a leaf tensor that keeps its own .grad")
     backend = resolve_backend(config.backend, logits, "policy_loss")
     ref_logits = ref_logits if config.kl_used == "full" else None
+    batch, layout, rollout = apply_rollout_correction(batch, layout, config)
     inputs = TokenInputs.of(batch, layout, config)
     if config.vocab_group is not None:
         if config.inplace_grad:
@@ -327,9 +339,9 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
     else:
         loss, out = policy_loss_op(logits, batch.tokens, ref_logits, inputs, config, backend)
         terms = LossTerms(loss, out[_LOGP], out[_ENTROPY], out[_KL], out[_RATIO])
-        return PolicyLossOutput.of(terms, batch, config, layout, shape)
+        return PolicyLossOutput.of(terms, batch, config, layout, shape, rollout)
     terms = torch_backend.policy_loss(stats, layout, inputs, config, batch.rollout_logprobs)
-    return PolicyLossOutput.of(terms, batch, config, layout, shape)
+    return PolicyLossOutput.of(terms, batch, config, layout, shape, rollout)
 
 
 # The rows of the per-token outputs that PolicyLossOutput returns.
