@@ -40,7 +40,7 @@ CASES = (
     # The other objectives (constants.OBJECTIVES) and sampled-token KL kinds (abs, the + forms).
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": kind,
                                   "KL_RATIO": True, "OBJECTIVE": objective})
-       for objective, kind in ((1, 5), (2, 7), (0, 8))]
+       for objective, kind in ((1, 5), (2, 7), (0, 8), (4, 1), (6, 6))]
     + [(_gae_kernel, {"HAS_BOOT": boot, "PACKED": packed}) for packed in (False, True) for boot in (False, True)]
     # Small N (vocab_splits): each row's vocabulary split over SPLITS programs, merged in the forward.
     + [(_row_states_kernel, {"HAS_REF": ref, "HAS_LIVE": True, "SPLITS": 8}) for ref in (False, True)]
