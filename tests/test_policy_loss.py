@@ -251,7 +251,7 @@ def test_large_logits_and_small_temperature(case: str, offset: float, temperatur
 
 
 @pytest.mark.parametrize("case", ["off-policy", "dual-clip", "k3", "full-kl", "gspo-full-kl", "everything-k3",
-                                  "everything-full"])
+                                  "everything-full", "dro", "dppo-kl", "gmpo", "vespo", "top-entropy"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_half(case: str, dtype: torch.dtype) -> None:
     _check(case, dtype)
@@ -262,7 +262,9 @@ def test_several_vocabulary_blocks(case: str) -> None:
     _check(case, torch.float32, vocab=9000, seed=3)
 
 
-@pytest.mark.parametrize("case", ["everything-k3", "everything-full", "gspo-with-kl-entropy-is"])
+@pytest.mark.parametrize("case", ["everything-k3", "everything-full", "gspo-with-kl-entropy-is", "cispo", "sapo",
+                                  "reinforce", "dro", "dppo-tv", "dppo-kl", "gmpo", "vespo", "off-policy-mask",
+                                  "off-policy-mask-old", "top-entropy"])
 def test_torch_backend(case: str) -> None:
     def torch_backend(logits, tokens, advantages, **kw):
         return rlops.policy_loss(logits, tokens, advantages, backend="torch", **kw)
