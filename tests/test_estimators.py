@@ -13,47 +13,25 @@ IS weights, zero tail, GDPO's reward keys and weights).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections import defaultdict
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from helpers import DEVICE
+from verl_import import import_verl
 
 import rlops
 from rlops import estimators as est
 from rlops.integrations import verl as r_verl
 
-STANDINS = Path(__file__).resolve().parent / "verl_standins"
-STANDIN_MODULES = ("ray", "tensordict", "orjson")
-VERL_VERSION = "0.9.1"
-
 
 @pytest.fixture(scope="module")
 def verl() -> SimpleNamespace:
     """verl 0.9.1's core_algos and torch_functional, imported with stand-ins for what is missing."""
-    if importlib.util.find_spec("verl") is None:
-        pytest.skip("verl is not installed: bash install.sh installs verl 0.9.1 (no dependencies)")
-    missing = [name for name in STANDIN_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        sys.path.append(str(STANDINS))
-    try:
-        core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
-        torch_functional = importlib.import_module("verl.utils.torch_functional")
-        version = importlib.import_module("verl").__version__
-    finally:
-        if missing:
-            sys.path.remove(str(STANDINS))
-            for name in [*missing, "_verl_standin"]:  # verl keeps its references; nothing else sees them
-                for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-                    del sys.modules[key]
-    assert version == VERL_VERSION, f"the parity tests are written against verl {VERL_VERSION}, found {version}"
+    core_algos, torch_functional = import_verl("verl.trainer.ppo.core_algos", "verl.utils.torch_functional")
     return SimpleNamespace(ca=core_algos, F=torch_functional)
 
 

@@ -238,7 +238,7 @@ def test_verl_policy_losses(loss: str, mode: str, weights: bool) -> None:
     for key, value in want_metrics.items():
         assert got_metrics[key] == pytest.approx(value, abs=1e-12), key
     with pytest.raises(ValueError, match="not covered"):
-        r_verl.get_policy_loss_fn("clip_cov")
+        r_verl.get_policy_loss_fn("no_such_loss")
 
 
 @pytest.mark.parametrize("mode", AGGS)

@@ -16,19 +16,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from verl_import import import_verl
 
 from rlops.integrations import verl_rollout as vr
 from rlops.packing import cu_seqlens_from_lengths, pack, unpack
 from rlops.rollout_correction import REJECTION_OPTIONS, RolloutCorrection, rollout_correction
 
-STANDINS = Path(__file__).resolve().parent / "verl_standins"
-STANDIN_MODULES = ("ray", "tensordict", "orjson")
 TOL64 = 1e-6
 TOL32 = 2e-5
 
@@ -36,21 +33,7 @@ TOL32 = 2e-5
 @pytest.fixture(scope="module")
 def verl() -> ModuleType:
     """verl 0.9.1's rollout_corr_helper, imported with stand-ins for what is missing."""
-    if importlib.util.find_spec("verl") is None:
-        pytest.skip("verl is not installed: bash install.sh installs verl 0.9.1 (no dependencies)")
-    missing = [name for name in STANDIN_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        sys.path.append(str(STANDINS))
-    try:
-        helper = importlib.import_module("verl.trainer.ppo.rollout_corr_helper")
-        version = importlib.import_module("verl").__version__
-    finally:
-        if missing:
-            sys.path.remove(str(STANDINS))
-            for name in [*missing, "_verl_standin"]:
-                for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-                    del sys.modules[key]
-    assert version == "0.9.1", f"the parity tests are written against verl 0.9.1, found {version}"
+    (helper,) = import_verl("verl.trainer.ppo.rollout_corr_helper")
     assert set(REJECTION_OPTIONS) == helper.SUPPORTED_ROLLOUT_RS_OPTIONS
     return helper
 

@@ -133,6 +133,9 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: i
     excluded from the sequence means.
     """
     mask = loss_mask.to(loss_mat.dtype)
+    # verl's masked_sum: a value outside the mask (NaN, inf) must not reach the sum, so it is
+    # replaced, not multiplied by 0. (verl's sequence modes multiply; here they replace too.)
+    loss_mat = torch.where(loss_mask.bool(), loss_mat, 0.0)
     if loss_agg_mode == "token-mean":
         if batch_num_tokens is None:
             if dp_size > 1:
@@ -283,16 +286,39 @@ def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     return loss, _metrics(zero, ppo_kl, zero)
 
 
+# The rest of verl's registry; imported here, at the end, because that module takes agg_loss and
+# the helpers above from this one (at call time).
+from .verl_policy_losses import (  # noqa: E402
+    compute_policy_loss_bypass_mode,
+    compute_policy_loss_clip_cov,
+    compute_policy_loss_dppo_kl,
+    compute_policy_loss_dppo_tv,
+    compute_policy_loss_dro,
+    compute_policy_loss_geo_mean,
+    compute_policy_loss_gpg,
+    compute_policy_loss_kl_cov,
+    compute_policy_loss_reinforce,
+)
+
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
     "vanilla": compute_policy_loss_vanilla,
+    "dppo_tv": compute_policy_loss_dppo_tv,
+    "dppo_kl": compute_policy_loss_dppo_kl,
     "gspo": compute_policy_loss_gspo,
-    "cispo": compute_policy_loss_cispo,
     "sapo": compute_policy_loss_sapo,
+    "gpg": compute_policy_loss_gpg,
+    "clip_cov": compute_policy_loss_clip_cov,
+    "kl_cov": compute_policy_loss_kl_cov,
+    "geo_mean": compute_policy_loss_geo_mean,
+    "dro": compute_policy_loss_dro,
+    "cispo": compute_policy_loss_cispo,
+    "bypass_mode": compute_policy_loss_bypass_mode,
 }
 
 
 def get_policy_loss_fn(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
-    """verl's `get_policy_loss_fn` for the losses rlops covers (vanilla, gspo, cispo, sapo)."""
+    """verl's `get_policy_loss_fn`: every loss of verl 0.9.1's POLICY_LOSS_REGISTRY (vanilla, dppo_tv,
+    dppo_kl, gspo, sapo, gpg, clip_cov, kl_cov, geo_mean, dro, cispo, bypass_mode) by its name."""
     if name not in POLICY_LOSSES:
         raise ValueError(f"policy loss {name!r} is not covered by rlops; covered: {', '.join(POLICY_LOSSES)}")
     return POLICY_LOSSES[name]
@@ -311,8 +337,17 @@ __all__ = [
     "compute_opo_outcome_advantage",
     "compute_optimal_token_baseline_advantage",
     "compute_policy_loss",
+    "compute_policy_loss_bypass_mode",
     "compute_policy_loss_cispo",
+    "compute_policy_loss_clip_cov",
+    "compute_policy_loss_dppo_kl",
+    "compute_policy_loss_dppo_tv",
+    "compute_policy_loss_dro",
+    "compute_policy_loss_geo_mean",
+    "compute_policy_loss_gpg",
     "compute_policy_loss_gspo",
+    "compute_policy_loss_kl_cov",
+    "compute_policy_loss_reinforce",
     "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
