@@ -114,28 +114,36 @@ def gmpo(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: Lay
     return pg, ratio.detach()
 
 
-def vespo(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: Layout,
-          config: PolicyLossConfig) -> tuple[Tensor, Tensor]:
-    """(pg, ratio) per token of VESPO (TRL 1.16 GRPOTrainer.get_gamma_weights and loss_type "vespo"):
-    -phi(w) A logp with phi(w) = exp(lambda + k log w - lambda w), detached, w the sequence's
-    product of token ratios (times its is_weights, which VESPO folds in instead of multiplying
-    the loss), log w clamped to [log 1e-8, 20]; k, lambda = vespo_k_pos, vespo_lambda_pos where
-    A >= 0, else the _neg pair. The ratio reported is the token ratio. A NaN log-ratio gives a NaN
-    loss, where TRL's nan_to_num gives the sequence phi = 0."""
-    log_r = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
-    log_w = layout.seq_totals(torch.where(layout.mask, log_r, 0.0))
+def vespo_weights(log_r: Tensor, isw: Tensor | None, adv: Tensor, layout: Layout, config: PolicyLossConfig,
+                  per_sequence: bool = False) -> Tensor:
+    """VESPO's gamma weight phi(w) = exp(lambda + k log w - lambda w) (TRL 1.16
+    GRPOTrainer.get_gamma_weights), per token, or per sequence (S,) with per_sequence (adv then
+    (S,)). log w: the sequence's sum of its counted tokens' log_r clamped to +-20, plus that of
+    clamp(log is_weights, log 1e-8, 20), clamped to [log 1e-8, 20]; k, lambda = vespo_k_pos,
+    vespo_lambda_pos where A >= 0, else the _neg pair. An overflow (large k) gives 0 as TRL's
+    nan_to_num; a NaN input stays NaN, where TRL's gives 0 (docs/objectives.md)."""
+    log_w = layout.seq_totals(torch.where(layout.mask, torch.clamp(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), 0.0))
     if isw is not None:
-        log_isw = torch.clamp(torch.log(isw.detach()), _VESPO_LOG_MIN, LOG_RATIO_CLAMP)
+        log_isw = torch.clamp(torch.log(isw.to(log_r.dtype).expand_as(log_r)), _VESPO_LOG_MIN, LOG_RATIO_CLAMP)
         log_w = log_w + layout.seq_totals(torch.where(layout.mask, log_isw, 0.0))
-    log_w = layout.per_token(torch.clamp(log_w, _VESPO_LOG_MIN, LOG_RATIO_CLAMP)).expand_as(logp)
+    log_w = torch.clamp(log_w, _VESPO_LOG_MIN, LOG_RATIO_CLAMP)
+    if not per_sequence:
+        log_w = layout.per_token(log_w).expand_as(log_r)
     nonneg = adv >= 0
     k = torch.where(nonneg, config.vespo_k_pos, torch.full_like(log_w, config.vespo_k_neg))
     lam = torch.where(nonneg, config.vespo_lambda_pos, torch.full_like(log_w, config.vespo_lambda_neg))
-    # TRL's nan_to_num(nan=0, posinf=0): an overflow (large k) gives phi = 0 as there, but a NaN
-    # input stays NaN, where TRL's would give phi = 0 and a finite loss (docs/objectives.md).
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
-    phi = torch.where(torch.isinf(phi), 0.0, phi)
-    return -phi * adv * logp, torch.exp(log_r)
+    return torch.where(torch.isinf(phi), 0.0, phi)
+
+
+def vespo(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: Layout,
+          config: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """(pg, ratio) per token of VESPO (TRL 1.16 loss_type "vespo"): -phi(w) A logp, phi the
+    detached `vespo_weights` of the sequence ratio w (is_weights folded into w instead of
+    multiplying the loss). The ratio reported is the token ratio."""
+    log_r = (logp - old).detach()
+    phi = vespo_weights(log_r, None if isw is None else isw.detach(), adv, layout, config)
+    return -phi * adv * logp, torch.exp(torch.clamp(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 def off_policy_keep(logp: Tensor, sampling: Tensor | None, adv: Tensor, layout: Layout,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import spawn_ranks
+from gloo_ranks import spawn_ranks
 
 import rlops
 from rlops import reference

@@ -246,10 +246,11 @@ def test_objectives_equal_trl(name: str, path: str, tiny_model: str, tmp_path: P
 @pytest.mark.parametrize(
     "config, match",
     [
-        ({"loss_type": "vespo"}, "loss_type='vespo'"),
         ({"loss_type": "sapo", "delta": 2.0}, "delta with loss_type='sapo'"),
-        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
-        ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
+        ({"loss_type": "vespo", "delta": 2.0}, "delta with loss_type='vespo'"),
+        ({"loss_type": "vespo", "vespo_k_neg": -1.0}, "negative vespo_k_pos or vespo_k_neg"),
+        ({"off_policy_mask_threshold": -0.1}, "off_policy_mask_threshold < 0"),
+        ({"top_entropy_quantile": 0.0}, "top_entropy_quantile <= 0"),
         ({"use_adaptive_entropy": True}, "adaptive entropy"),
     ],
 )
@@ -426,3 +427,170 @@ def test_padding_free_equals_trl(name: str, tiny_model: str, tmp_path: Path) -> 
 
 def _batch_for(model: torch.nn.Module, name: str, empty_completion: bool) -> dict[str, torch.Tensor]:
     return _ragged_batch(model, seed=sorted(PACKED_CONFIGS).index(name), empty_completion=empty_completion)
+
+
+# ------------------------------------------------------------------------------------------
+# luspo, vespo, the off-policy sequence mask and the top-entropy tokens against TRL's own loss
+# ------------------------------------------------------------------------------------------
+
+
+def _vllm_is_ratio(inputs: dict[str, torch.Tensor], mode: str, low: float | None, high: float | None) -> torch.Tensor:
+    """TRL 1.16's vLLM importance-sampling ratio of a batch (_generate_and_score_completions, token modes):
+    exp(old - sampling) on the counted tokens, 1 elsewhere, truncated or masked to [low, high]."""
+    mask = inputs["completion_mask"] * inputs["tool_mask"]
+    ratio = torch.exp(torch.nan_to_num((inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]) * mask))
+    if mode == "token_truncate":
+        return torch.clamp(ratio, min=low, max=high)
+    low, high = -float("inf") if low is None else low, float("inf") if high is None else high
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+# name: (GRPOConfig, vLLM importance sampling (mode, low, high) or None, the batch's sampling log-probs
+# present, the trainer attributes that turn the option under test off (its effect must show in TRL's loss)).
+OPTION_CONFIGS = {
+    "luspo-token": ({"loss_type": "luspo", "epsilon_high": 0.28, "beta": 0.04, "entropy_coef": 0.01}, None,
+                    False, {}),
+    "luspo-sequence-vllm-is": ({"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.5},
+                               ("token_truncate", None, 1.5), True, {}),
+    "vespo": ({"loss_type": "vespo", "beta": 0.04, "vespo_k_pos": 1.5, "vespo_lambda_neg": 2.5}, None, False, {}),
+    # TRL warns (VESPO's weight is sequence-level anyway); the bias-corrected KL then uses the sequence ratio
+    "vespo-sequence-kl": ({"loss_type": "vespo", "importance_sampling_level": "sequence", "beta": 0.04}, None, False,
+                          {}),
+    "vespo-token_truncate": ({"loss_type": "vespo", "entropy_coef": 0.01}, ("token_truncate", None, 1.5), True, {}),
+    "vespo-token_mask": ({"loss_type": "vespo", "beta": 0.04}, ("token_mask", 0.6, 1.6), True, {}),
+    "off-policy-mask-sampling": ({"loss_type": "grpo", "off_policy_mask_threshold": 0.15, "beta": 0.04}, None, True,
+                                 {"off_policy_mask_threshold": None}),
+    "off-policy-mask-old": ({"loss_type": "dapo", "off_policy_mask_threshold": 0.15}, None, False,
+                            {"off_policy_mask_threshold": None}),
+    "top-entropy": ({"loss_type": "dapo", "top_entropy_quantile": 0.3, "entropy_coef": 0.05, "beta": 0.04}, None,
+                    False, {"top_entropy_quantile": 1.0}),
+}
+# Packed (patch(padding_free=True)): vespo with truncated importance ratios, the off-policy mask on the
+# sampler's log-probs and the top-entropy tokens with an entropy bonus, all at once.
+PACKED_OPTION_CONFIG = ({"loss_type": "vespo", "off_policy_mask_threshold": 0.15, "top_entropy_quantile": 0.3,
+                         "entropy_coef": 0.05, "beta": 0.04}, ("token_truncate", None, 1.5), True,
+                        {"off_policy_mask_threshold": None, "top_entropy_quantile": 1.0})
+
+
+def _options_trainer_and_batch(config: dict, vllm_is: tuple | None, sampling: bool, tiny_model: str, tmp_path: Path):
+    """A trainer with config, and _ragged_batch's batch (row 1 moved further off policy) with the
+    sampler's log-probs (sampling): rows 1 and 3 have A < 0, row 1 off policy from the old log-probs
+    (mean old - logp ~ 0.4), row 3 from the sampler's (~ 0.9), a NaN sampling log-prob in a counted
+    token and in the padding; and, with vllm_is (mode, low, high), TRL's importance ratios of them."""
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=7, report_to=[], use_cpu=True, bf16=False, **config)
+    trainer = trl.GRPOTrainer(model=tiny_model, reward_funcs=_reward, args=args,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": ["1+1="] * 4}),
+                              processing_class=_tokenizer())
+    trainer.current_gradient_accumulation_steps = 2
+    model = trainer.model.train()
+    inputs = _ragged_batch(model, seed=3, empty_completion=False)
+    del inputs["importance_sampling_ratio"]
+    g = torch.Generator().manual_seed(7)
+    old = inputs["old_per_token_logps"] = inputs["old_per_token_logps"] + torch.tensor([0.0, 0.4, 0.0, 0.0])[:, None]
+    if sampling:
+        sampler = old + 0.3 * torch.randn(old.shape, generator=g) + torch.tensor([0.0, -0.3, 0.0, 0.6])[:, None]
+        sampler[0, 1] = sampler[2, 5] = float("nan")  # a counted token vLLM could not score, and padding
+        inputs["sampling_per_token_logps"] = sampler
+    trainer.use_vllm = vllm_is is not None
+    if vllm_is is not None:
+        mode, low, high = vllm_is
+        trainer.vllm_importance_sampling_correction = True
+        trainer.vllm_importance_sampling_mode = mode
+        args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max = low, high
+        inputs["importance_sampling_ratio"] = _vllm_is_ratio(inputs, mode, low, high)
+    return trainer, model, inputs
+
+
+def _assert_options_bind(name: str, trainer: object, model: torch.nn.Module, inputs: dict, off: dict) -> None:
+    """The batch exercises what the configuration tests: clipping, ratios truncated or masked, the
+    off-policy mask dropping some but not all negative-advantage sequences; and TRL's loss with each
+    option under test turned off differs."""
+    mask = inputs["completion_mask"] * inputs["tool_mask"]
+    if "importance_sampling_ratio" in inputs:
+        ratio = inputs["importance_sampling_ratio"][mask.bool()]
+        masked = trainer.vllm_importance_sampling_mode == "token_mask"
+        bound = 0.0 if masked else trainer.args.vllm_importance_sampling_clip_max
+        assert (ratio == bound).any() and (ratio != bound).any(), "the sampler's ratios should be cut, some of them"
+    if trainer.off_policy_mask_threshold is not None:
+        with torch.no_grad():
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attention, ids.size(1) - 5)
+        sampler = inputs.get("sampling_per_token_logps", inputs["old_per_token_logps"])
+        keep = trl.GRPOTrainer.get_off_policy_mask(inputs["advantages"][:, None], logps, sampler, mask,
+                                                    trainer.off_policy_mask_threshold)[:, 0]
+        negative = inputs["advantages"] < 0
+        assert 0 < int((keep[negative] == 0).sum()) < int(negative.sum()), (name, keep)
+    def trl_loss() -> float:
+        with torch.no_grad():
+            return trl.GRPOTrainer._compute_loss(trainer, model, inputs).item()
+
+    on = trl_loss() if off else 0.0
+    for key, value in off.items():
+        saved = getattr(trainer, key)
+        setattr(trainer, key, value)
+        try:
+            without = trl_loss()
+        finally:
+            setattr(trainer, key, saved)
+        assert abs(on - without) > 1e-4 * max(1.0, abs(on)), f"{name}: {key} should change TRL's loss"
+    trainer._metrics["train"].clear()
+
+
+def _assert_equal_to_trl(trainer: object, model: torch.nn.Module, inputs: dict, path: str, padding_free: bool,
+                         want: tuple) -> None:
+    want_loss, want_grads, want_metrics = want
+    rlops_trl.patch(trainer, path=path, padding_free=padding_free)
+    got, got_grads, got_metrics = _loss_grads_metrics(trainer, model, inputs, trainer._compute_loss)
+    assert_values_close(got, want_loss, 1e-5 * max(1.0, want_loss.abs().item()), f"{path} loss")
+    _assert_step_grads_close(got_grads, want_grads)
+    assert got_metrics.keys() == want_metrics.keys()
+    for key, values in want_metrics.items():
+        assert got_metrics[key] == pytest.approx(values, rel=1e-5, abs=1e-6, nan_ok=True), (path, key)
+
+
+@pytest.mark.parametrize("path", ["linear", "logits"])
+@pytest.mark.parametrize("name", list(OPTION_CONFIGS))
+def test_trl_options_equal_trl(name: str, path: str, tiny_model: str, tmp_path: Path) -> None:
+    """TRL's luspo and vespo (with and without the sampler's importance ratios), the off-policy
+    sequence mask (on the sampler's or the old log-probs) and the top-entropy tokens with an entropy
+    bonus: loss, gradients and every metric TRL logs, on a ragged batch with a tool mask and old
+    log-probs off policy."""
+    config, vllm_is, sampling, off = OPTION_CONFIGS[name]
+    trainer, model, inputs = _options_trainer_and_batch(config, vllm_is, sampling, tiny_model, tmp_path)
+    _assert_options_bind(name, trainer, model, inputs, off)
+    want = _loss_grads_metrics(trainer, model, inputs, lambda m, i: trl.GRPOTrainer._compute_loss(trainer, m, i))
+    if trainer.loss_type == "luspo":
+        clipped = want[2]["clip_ratio/low_mean"][0] + want[2]["clip_ratio/high_mean"][0]
+        assert clipped > 0, "the clip bounds should bind in this batch"
+    if trainer.loss_type == "vespo":
+        assert "vespo/phi_seq_mean" in want[2]
+    _assert_equal_to_trl(trainer, model, inputs, path, False, want)
+
+
+@pytest.mark.parametrize("per_token_advantages", [False, True])
+def test_trl_options_padding_free_equal_trl(per_token_advantages: bool, tiny_model: str, tmp_path: Path) -> None:
+    """The packed batch, with TRL's advantages per sequence or (a subclass's) per token (B, C)."""
+    config, vllm_is, sampling, off = PACKED_OPTION_CONFIG
+    trainer, model, inputs = _options_trainer_and_batch(config, vllm_is, sampling, tiny_model, tmp_path)
+    _assert_options_bind("packed", trainer, model, inputs, off)
+    if per_token_advantages:  # the same signs (the same sequences masked), VESPO's weights then per token
+        scale = torch.rand(inputs["completion_ids"].shape, generator=torch.Generator().manual_seed(5)) + 0.5
+        inputs["advantages"] = inputs["advantages"][:, None] * scale
+    want = _loss_grads_metrics(trainer, model, inputs, lambda m, i: trl.GRPOTrainer._compute_loss(trainer, m, i))
+    for path in ("linear", "logits"):
+        _assert_equal_to_trl(trainer, model, inputs, path, True, want)
+
+
+def test_options_refused_by_setting(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What depends on the run rather than the config: vespo with vLLM bounds that exclude 1, and the
+    top-entropy quantile over several processes."""
+    trainer, _, _ = _options_trainer_and_batch({"loss_type": "vespo"}, ("token_mask", 1.2, 3.0), True, tiny_model,
+                                               tmp_path)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min/max excluding 1"):
+        rlops_trl.patch(trainer)
+    trainer, _, _ = _options_trainer_and_batch({"top_entropy_quantile": 0.5}, None, False, tiny_model, tmp_path)
+    monkeypatch.setattr(trainer, "accelerator", type("Accelerator", (), {"num_processes": 2})())
+    with pytest.raises(ValueError, match="top_entropy_quantile < 1 with several processes"):
+        rlops_trl.patch(trainer)

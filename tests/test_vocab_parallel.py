@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import spawn_ranks
+from gloo_ranks import spawn_ranks
 
 TOL = 2e-5  # float32 statistics of a few hundred logits against float64
 

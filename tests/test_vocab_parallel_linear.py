@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import spawn_ranks
+from gloo_ranks import spawn_ranks
 
 TOL = 2e-5  # float32 against float64, relative to the largest value compared (at least 1)
 SHAPE, H, TAU = (2, 3), 8, 0.8

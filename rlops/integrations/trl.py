@@ -8,12 +8,19 @@ or, on a trainer already built: `rlops.integrations.trl.patch(trainer)`.
 The loss is TRL's own (GRPOTrainer._compute_loss, TRL 1.x), computed by `rlops.linear_policy_loss`
 on the model's last hidden states and lm_head (path="linear", the default: no logits at all)
 or by `rlops.policy_loss` on its logits (path="logits"). Covered: loss_type grpo, bnpo, dr_grpo,
-dapo, cispo and sapo (sapo_temperature_pos/neg); epsilon / epsilon_high; delta (two-sided
-clipping); beta (k3 KL to the reference); temperature;
-importance_sampling_level token or sequence; use_bias_correction_kl; vLLM's
-importance-sampling correction; num_items_in_batch (dapo); the static entropy bonus;
-gradient accumulation; TRL's logged metrics. Anything else TRL offers raises a ValueError
-when patching, rather than being silently dropped.
+dapo, luspo, cispo, sapo (sapo_temperature_pos/neg) and vespo (vespo_k_pos/neg,
+vespo_lambda_pos/neg); epsilon / epsilon_high; delta (two-sided clipping); beta (k3 KL to the
+reference); temperature; importance_sampling_level token or sequence; use_bias_correction_kl;
+vLLM's importance-sampling correction (which vespo folds into its sequence weight, as TRL's);
+off_policy_mask_threshold (DeepSeek-V3.2's off-policy sequence mask, on the batch's
+sampling_per_token_logps when present, else its old log-probs); top_entropy_quantile (one
+process: rlops takes the quantile over this process's batch, TRL over all processes');
+num_items_in_batch (dapo, cispo, vespo); the static entropy bonus; gradient accumulation; TRL's
+logged metrics. Anything else TRL offers raises a ValueError when patching, rather than being
+silently dropped: adaptive entropy control, the MoE router auxiliary loss, delta with cispo, sapo
+or vespo (TRL ignores it there), cispo with epsilon_high < 1, vespo with negative vespo_k_pos/neg,
+or with vLLM importance-sampling bounds that exclude 1, a negative off_policy_mask_threshold,
+top_entropy_quantile <= 0, and top_entropy_quantile < 1 over several processes.
 
 Padding-free (packed) forward: TRL 1.16's GRPOTrainer has no padding_free option (GRPOConfig
 refuses one; its SFT and DPO trainers have it) and always hands `_compute_loss` a padded batch:
@@ -30,8 +37,11 @@ generation, where TRL's padded forward counts from the row's first column: the s
 rounding for rotary embeddings, which see only relative positions. With sdpa or eager,
 transformers' packed mask is a dense (N, N) one, so the saving is largest with flash attention.
 
-Two places keep SPEC.md's arithmetic where TRL's differs: grpo's sequence mean leaves out
-completions with no valid token (TRL counts them as 0), and k3 is clamped (TRL's is not).
+A few places keep SPEC.md's arithmetic where TRL's differs: grpo's sequence mean leaves out
+completions with no valid token (TRL counts them as 0); k3 is clamped (TRL's is not); vespo
+reads importance_sampling_ratio at the counted tokens only (TRL sums its log over every column,
+where its own ratios are 1 outside the mask); and a NaN log-ratio makes vespo's weight NaN, where
+TRL's nan_to_num makes it 0 (the logged vespo/phi_seq_mean follows rlops' weight).
 """
 
 from __future__ import annotations
@@ -59,14 +69,18 @@ from ..ops._backend import BACKENDS
 from ..ops.linear_policy_loss import linear_policy_loss
 from ..ops.policy_loss import policy_loss
 from ..ops.token_stats import token_stats_op
-from ..packing import Layout, cu_seqlens_from_lengths
+from ..packing import cu_seqlens_from_lengths
 from ..torch_backend import token_logprobs as _torch_logprobs
+from .trl_metrics import OBJECTIVES, log_metrics
 
 # Loss types of TRL that SPEC.md covers, and their aggregation (dapo's is set per batch).
 LOSS_AGGS = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-             "dapo": "seq-mean-token-sum-norm", "sapo": "seq-mean-token-mean", "cispo": "seq-mean-token-sum-norm"}
-# TRL's loss_type as rlops' objective (the others are the clipped surrogate).
-OBJECTIVES = {"cispo": "cispo", "sapo": "sapo"}
+             "dapo": "seq-mean-token-sum-norm", "luspo": "seq-mean-token-sum", "sapo": "seq-mean-token-mean",
+             "cispo": "seq-mean-token-sum-norm", "vespo": "seq-mean-token-sum-norm"}
+# Loss types TRL divides by the batch's share of num_items_in_batch (not by the accumulation steps).
+NUM_ITEMS_NORMALISED = ("dapo", "cispo", "vespo")
+# TRL clamps VESPO's lambdas at this floor (get_gamma_weights).
+VESPO_LAMBDA_MIN = 1e-4
 PATHS = ("linear", "logits")
 # Inputs of vision-language batches, which the patched loss does not forward to the model.
 MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
@@ -142,18 +156,40 @@ def _unsupported(trainer: Any) -> list[str]:
     if trainer.loss_type not in LOSS_AGGS:
         problems.append(f"loss_type={trainer.loss_type!r} (supported: {', '.join(LOSS_AGGS)})")
     delta = getattr(args, "delta", None)
+    threshold = getattr(trainer, "off_policy_mask_threshold", None)
+    quantile = getattr(trainer, "top_entropy_quantile", 1.0)
     checks = [
         (delta is not None and trainer.loss_type in OBJECTIVES, f"delta with loss_type={trainer.loss_type!r} (TRL "
                                                                  "ignores it there)"),
         (trainer.loss_type == "cispo" and trainer.epsilon_high < 1.0, "loss_type='cispo' with epsilon_high < 1 (a "
                                                                      "ratio cap below 1)"),
-        (getattr(trainer, "off_policy_mask_threshold", None) is not None, "off_policy_mask_threshold"),
-        (getattr(trainer, "top_entropy_quantile", 1.0) < 1.0, "top_entropy_quantile < 1"),
+        (trainer.loss_type == "vespo" and min(args.vespo_k_pos, args.vespo_k_neg) < 0,
+         "loss_type='vespo' with a negative vespo_k_pos or vespo_k_neg"),
+        (trainer.loss_type == "vespo" and _vllm_is(trainer) and not _is_bounds_hold_one(args),
+         "loss_type='vespo' with vllm_importance_sampling_clip_min/max excluding 1 (TRL's ratios outside the mask "
+         "are then not 1, and its vespo folds them into the sequence weight)"),
+        (threshold is not None and threshold < 0, "off_policy_mask_threshold < 0 (it would mask on-policy "
+                                                  "sequences)"),
+        (quantile <= 0.0, "top_entropy_quantile <= 0"),
+        (quantile < 1.0 and trainer.accelerator.num_processes > 1,
+         "top_entropy_quantile < 1 with several processes (TRL takes the entropy quantile over every process's "
+         "tokens, rlops over this process's batch)"),
         (getattr(trainer, "use_adaptive_entropy", False), "adaptive entropy control"),
         (getattr(trainer, "aux_loss_enabled", False), "the MoE router auxiliary loss"),
     ]
     problems += [name for bad, name in checks if bad]
     return problems
+
+
+def _vllm_is(trainer: Any) -> bool:
+    return bool(trainer.use_vllm and getattr(trainer, "vllm_importance_sampling_correction", False))
+
+
+def _is_bounds_hold_one(args: Any) -> bool:
+    """Whether TRL's vLLM importance ratio of a masked-out token (exp(0) = 1) survives its clip bounds."""
+    low = getattr(args, "vllm_importance_sampling_clip_min", None)
+    high = getattr(args, "vllm_importance_sampling_clip_max", None)
+    return (low is None or low <= 1.0) and (high is None or high >= 1.0)
 
 
 def patch(trainer: Any, *, path: str = "linear", backend: str = "auto", padding_free: bool = False) -> Any:
@@ -221,13 +257,20 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
     mode = "train" if self.model.training else "eval"
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-    use_is = self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False)
+    if self.loss_type == "vespo":  # TRL's vespo folds the ratio into phi whenever the batch has one
+        is_weights = inputs.get("importance_sampling_ratio")
+    else:
+        is_weights = inputs["importance_sampling_ratio"] if _vllm_is(self) else None
+    threshold = getattr(self, "off_policy_mask_threshold", None)
 
     options = {
         "mask": mask,
         "old_logprobs": inputs.get("old_per_token_logps"),
         "ref_logprobs": inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-        "is_weights": inputs["importance_sampling_ratio"] if use_is else None,
+        "is_weights": is_weights,
+        # TRL's off-policy mask reads the sampler's log-probs, else the old ones (rlops' default too)
+        "rollout_logprobs": inputs.get("sampling_per_token_logps") if threshold is not None else None,
+        "off_policy_mask": threshold, "top_entropy_quantile": getattr(self, "top_entropy_quantile", 1.0),
         "temperature": self.temperature, **_objective(self),
         "kl_coef": self.beta, "kl_estimator": "k3", "ratio_level": self.importance_sampling_level,
         "kl_ratio_weighted": bool(getattr(self.args, "use_bias_correction_kl", False)),
@@ -238,7 +281,7 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
     scale = 1.0 / accumulation
     if self.loss_type == "dr_grpo":
         options["norm_len"] = self.max_completion_length
-    elif self.loss_type in ("dapo", "cispo"):
+    elif self.loss_type in NUM_ITEMS_NORMALISED:
         # TRL divides the token sum by the batch's share of num_items_in_batch, and only the
         # entropy bonus by the accumulation steps.
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -252,11 +295,12 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
     advantages, cu_seqlens = inputs["advantages"], None
     if advantages.dim() == 2 and advantages.shape[1] == 1:  # one per sequence, as TRL's own (B,) unsqueezed
         advantages = advantages[:, 0]
+    per_seq_adv = advantages.dim() == 1  # else per token (B, C), packed below as the tokens (N_c,)
     if padding_free:
         batch = _pack_batch(inputs)
         completion_ids, cu_seqlens = batch["tokens"], batch["cu_seqlens"]
         options.update({k: None if options[k] is None else _pack_like(options[k], k, batch["selected"])
-                        for k in ("mask", "old_logprobs", "ref_logprobs", "is_weights")})
+                        for k in ("mask", "old_logprobs", "ref_logprobs", "is_weights", "rollout_logprobs")})
         options["cu_seqlens"] = cu_seqlens
         if advantages.dim() == 2:
             advantages = _pack_like(advantages, "advantages", batch["selected"])
@@ -284,14 +328,20 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
         out = linear_policy_loss(hidden, weight, completion_ids, advantages, bias=bias, **options)
     else:
         out = policy_loss(logits, completion_ids, advantages, **options)
-    _log_metrics(self, mode, out, options["mask"], advantages, cu_seqlens, options["entropy_coef"])
+    log_metrics(self, mode, out, options, advantages, per_seq_adv)
     return out.loss * scale
 
 
 def _objective(self: Any) -> dict[str, Any]:
-    """rlops' objective options of a TRL GRPOTrainer: its loss_type, clipping and SAPO temperatures."""
+    """rlops' objective options of a TRL GRPOTrainer: its loss_type, clipping, SAPO temperatures and
+    VESPO's gamma weights."""
     if self.loss_type == "cispo":  # TRL caps the detached ratio at epsilon_high: [1 - 1, 1 + (eps_high - 1)]
         return {"objective": "cispo", "clip_low": 1.0, "clip_high": self.epsilon_high - 1.0}
+    if self.loss_type == "vespo":
+        args = self.args
+        return {"objective": "vespo", "vespo_k_pos": args.vespo_k_pos, "vespo_k_neg": args.vespo_k_neg,
+                "vespo_lambda_pos": max(args.vespo_lambda_pos, VESPO_LAMBDA_MIN),
+                "vespo_lambda_neg": max(args.vespo_lambda_neg, VESPO_LAMBDA_MIN)}
     options = {"objective": OBJECTIVES.get(self.loss_type, "clip"), "clip_low": self.epsilon_low,
                "clip_high": self.epsilon_high}
     if self.loss_type == "sapo":
@@ -342,75 +392,6 @@ def _pack_like(x: Tensor, name: str, selected: Tensor) -> Tensor:
         return x.expand_as(selected)[selected]
     raise ValueError(f"padding_free: {name} must have shape {tuple(selected.shape)} (completion_mask's) or "
                      f"({selected.shape[0]}, 1), got {tuple(x.shape)}")
-
-
-def _nanmin(x: Tensor) -> float:
-    """TRL's nanmin / nanmax (NaN when every value is NaN), for the clip-ratio extremes."""
-    x = x[~x.isnan()]
-    return x.min().item() if x.numel() else float("nan")
-
-
-def _log_metrics(self: Any, mode: str, out: Any, mask: Tensor, advantages: Tensor, cu_seqlens: Tensor | None,
-                 entropy_coef: float) -> None:
-    """TRL's metrics of the loss: kl, entropy, the clip ratios (global means over processes), and
-    with the entropy bonus policy_loss and entropy_coef. Padded (B, C) or packed (N_c,) tokens."""
-    # The sequences are the rows (padded) or the packed segments: rlops.packing.Layout.
-    layout = Layout.of(mask != 0, None if cu_seqlens is None else cu_seqlens.long())
-    mask = mask.to(torch.float32)
-    counts = layout.seq_totals(mask)
-    per_seq_adv = advantages.dim() == 1
-    adv = layout.per_token(advantages) if per_seq_adv else advantages
-    sequence = self.importance_sampling_level == "sequence"
-    ratio = out.ratio
-    if sequence:  # TRL's (B, 1) ratio: the sequence ratio (that of its valid tokens), 1 with none
-        masked = ratio * mask
-        seq_ratio = masked.amax(-1).clamp(min=0) if layout.seq_ids is None else \
-            mask.new_zeros(layout.n_seqs).scatter_reduce(0, layout.seq_ids, masked.reshape(-1), "amax")
-        seq_ratio = torch.where(counts > 0, seq_ratio, 1.0)
-        ratio = layout.per_token(seq_ratio)
-    per_sequence = sequence and per_seq_adv  # TRL's metrics then hold one value per sequence
-
-    def global_mean(x: Tensor, one_per_sequence: bool = False) -> float:
-        if one_per_sequence:
-            local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
-        else:
-            local = torch.stack([(x * mask).sum(), mask.sum()])
-        totals = self.accelerator.reduce(local, reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-    metrics = self._metrics[mode]
-    if getattr(self, "_entropy_bonus_enabled", False):
-        # TRL's policy_loss: the loss before the entropy bonus and the accumulation scaling.
-        policy = out.loss.detach() + entropy_coef * (out.entropy * mask).sum() / mask.sum().clamp(min=1.0)
-        metrics["policy_loss"].append(self.accelerator.gather(policy.reshape(())).nanmean().item())
-        if mode == "train" and self.accelerator.sync_gradients:
-            metrics["entropy_coef"].append(self.entropy_coef)
-    if self.beta != 0.0:
-        weighted = getattr(self.args, "use_bias_correction_kl", False)  # TRL logs the KL term as used
-        metrics["kl"].append(global_mean(out.kl * ratio if weighted else out.kl))
-    metrics["entropy"].append(global_mean(out.entropy))
-    if self.loss_type in OBJECTIVES:  # TRL logs cispo's clip ratio, and none for sapo
-        if self.loss_type == "cispo":
-            clipped = ((ratio > self.epsilon_high) & (adv > 0)).float()
-            metrics["cispo_clip_ratio"].append(global_mean(clipped, per_sequence))
-        return
-    delta = getattr(self.args, "delta", None)
-    if delta is not None:  # TRL's clip ratios are those of its ratio after the cap (coef_1 = clamp(coef_1, max=delta))
-        ratio = ratio.clamp(max=delta)
-        seq_ratio = seq_ratio.clamp(max=delta) if per_sequence else None
-    if per_sequence:
-        low = ((seq_ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
-        high = ((seq_ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
-        seq_low, seq_high = low, high
-    else:
-        low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
-        high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-        seq_low, seq_high = layout.seq_totals(low * mask) / counts, layout.seq_totals(high * mask) / counts
-    metrics["clip_ratio/low_mean"].append(global_mean(low, per_sequence))
-    metrics["clip_ratio/high_mean"].append(global_mean(high, per_sequence))
-    metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high), per_sequence))
-    metrics["clip_ratio/low_min"].append(_nanmin(self.accelerator.gather(seq_low)))
-    metrics["clip_ratio/high_max"].append(-_nanmin(-self.accelerator.gather(seq_high)))
 
 
 def __getattr__(name: str) -> Callable[..., Any]:
