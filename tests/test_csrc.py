@@ -24,6 +24,7 @@ import csrc_emulator
 import pytest
 import test_linear_policy_loss as linear_tests
 import test_policy_loss as policy_tests
+import test_policy_loss_rollout as rollout_tests
 import test_token_stats as stats_tests
 import torch
 from test_advantages import (
@@ -350,9 +351,15 @@ def test_policy_loss_nan_in_a_counted_input_gives_nan(case: str) -> None:
 
 @pytest.mark.usefixtures("emulated")
 @pytest.mark.parametrize("case", ["off-policy", "dual-clip", "k3", "full-kl", "everything-k3", "everything-full",
-                                  "gspo-full-kl"])
+                                  "gspo-full-kl", "dro", "dppo-kl", "gmpo", "vespo"])
 def test_policy_loss_bf16(case: str) -> None:
     policy_tests._check(case, torch.bfloat16, fn=_cuda_policy, vocab=203)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("name", list(rollout_tests.CORRECTIONS))
+def test_policy_loss_rollout_correction(name: str) -> None:
+    rollout_tests.test_correction_equals_its_weights_and_mask(name, "cuda")
 
 
 @pytest.mark.usefixtures("emulated")
