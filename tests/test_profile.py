@@ -117,7 +117,7 @@ def test_estimate_is_within_15_percent_of_measured_steps(tiny_config: str, algo:
     impls = ("fused-linear", "fused", "eager") if algo == "grpo" and not checkpointing else ("fused-linear", "eager")
     for impl in impls:
         config = ProfileConfig(model=tiny_config, algo=algo, loss_impl=impl, batch=4, group_size=2, prompt_len=16,
-                               response_len=64, generation_chunk=32, gradient_checkpointing=checkpointing)
+                               response_len=32, generation_chunk=16, gradient_checkpointing=checkpointing)
         measured = profile_step(config)
         est = estimate_for(config, device="cpu")
         assert abs(est.peak / measured.peak_bytes - 1) < 0.15, (impl, est.peak, measured.peak_bytes)
