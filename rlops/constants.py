@@ -24,10 +24,11 @@ SAMPLED_KL = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 # The per-token policy-gradient term as the kernels' OBJECTIVE switch (docs/objectives.md): PPO's
 # clipped surrogate (SPEC 2), CISPO's clipped importance weight times logp, SAPO's soft gate,
 # REINFORCE's -A logp (verl's gpg), DRO's quadratic log-ratio penalty, DPPO's trust region by
-# total variation or binary KL. SEQUENCE_OBJECTIVES couple the tokens of a sequence: they run as
-# the O(B*T) epilogue after the fused statistics (rlops.torch_backend), never in the kernels.
+# total variation or binary KL. COUPLED_OBJECTIVES couple the tokens of a sequence (GMPO, VESPO)
+# or of the batch (Clip-Cov, KL-Cov): they run as the O(B*T) epilogue after the fused statistics
+# (rlops.objectives), never in the kernels.
 OBJECTIVES = {"clip": 0, "cispo": 1, "sapo": 2, "reinforce": 3, "dro": 4, "dppo_tv": 5, "dppo_kl": 6}
-SEQUENCE_OBJECTIVES = ("gmpo", "vespo")
+COUPLED_OBJECTIVES = ("gmpo", "vespo", "clip_cov", "kl_cov")
 
 # Rows of the float32 per-token output buffers. The token-statistics kernel writes the first
 # N_STATS rows; the policy-loss kernel writes all N_POLICY_ROWS: its ratio and loss, then the

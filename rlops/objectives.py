@@ -146,6 +146,66 @@ def vespo(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: La
     return -phi * adv * logp, torch.exp(torch.clamp(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
+def _top_ranked(score: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
+    """bool, score's shape: the k (a 0-d tensor) highest scores among the eligible entries (ties
+    to the earlier position), found by a sort instead of topk(k) so that k is never read back."""
+    key = torch.where(eligible, score, -math.inf).reshape(-1)
+    order = torch.sort(key, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return (rank < k).view(score.shape) & eligible
+
+
+def _covariance(logp: Tensor, adv: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """(A - mean A) (logp - mean logp) per token, the means over the counted tokens (+ eps in the
+    count, as verl's masked_mean for clip_cov; 0 for kl_cov's plain mean); detached."""
+    count = mask.sum() + eps
+    mean_adv = torch.where(mask, adv, 0.0).sum() / count
+    mean_logp = torch.where(mask, logp.detach(), 0.0).sum() / count
+    return ((adv - mean_adv) * (logp.detach() - mean_logp)).detach()
+
+
+def _cov_count(mask: Tensor, ratio: float) -> Tensor:
+    """max(int(ratio * counted tokens), 1), verl's count of selected tokens, as a 0-d tensor (float64,
+    as Python computes it)."""
+    return torch.floor(mask.sum().to(torch.float64) * ratio).clamp(min=1.0)
+
+
+def clip_cov(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: Layout,
+             config: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """(pg, ratio) per token of Clip-Cov (arXiv 2505.22617; verl 0.9.1 compute_policy_loss_clip_cov):
+    the clipped surrogate (no dual clip), with max(int(cov_ratio * counted), 1) tokens drawn at
+    random (torch's RNG on logp's device) among those whose covariance of A and logp lies in
+    (cov_low, cov_high) and which the clip does not already bind, given pg = 0. verl draws with
+    torch.randperm, so its choice among the candidates differs, not its distribution; its ratio is
+    unclamped where this one's log is clamped at +-20."""
+    log_r = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    pg, ratio, _, _ = clipped_surrogate(log_r, adv, config.clip_low, config.clip_high)
+    r = ratio
+    clipped_wins = -adv * torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high) > -adv * r
+    cov = _covariance(logp, adv, layout.mask, 1e-8)
+    candidates = (cov > config.cov_low) & (cov < config.cov_high) & layout.mask & ~clipped_wins
+    drawn = _top_ranked(torch.rand(cov.shape, device=cov.device), candidates, _cov_count(layout.mask, config.cov_ratio))
+    pg = pg * (~drawn).to(pg.dtype)  # a product, not where(): a drawn NaN token stays NaN (NaN in, NaN out)
+    return (pg if isw is None else pg * isw.detach()), ratio
+
+
+def kl_cov(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: Layout,
+           config: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """(pg, ratio) per token of KL-Cov (arXiv 2505.22617; verl 0.9.1 compute_policy_loss_kl_cov):
+    -A r, plus cov_kl_coef |log r| on the max(int(cov_ratio * counted), 1) counted tokens of largest
+    covariance of A and logp; no clipping. The ratio's log is clamped at +-20 (verl's is not)."""
+    log_r = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    r = torch.exp(log_r)
+    cov = _covariance(logp, adv, layout.mask, 0.0)
+    top = _top_ranked(cov, layout.mask, _cov_count(layout.mask, config.cov_ratio))
+    pg = -adv * r + torch.where(top, config.cov_kl_coef * log_r.abs(), 0.0)
+    return (pg if isw is None else pg * isw.detach()), r.detach()
+
+
+# The objectives that couple tokens, by name: (logp, old, adv, is_weights, layout, config) -> (pg, ratio).
+COUPLED = {"gmpo": gmpo, "vespo": vespo, "clip_cov": clip_cov, "kl_cov": kl_cov}
+
+
 def off_policy_keep(logp: Tensor, sampling: Tensor | None, adv: Tensor, layout: Layout,
                     threshold: float) -> Tensor:
     """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask), per

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._validation import check_choice, check_float, check_positive_float
-from .constants import KL_KINDS, OBJECTIVES, SAMPLED_KL, SEQUENCE_OBJECTIVES
+from .constants import COUPLED_OBJECTIVES, KL_KINDS, OBJECTIVES, SAMPLED_KL
 from .packing import Layout
 from .rollout_correction import RolloutCorrection
 
@@ -104,6 +104,10 @@ class PolicyLossConfig:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    cov_ratio: float = 2e-4  # Clip-Cov / KL-Cov: the share of counted tokens selected
+    cov_low: float = 1.0  # Clip-Cov: the covariance range of its candidates
+    cov_high: float = 5.0
+    cov_kl_coef: float = 1.0  # KL-Cov: the weight of |log r| on the selected tokens
     off_policy_mask: float | None = None
     top_entropy_quantile: float = 1.0
     rollout_correction: RolloutCorrection | None = None  # weights and rejection against rollout_logprobs
@@ -125,7 +129,7 @@ class PolicyLossConfig:
         check_positive_float("temperature", self.temperature)
         check_float("clip_low", self.clip_low, ge=0.0)
         check_float("clip_high", self.clip_high, ge=0.0)
-        check_choice("objective", self.objective, (*OBJECTIVES, *SEQUENCE_OBJECTIVES))
+        check_choice("objective", self.objective, (*OBJECTIVES, *COUPLED_OBJECTIVES))
         self._check_objective_options()
         check_float("kl_coef", self.kl_coef, ge=0.0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -160,6 +164,10 @@ class PolicyLossConfig:
                                      f"{self.objective!r}")
         for name in ("sapo_tau_pos", "sapo_tau_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             check_positive_float(name, getattr(self, name))
+        check_float("cov_ratio", self.cov_ratio, gt=0.0, le=1.0)
+        check_float("cov_kl_coef", self.cov_kl_coef, ge=0.0)
+        if check_float("cov_low", self.cov_low) >= check_float("cov_high", self.cov_high):
+            raise ValueError(f"cov_low must be < cov_high, got {self.cov_low} >= {self.cov_high}")
         check_float("vespo_k_pos", self.vespo_k_pos, ge=0.0)
         check_float("vespo_k_neg", self.vespo_k_neg, ge=0.0)
         if self.objective == "dro" and self.dro_beta is None:
@@ -180,7 +188,7 @@ class PolicyLossConfig:
         """Whether the loss couples tokens beyond their own statistics (a sequence-level ratio or
         objective, the off-policy sequence mask, the batch's entropy quantile): it then runs as the
         O(B*T) epilogue after the fused per-token statistics, not inside the fused kernel."""
-        return (self.ratio_level == "sequence" or self.objective in SEQUENCE_OBJECTIVES
+        return (self.ratio_level == "sequence" or self.objective in COUPLED_OBJECTIVES
                 or self.off_policy_mask is not None or self.top_entropy_quantile < 1.0)
 
     def _check_global_batch(self) -> None:

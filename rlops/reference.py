@@ -158,6 +158,36 @@ def sequence_pg(logp: Tensor, old: Tensor, adv: Tensor, is_weights: Tensor | Non
     return torch.stack(pg_rows), torch.stack(ratio_rows)
 
 
+def covariance_pg(logp: Tensor, old: Tensor, adv: Tensor, is_weights: Tensor | None, mask: Tensor,
+                  opt: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """docs/objectives.md: Clip-Cov's and KL-Cov's pg per token (float64). Clip-Cov here zeroes
+    every candidate, which is its draw when max(int(cov_ratio * n), 1) >= the number of candidates
+    (the tests choose cov_ratio so); KL-Cov's selection is deterministic."""
+    m = mask.bool()
+    lp = logp.to(f64)
+    log_r = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    r = log_r.exp()
+    n = int(m.sum())
+    count = n + (1e-8 if opt.objective == "clip_cov" else 0.0)
+    cov = ((adv - adv[m].sum() / count) * (lp.detach() - lp.detach()[m].sum() / count)) if n else torch.zeros_like(r)
+    selected = torch.zeros_like(m)
+    if opt.objective == "kl_cov":
+        if n:
+            k = max(int(n * opt.cov_ratio), 1)
+            flat = [(float(cov[i, j]), i, j) for i, j in m.nonzero().tolist()]
+            for _, i, j in sorted(flat, key=lambda e: -e[0])[:k]:
+                selected[i, j] = True
+        pg = -adv * r + torch.where(selected, opt.cov_kl_coef * log_r.abs(), torch.zeros_like(r))
+    else:
+        pg, _, _, _ = clipped_surrogate(log_r, adv, opt.clip_low, opt.clip_high)
+        clipped_wins = -adv * r.clamp(1 - opt.clip_low, 1 + opt.clip_high) > -adv * r
+        selected = (cov > opt.cov_low) & (cov < opt.cov_high) & m & ~clipped_wins.detach()
+        pg = pg * (~selected).to(f64)
+    if is_weights is not None:
+        pg = pg * is_weights.detach().to(f64)
+    return pg, r.detach()
+
+
 def off_policy_keep(logp: Tensor, sampling: Tensor, adv: Tensor, mask: Tensor, threshold: float) -> Tensor:
     """docs/objectives.md: the off-policy sequence mask, 1 or 0 per token (float64), row by row."""
     keep = torch.ones_like(logp, dtype=f64)
@@ -262,6 +292,8 @@ def policy_loss(logits: Tensor, tokens: Tensor, advantages: Tensor,
     old = logp.detach() if t["old_logprobs"] is None else t["old_logprobs"].to(f64)
     if opt.objective in ("gmpo", "vespo"):
         pg, ratio = sequence_pg(logp, old, adv, t["is_weights"], mask, opt)
+    elif opt.objective in ("clip_cov", "kl_cov"):
+        pg, ratio = covariance_pg(logp, old, adv, t["is_weights"], mask, opt)
     elif opt.objective != "clip":
         pg = objective_pg(log_r, logp, t["old_logprobs"], adv, opt)
         pg = pg if t["is_weights"] is None else pg * t["is_weights"].detach().to(f64)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import objectives
-from .constants import K3_MAX, LOG_RATIO_CLAMP, SEQ_LOG_RATIO_MAX, SEQUENCE_OBJECTIVES
+from .constants import K3_MAX, LOG_RATIO_CLAMP, SEQ_LOG_RATIO_MAX
 from .objectives import surrogate
 from .options import Head, PolicyLossConfig, TokenInputs, aggregation_weights
 from .packing import Layout
@@ -330,9 +330,9 @@ def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: 
     logp, entropy, old = counted(stats.logp), counted(stats.entropy), counted(inputs.old_logprobs)
     log_r = log_ratio(logp, old, layout, config.ratio_level)
     adv, isw = counted(inputs.advantages), counted(inputs.is_weights, 1.0)
-    if config.objective in SEQUENCE_OBJECTIVES:
-        objective = objectives.gmpo if config.objective == "gmpo" else objectives.vespo
-        pg, ratio = objective(logp, logp.detach() if old is None else old, adv, isw, layout, config)
+    if config.objective in objectives.COUPLED:
+        pg, ratio = objectives.COUPLED[config.objective](logp, logp.detach() if old is None else old, adv, isw,
+                                                         layout, config)
     else:
         pg, ratio = surrogate(log_r, logp, old, adv, config, isw)
     if config.off_policy_mask is not None:

@@ -140,6 +140,8 @@ KERNEL_OPS: dict[str, Callable[[SimpleNamespace, str], torch.Tensor]] = {
     # The objectives and options that couple tokens (rlops/objectives.py), and the rollout correction.
     "policy_loss-coupled": lambda x, b: _policy(x, b, objective="vespo", off_policy_mask=0.1, top_entropy_quantile=0.5,
                                                 rollout_logprobs=x.ref_logp),
+    "policy_loss-clip-cov": lambda x, b: _policy(x, b, objective="clip_cov", cov_ratio=0.5),
+    "policy_loss-kl-cov": lambda x, b: _policy(x, b, objective="kl_cov", cov_ratio=0.5),
     "policy_loss-gmpo-rollout": lambda x, b: _policy(x, b, objective="gmpo", rollout_logprobs=x.ref_logp,
                                                      rollout_correction=_ROLLOUT),
     "policy_loss-packed-sequence": lambda x, b: _packed_policy(x, b, ratio_level="sequence"),

@@ -85,6 +85,10 @@ CASES: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
                                     "loss_agg": "seq-mean-token-mean", "entropy_coef": 0.01}),
     "vespo": ((*OLD, "is_weights", "ref_logprobs", "advantages:row"),
               {"objective": "vespo", "kl_coef": 0.05, "vespo_k_neg": 2.5, "vespo_lambda_pos": 2.0}),
+    # Clip-Cov with cov_ratio 1 draws every candidate (the oracle's selection); KL-Cov's is deterministic.
+    "clip-cov": ((*OLD, "is_weights"), {"objective": "clip_cov", "cov_ratio": 1.0, "cov_low": 0.3, "cov_high": 3.0}),
+    "kl-cov": ((*OLD, "ref_logprobs"), {"objective": "kl_cov", "cov_ratio": 0.2, "cov_kl_coef": 0.5, "kl_coef": 0.05,
+                                        "loss_agg": "seq-mean-token-mean"}),
     "off-policy-mask": ((*OLD, "rollout_logprobs"), {"off_policy_mask": 0.05}),
     "off-policy-mask-old": ((*OLD, "advantages:row"), {"off_policy_mask": 0.0, "ratio_level": "sequence"}),
     "top-entropy": ((*OLD, "ref_logprobs"), {"top_entropy_quantile": 0.4, "entropy_coef": 0.03, "kl_coef": 0.1,
@@ -263,8 +267,8 @@ def test_several_vocabulary_blocks(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["everything-k3", "everything-full", "gspo-with-kl-entropy-is", "cispo", "sapo",
-                                  "reinforce", "dro", "dppo-tv", "dppo-kl", "gmpo", "vespo", "off-policy-mask",
-                                  "off-policy-mask-old", "top-entropy"])
+                                  "reinforce", "dro", "dppo-tv", "dppo-kl", "gmpo", "vespo", "clip-cov", "kl-cov",
+                                  "off-policy-mask", "off-policy-mask-old", "top-entropy"])
 def test_torch_backend(case: str) -> None:
     def torch_backend(logits, tokens, advantages, **kw):
         return rlops.policy_loss(logits, tokens, advantages, backend="torch", **kw)
@@ -608,3 +612,35 @@ def test_equals_verl_actor_loss(loss_agg: str, kl: str | None) -> None:
     want, want_grad = _run(verl_loss, batch, entries, {}, cast=torch.float64)
     assert_values_close(out.loss, want, FP32_TOL, f"verl {loss_agg} loss")
     assert_grad_close(grad, want_grad)
+
+
+def test_clip_cov_draws_its_count_uniformly_among_the_candidates() -> None:
+    """Clip-Cov's random draw (rlops.objectives.clip_cov): exactly max(int(cov_ratio * n), 1) of
+    the candidates (covariance in range, clip not binding) lose their loss, each as often as the
+    others over many draws; no other token does."""
+    from rlops import objectives
+    from rlops.options import PolicyLossConfig
+
+    g = torch.Generator().manual_seed(1)
+    logp = -torch.rand(8, 32, generator=g, dtype=torch.float64) * 6
+    old = logp + 0.05 * torch.randn(8, 32, generator=g, dtype=torch.float64)
+    adv = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    mask = torch.rand(8, 32, generator=g) > 0.2
+    config = PolicyLossConfig(objective="clip_cov", cov_ratio=0.03, cov_low=0.2, cov_high=4.0)
+    layout = Layout.of(mask)
+    k = max(int(int(mask.sum()) * config.cov_ratio), 1)
+    full, _, _, _ = objectives.clipped_surrogate((logp - old).clamp(-20, 20), adv, 0.2, 0.2)
+    cov = (adv - adv[mask].mean()) * (logp - logp[mask].mean())
+    candidates = (cov > 0.2) & (cov < 4.0) & mask & (full == -adv * (logp - old).exp())
+    assert int(candidates.sum()) > 3 * k  # the draw is a real choice
+    counts = torch.zeros(8, 32)
+    torch.manual_seed(0)
+    for _ in range(300):
+        pg, _ = objectives.clip_cov(logp, old, adv, None, layout, config)
+        drawn = (pg == 0) & (full != 0)
+        assert int(drawn.sum()) == k and not (drawn & ~candidates).any()
+        assert torch.equal(pg[~drawn], full[~drawn])
+        counts += drawn
+    share = counts[candidates] / 300
+    expected = k / int(candidates.sum())
+    assert (share - expected).abs().max() < 0.12, (share, expected)

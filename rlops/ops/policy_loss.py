@@ -198,6 +198,10 @@ def policy_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    cov_ratio: float = 2e-4,
+    cov_low: float = 1.0,
+    cov_high: float = 5.0,
+    cov_kl_coef: float = 1.0,
     off_policy_mask: float | None = None,
     top_entropy_quantile: float = 1.0,
     rollout_correction: RolloutCorrection | None = None,
@@ -251,7 +255,11 @@ def policy_loss(
             "gmpo" (the geometric mean of each sequence's sign-clipped token ratios times its
             mean advantage, averaged over sequences: verl's geo_mean) and "vespo" (-phi(w) * A *
             logp, phi the gamma weight of the sequence ratio w with vespo_k_pos/neg and
-            vespo_lambda_pos/neg: TRL's vespo).
+            vespo_lambda_pos/neg: TRL's vespo); the batch-coupled "clip_cov" (the clipped
+            surrogate with max(int(cov_ratio * tokens), 1) tokens drawn at random among those
+            whose covariance of A and logp is in (cov_low, cov_high) given no loss) and
+            "kl_cov" (-A r plus cov_kl_coef * |log r| on that many tokens of largest covariance):
+            verl's clip_cov and kl_cov.
         dual_clip: None or > 1; caps the loss of negative-advantage tokens at -A * dual_clip.
         ratio_cap: None or > 1; the unclipped term's ratio capped at it (two-sided clipping,
             TRL's delta; DPPO's truncation). dual_clip applies to objective "clip", ratio_cap to
