@@ -363,3 +363,20 @@ def shape_text(shape: dict[str, int]) -> str:
 
 def extra_gb(r: dict[str, object]) -> float | None:
     return None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 1e9
+
+
+def logits_steps(fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+                 inputs: dict[str, torch.Tensor]) -> tuple[Callable, Callable]:
+    """(forward, forward+backward) closures of fn(logits, inputs), the gradient with respect to
+    inputs["logits"] made a non-leaf once, outside the timed region, as an lm_head's output is (so
+    in-place providers may overwrite it; its values then drift between repetitions, which changes
+    no work done)."""
+    logits = inputs["logits"].requires_grad_(True) * 1.0
+
+    def forward() -> torch.Tensor:
+        return fn(logits, inputs)
+
+    def forward_backward() -> torch.Tensor:
+        return torch.autograd.grad(forward(), logits)[0]
+
+    return forward, forward_backward

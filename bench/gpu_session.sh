@@ -11,6 +11,7 @@
 #              gae                       B=512, T=8192
 #              packed_policy_loss        its default shapes (N in {16384, 32768}, V=151936)
 #              policy_loss               small N (256, 1024; V=151936): the split-vocabulary path
+#              objectives                N=16384, V=151936: every objective and option beside the clip
 #   profile  rlops profile: Qwen/Qwen2.5-0.5B, batch 4, one response length (4096):
 #            a GRPO run, then a PPO run, each eager vs fused vs fused-linear               the rest
 #
@@ -89,6 +90,7 @@ bench_jobs() {  # one `rlops bench` run per line, most important first
     echo "--ops gae --shapes 512x8192"
     echo "--ops packed_policy_loss"
     echo "--ops policy_loss --shapes 256x151936,1024x151936"  # small N: the split-vocabulary path
+    echo "--ops objectives --shapes 16384x151936"  # each objective's fwd+bwd beside the clip's (issue 14: within 5%)
 }
 
 profile_jobs() {  # one `rlops profile` run per line

@@ -20,6 +20,8 @@ import torch
 
 from rlops import packing, policy_loss
 
+from .common import logits_steps
+
 OP = "packed_policy_loss"
 SHAPES = [(16384, 151936), (32768, 151936)]
 DEFAULT_SHAPES = SHAPES
@@ -96,13 +98,4 @@ def make_step(provider: str, inputs: dict[str, torch.Tensor]) -> tuple[Callable,
     rlops-packed), made a non-leaf once outside the timed region, as an lm_head's output is."""
     if provider == "rlops-packed":
         _pack_inputs(inputs)
-    fn = PROVIDERS[provider]
-    logits = inputs["logits"].requires_grad_(True) * 1.0
-
-    def forward() -> torch.Tensor:
-        return fn(logits, inputs)
-
-    def forward_backward() -> torch.Tensor:
-        return torch.autograd.grad(forward(), logits)[0]
-
-    return forward, forward_backward
+    return logits_steps(PROVIDERS[provider], inputs)

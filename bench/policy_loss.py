@@ -17,7 +17,7 @@ import torch
 
 from rlops import baselines, policy_loss
 
-from .common import Skip, compiled_provider, rlops_cuda
+from .common import Skip, compiled_provider, logits_steps, rlops_cuda
 
 OP = "policy_loss"
 SHAPES = [(16384, 32000), (16384, 151936)]
@@ -100,20 +100,6 @@ def grad_bytes(provider: str, inputs: dict[str, torch.Tensor]) -> int:
 
 
 def make_step(provider: str, inputs: dict[str, torch.Tensor]) -> tuple[Callable, Callable]:
-    """(forward, forward+backward) closures; the gradient is taken with respect to the logits.
-
-    The logits are made a non-leaf once (as an lm_head's output is), outside the timed region,
-    so that the in-place providers may overwrite them; their values then drift between
-    repetitions, which changes no work done.
-    """
-    fn = PROVIDERS[provider]
-    base = inputs["logits"].requires_grad_(True)
-    logits = base * 1.0
-
-    def forward() -> torch.Tensor:
-        return fn(logits, inputs)
-
-    def forward_backward() -> torch.Tensor:
-        return torch.autograd.grad(forward(), logits)[0]
-
-    return forward, forward_backward
+    """(forward, forward+backward) closures; the gradient is taken with respect to the logits
+    (common.logits_steps)."""
+    return logits_steps(PROVIDERS[provider], inputs)

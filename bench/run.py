@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from . import common, gae, linear_policy_loss, packed_policy_loss, policy_loss, token_stats
+from . import common, gae, linear_policy_loss, objectives, packed_policy_loss, policy_loss, token_stats
 from .common import Record, Skip
 
 OPS: dict[str, ModuleType] = {
@@ -23,6 +23,7 @@ OPS: dict[str, ModuleType] = {
     "linear_policy_loss": linear_policy_loss,
     "packed_policy_loss": packed_policy_loss,
     "gae": gae,
+    "objectives": objectives,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
