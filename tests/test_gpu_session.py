@@ -101,6 +101,7 @@ def test_plan_runs_the_headline_benchmarks_and_one_profile_within_the_device_lim
         "linear_policy_loss": [(16384, 151936, 4096)],
         "gae": [(512, 8192)],
         "packed_policy_loss": packed_policy_loss.DEFAULT_SHAPES,
+        "objectives": [(16384, 151936)],  # each objective beside the clip (issue 14's 5% check)
     }
     got = {}
     for row in plan:
