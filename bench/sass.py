@@ -73,7 +73,7 @@ BLOCKS = {"_gae_kernel": ("BLOCK_T", 1024)}
 LOGIT_PTRS = {"x_ptr", "dx_ptr", "ref_ptr", "r_ptr", "v_ptr"}
 INDEX_PTRS = {"tokens_ptr", "cu_ptr", "seq_ptr"}
 BYTE_PTRS = {"mask_ptr", "m_ptr"}
-I32_ARGS = {"N", "V", "T", "inner", "ref_inner", "n_seqs", "seqs_per_prog", "chunk"}
+I32_ARGS = {"N", "V", "T", "adv_inner", "inner", "ref_inner", "n_seqs", "seqs_per_prog", "chunk"}
 STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
                "dx_stride_inner", "r_stride", "v_stride", "m_stride"}
 FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "ratio_cap", "param_pos", "param_neg",

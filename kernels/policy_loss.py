@@ -181,8 +181,8 @@ def _policy_loss_fwd_kernel(
     x_ptr, ref_ptr, tokens_ptr, part_ptr,
     agg_w_ptr, ent_coef_ptr, adv_ptr, old_ptr, ref_logp_ptr, isw_ptr,
     out_ptr,
-    # sizes
-    N, V,
+    # sizes; adv_inner: tokens per advantage (T when one per sequence of a (B, T) batch, else 1)
+    N, V, adv_inner,
     # strides (rlops/_layout.py: RowLayout)
     inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
     # scalars (rlops/options.py: Epilogue)
@@ -229,7 +229,7 @@ def _policy_loss_fwd_kernel(
         d_log_r = tl.where((diff >= -CLAMP) & (diff <= CLAMP), 1.0, 0.0)
         ratio = tl.exp(log_r)
 
-        adv = tl.load(adv_ptr + row)
+        adv = tl.load(adv_ptr + row // adv_inner)
         pg, d_pg = _surrogate(ratio, d_log_r, logp, old_logp, adv, clip_low, clip_high, dual_clip, ratio_cap,
                               param_pos, param_neg, OBJECTIVE)
         if HAS_ISW:
@@ -258,6 +258,15 @@ def _policy_loss_fwd_kernel(
         store_rows(out_ptr, N, row, EPILOGUE_FIRST, ratio, loss, w * (d_pg + kl_coef * d_kl), g_entropy, g_kl)
 
 
+ADV = TokenInputs._fields.index("advantages")
+
+
+def _per_sequence(advantages: torch.Tensor, tokens: torch.Tensor) -> bool:
+    """Whether advantages are one float32 per row of (B, T) tokens, in contiguous (B, 1) memory."""
+    return (tokens.dim() == 2 and advantages.dim() == 2 and advantages.shape == (tokens.shape[0], 1)
+            and advantages.dtype == torch.float32 and advantages.is_contiguous())
+
+
 def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
                     inputs: TokenInputs, epilogue: Epilogue) -> torch.Tensor:
     """Launches the forward kernel; returns float32 out (N_POLICY_ROWS, B, T) in the row order of constants.ROW.
@@ -270,7 +279,9 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
     rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
-        token_inputs = [per_token(x, tokens.shape) for x in inputs]
+        # Advantages one per sequence, (B, 1), are read as they are (row // T): no (B, T) copy per call.
+        adv_inner = tokens.shape[-1] if _per_sequence(inputs.advantages, tokens) else 1
+        token_inputs = [x if i == ADV and adv_inner > 1 else per_token(x, tokens.shape) for i, x in enumerate(inputs)]
         ref_aligned = ref_logits is None or same_alignment(rows, ref_rows)
         # Rows with aggregation weight 0 are skipped, here as in the kernel below.
         parts = split_row_states(rows, ref_rows, token_inputs[0], epilogue.temperature,
@@ -279,7 +290,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
             # data pointers
             rows.tensor, ref_rows.tensor, flat(tokens), parts, *token_inputs, out,
             # sizes, strides
-            rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:],
+            rows.n_rows, logits.shape[-1], adv_inner, *rows[2:], *ref_rows[2:],
             # scalars
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
             epilogue.ratio_cap, epilogue.param_pos, epilogue.param_neg,
