@@ -30,7 +30,7 @@ class PolicyLoss(nn.Module):
         ref_logprobs: Tensor | None = None,
         ref_logits: Tensor | None = None,
         is_weights: Tensor | None = None,
-    rollout_logprobs: Tensor | None = None,
+        rollout_logprobs: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
     ) -> PolicyLossOutput:
         """Shapes as `rlops.policy_loss`: logits (B, T, V), tokens (B, T), advantages (B, T) / (B,) / (B, 1);

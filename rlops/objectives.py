@@ -180,8 +180,7 @@ def clip_cov(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout:
     unclamped where this one's log is clamped at +-20."""
     log_r = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     pg, ratio, _, _ = clipped_surrogate(log_r, adv, config.clip_low, config.clip_high)
-    r = ratio
-    clipped_wins = -adv * torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high) > -adv * r
+    clipped_wins = -adv * torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high) > -adv * ratio
     cov = _covariance(logp, adv, layout.mask, 1e-8)
     candidates = (cov > config.cov_low) & (cov < config.cov_high) & layout.mask & ~clipped_wins
     drawn = _top_ranked(torch.rand(cov.shape, device=cov.device), candidates, _cov_count(layout.mask, config.cov_ratio))
@@ -206,14 +205,10 @@ def kl_cov(logp: Tensor, old: Tensor, adv: Tensor, isw: Tensor | None, layout: L
 COUPLED = {"gmpo": gmpo, "vespo": vespo, "clip_cov": clip_cov, "kl_cov": kl_cov}
 
 
-def off_policy_keep(logp: Tensor, sampling: Tensor | None, adv: Tensor, layout: Layout,
-                    threshold: float) -> Tensor:
+def off_policy_keep(logp: Tensor, sampling: Tensor, adv: Tensor, layout: Layout, threshold: float) -> Tensor:
     """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask), per
     token: 1.0 unless A < 0 and the sequence's mean of (sampling - logp) over its counted tokens
-    exceeds threshold, a NaN sampling log-prob counting as 0 there (as TRL's). sampling None: on
-    policy, nothing is masked."""
-    if sampling is None:
-        return torch.ones_like(logp)
+    exceeds threshold, a NaN sampling log-prob counting as 0 there (as TRL's)."""
     kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
     keep = (adv >= 0) | (_seq_mean(kl, layout) <= threshold)
     return keep.to(logp.dtype)

@@ -356,7 +356,11 @@ def _checked(logprobs: object, rollout_logprobs: object, mask: object, options: 
 
 def _compute(logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, options: RolloutCorrection,
              cu_seqlens: Tensor | None = None) -> _State:
-    lp, rlp, layout = _checked(logprobs, rollout_logprobs, mask, options, cu_seqlens)
+    return _compute_on(*_checked(logprobs, rollout_logprobs, mask, options, cu_seqlens), options)
+
+
+def _compute_on(lp: Tensor, rlp: Tensor, layout: Layout, options: RolloutCorrection) -> _State:
+    """The correction's state from checked inputs and their layout (mask and sequences)."""
     dtype = torch.promote_types(torch.promote_types(lp.dtype, rlp.dtype), torch.float32)
     lp, rlp = lp.detach().to(dtype), rlp.detach().to(dtype)  # the weights are constants of the loss
     diff = lp - rlp
@@ -412,6 +416,17 @@ def rollout_correction(logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
 
     Computed in float32 (float64 if an input is float64); no host sync on the weights and mask.
     """
-    state = _compute(logprobs, rollout_logprobs, mask, options, cu_seqlens)
+    return _output(_compute(logprobs, rollout_logprobs, mask, options, cu_seqlens))
+
+
+def corrected_in_layout(logprobs: Tensor, rollout_logprobs: Tensor, layout: Layout,
+                        options: RolloutCorrection) -> RolloutCorrectionOutput:
+    """`rollout_correction` on inputs a caller has checked already, in their Layout (rlops.policy_loss:
+    its batch's tensors of the layout's mask shape, padded rows or packed segments): nothing is
+    checked or rebuilt again. Each sequence's sums stay this call's (layout.seq_group is not read)."""
+    return _output(_compute_on(logprobs, rollout_logprobs, layout._replace(seq_group=None), options))
+
+
+def _output(state: _State) -> RolloutCorrectionOutput:
     weights = None if state.weights is None else state.weights.float()
     return RolloutCorrectionOutput(weights, state.mask, state)

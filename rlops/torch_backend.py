@@ -317,7 +317,7 @@ def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: 
     loss = sum_t w_t (pg_t + kl_coef * kl_t [* r_t]) - sum_t e_t H_t with w = inputs.agg_weights
     and e = inputs.entropy_coefs, as the fused kernels compute it; pg_t is the objective's,
     times the off-policy sequence mask and the top-entropy token mask when configured
-    (rlops.coupled). Per-token inputs are read only where the mask is 1, so no padding value,
+    (rlops.objectives). Per-token inputs are read only where the mask is 1, so no padding value,
     however non-finite, reaches the loss or a gradient. The layout's sequences are those of the
     sequence-level ratio and objectives. sampling_logprobs: the rollout engine's log-probs for
     the off-policy mask (default: the old log-probs).
@@ -335,8 +335,8 @@ def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: 
                                                          layout, config)
     else:
         pg, ratio = surrogate(log_r, logp, old, adv, config, isw)
-    if config.off_policy_mask is not None:
-        sampling = old if sampling_logprobs is None else counted(sampling_logprobs)
+    sampling = old if sampling_logprobs is None else counted(sampling_logprobs)
+    if config.off_policy_mask is not None and sampling is not None:  # on policy nothing is masked
         pg = pg * objectives.off_policy_keep(logp, sampling, adv, layout, config.off_policy_mask)
     entropy_coefs = inputs.entropy_coefs
     if config.top_entropy_quantile < 1.0:

@@ -19,8 +19,7 @@ verl would truncate the ratio there); gpg, dro, dppo, geo_mean and reinforce mul
 weights detached (verl does not detach them: the gradient wrt log_prob is the same, only weights
 that themselves require grad would get one from verl); bypass_mode checks loss_type before the
 rollout correction (verl after it); the rollout metrics carry the 1e-8-relative differences of
-rlops.integrations.verl_rollout. The empty-mask NaN loss of a token mean is verl's; its gradient
-is NaN here (rlops' agg_loss) where verl's masked_sum gives 0.
+rlops.integrations.verl_rollout. The empty-mask NaN loss of a token mean is verl's.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import objectives, torch_backend
+from .. import objectives
 from ..options import PolicyLossConfig
 from ..packing import Layout
 from .verl_advantages import _config
@@ -68,22 +67,14 @@ def _policy_loss_field(config: Any, name: str, default: float) -> Any:
     return default if value is None else value
 
 
-def _surrogate(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-               options: PolicyLossConfig, rollout_is_weights: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(pg, ratio detached) per token (B, T) of a per-token objective of rlops.objectives; the ratio
-    is exp of the log-ratio clamped to [-20, 20], as verl's dppo losses clamp it."""
-    log_r = torch_backend.log_ratio(log_prob, old_log_prob, Layout.of(response_mask.bool()))
-    return objectives.surrogate(log_r, log_prob, old_log_prob, advantages, options, rollout_is_weights)
-
-
 # ---- REINFORCE: gpg and compute_policy_loss_reinforce ---------------------------------------------------------
 
 def compute_policy_loss_gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                             loss_agg_mode: str = "token-mean", config: Any = None,
                             rollout_is_weights: Tensor | None = None) -> tuple[Tensor, Metrics]:
     """verl's GPG loss: -A * log_prob (times the IS weights), aggregated by loss_agg_mode; no metrics."""
-    pg, _ = _surrogate(old_log_prob, log_prob, advantages, response_mask, PolicyLossConfig(objective="reinforce"),
-                       rollout_is_weights)
+    pg, _, _ = _verl()._objective_loss(old_log_prob, log_prob, advantages, response_mask,
+                                       PolicyLossConfig(objective="reinforce"), rollout_is_weights)
     return _agg(pg, response_mask, loss_agg_mode, config), {}
 
 
@@ -108,8 +99,8 @@ def compute_policy_loss_dro(old_log_prob: Tensor, log_prob: Tensor, advantages: 
     beta = _config(_config(config, "policy_loss"), "dro_beta")
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
-    pg, _ = _surrogate(old_log_prob, log_prob, advantages, response_mask,
-                       PolicyLossConfig(objective="dro", dro_beta=float(beta)), rollout_is_weights)
+    pg, _, _ = _verl()._objective_loss(old_log_prob, log_prob, advantages, response_mask,
+                                       PolicyLossConfig(objective="dro", dro_beta=float(beta)), rollout_is_weights)
     loss = _agg(pg, response_mask, loss_agg_mode, config)
     return loss, {"actor/ppo_kl": _mean(old_log_prob - log_prob, response_mask)}
 
@@ -125,13 +116,14 @@ def _dppo(objective: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Te
     if not cap > 1.0:  # rlops' ratio_cap; verl would accept a truncation at or below 1
         raise ValueError(f"clip_ratio_c (DPPO's ratio truncation) must be > 1, got {cap}")
     options = PolicyLossConfig(objective=objective, clip_low=low, clip_high=high, ratio_cap=float(cap))
-    pg, ratio = _surrogate(old_log_prob, log_prob, advantages, response_mask, options, rollout_is_weights)
+    # ppo_kl: the masked mean of the clamped -log r, as verl's dppo losses clamp it.
+    pg, ratio, ppo_kl = _verl()._objective_loss(old_log_prob, log_prob, advantages, response_mask, options,
+                                                rollout_is_weights)
     loss = _agg(pg, response_mask, loss_agg_mode, config)
-    old = old_log_prob.to(log_prob.dtype)
-    valid = objectives.dppo_valid(log_prob.detach(), old, advantages.expand_as(log_prob), options)
-    log_r = torch_backend.log_ratio(log_prob.detach(), old, Layout.of(response_mask.bool()))
+    valid = objectives.dppo_valid(log_prob.detach(), old_log_prob.to(log_prob.dtype), advantages.expand_as(log_prob),
+                                  options)
     return loss, {"actor/pg_clipfrac": _mean(1.0 - valid, response_mask),
-                  "actor/ppo_kl": _mean(-log_r, response_mask),
+                  "actor/ppo_kl": ppo_kl.item(),
                   "actor/pg_clipfrac_lower": _mean((ratio > cap).to(valid.dtype) * valid, response_mask)}
 
 

@@ -18,7 +18,7 @@ from .._validation import (
 from ..constants import SAMPLED_KL
 from ..options import PolicyBatch, PolicyLossConfig
 from ..packing import Layout, check_cu_seqlens
-from ..rollout_correction import RolloutCorrectionOutput, rollout_correction
+from ..rollout_correction import RolloutCorrectionOutput, corrected_in_layout
 
 
 def check_kl_inputs(config: PolicyLossConfig, ref_logprobs: Tensor | None, has_ref_logits: bool,
@@ -162,7 +162,7 @@ def apply_rollout_correction(batch: PolicyBatch, layout: Layout, config: PolicyL
     if batch.is_weights is not None:
         raise ValueError("pass either is_weights (importance weights computed by the caller) or rollout_correction "
                          "(rlops computes them), not both")
-    out = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, batch.mask, options,
-                             None if layout.seq_ids is None else batch.cu_seqlens)
+    # The batch and its layout are checked and built already: the correction reuses them.
+    out = corrected_in_layout(batch.old_logprobs, batch.rollout_logprobs, layout, options)
     mask = out.mask
     return batch._replace(mask=mask, is_weights=out.weights), layout._replace(mask=mask), out
