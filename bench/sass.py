@@ -35,8 +35,9 @@ CASES = (
     + [(_token_stats_bwd_kernel, {"HAS_REF": ref}) for ref in (False, True)]
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": kind,
                                   "KL_RATIO": kind > 0}) for kind in range(5)]
+    # Token-mean's weights from the mask and its count (HAS_COUNT), as the launchers pass them.
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": False, "HAS_ISW": False, "HAS_ENT": False, "KL_KIND": 0,
-                                  "KL_RATIO": False})]
+                                  "KL_RATIO": False, "HAS_COUNT": True})]
     # The other objectives (constants.OBJECTIVES) and sampled-token KL kinds (abs, the + forms).
     + [(_policy_loss_fwd_kernel, {"HAS_OLD": True, "HAS_ISW": True, "HAS_ENT": True, "KL_KIND": kind,
                                   "KL_RATIO": True, "OBJECTIVE": objective})
@@ -65,7 +66,8 @@ ODD_CASES = (
        (_policy_loss_fwd_kernel, {**_PL, "KL_KIND": 3, "KL_RATIO": True}, ODD_ARCH),
        (_token_stats_fwd_kernel, {"HAS_REF": True, "HAS_MASK": False, "REF_ALIGNED": False}, ODD_ARCH),
        (_token_stats_bwd_kernel, {"HAS_REF": False, "X_ALIGNED": False}, ODD_ARCH),
-       (_token_stats_bwd_kernel, {"HAS_REF": True, "X_ALIGNED": False, "REF_ALIGNED": False}, ODD_ARCH)]
+       (_token_stats_bwd_kernel, {"HAS_REF": True, "X_ALIGNED": False, "REF_ALIGNED": False, "HAS_SCALE": True},
+        ODD_ARCH)]
 )
 # Per kernel: the constexpr block size the launchers use, and the element type of its
 # "logit-like" pointers (GAE's rewards and values take the dtype under test).
@@ -84,7 +86,11 @@ FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "ratio
 # (GAE's PACKED: both of a packed batch's index pointers).
 SWITCH_PTRS = {"HAS_MASK": ("mask_ptr",), "HAS_OLD": ("old_ptr",), "HAS_ISW": ("isw_ptr",),
                "HAS_ENT": ("ent_coef_ptr",), "HAS_BOOT": ("boot_ptr",), "PACKED": ("cu_ptr", "seq_ptr"),
-               "HAS_PARTS": ("part_ptr",), "HAS_LIVE": ("live_ptr",)}
+               "HAS_PARTS": ("part_ptr",), "HAS_LIVE": ("live_ptr",), "HAS_SCALE": ("grad_scale_ptr",),
+               "HAS_COUNT": ("agg_count_ptr",)}
+
+# Pointers whose element type a switch sets: token-mean's mask is the bool mask and its count int64.
+SWITCH_TYPES = {"HAS_COUNT": {"agg_w_ptr": "*i1", "agg_count_ptr": "*i64"}}
 
 
 def jit_function(fn: object) -> object:
@@ -122,6 +128,7 @@ def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object], v
     # A switch the case leaves out takes the kernel's default (HAS_PARTS=False: part_ptr is None).
     given = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **switches}
     absent = {ptr for k, on in given.items() if k in SWITCH_PTRS and not on for ptr in SWITCH_PTRS[k]}
+    typed = {ptr: ty for k, on in given.items() if on for ptr, ty in SWITCH_TYPES.get(k, {}).items()}
     for i, param in enumerate(fn.params):
         name = param.name
         if name in absent:
@@ -132,7 +139,9 @@ def signature(fn: triton.JITFunction, dtype: str, switches: dict[str, object], v
             if name not in constexprs and param.has_default:
                 constexprs[name] = param.default  # a switch the case leaves at the kernel's default
             continue
-        if name in LOGIT_PTRS:
+        if name in typed:
+            sig[name] = typed[name]
+        elif name in LOGIT_PTRS:
             sig[name] = f"*{dtype}"
         elif name in INDEX_PTRS:
             sig[name] = "*i64"

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import check_policy_launch, flat, per_token, ref_layout, row_layout, same_alignment
+from rlops._layout import check_policy_launch, flat, per_token, row_layouts, same_alignment
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, OBJECTIVES, ROW
 from rlops.options import Epilogue, TokenInputs
 
@@ -171,15 +171,17 @@ def _surrogate(ratio, d_log_r, logp, old_logp, adv, clip_low, clip_high, dual_cl
 @triton.heuristics({"HAS_OLD": lambda args: args["old_ptr"] is not None,
                      "HAS_ISW": lambda args: args["isw_ptr"] is not None,
                      "HAS_ENT": lambda args: args["ent_coef_ptr"] is not None,
-                     "HAS_PARTS": lambda args: args["part_ptr"] is not None})
+                     "HAS_PARTS": lambda args: args["part_ptr"] is not None,
+                     "HAS_COUNT": lambda args: args["agg_count_ptr"] is not None})
 @triton.jit
 def _policy_loss_fwd_kernel(
     # data pointers: logits, reference logits, token ids, then the per-token float32 inputs
-    # (rlops/options.py: TokenInputs; None when absent, and HAS_OLD, HAS_ISW, HAS_ENT follow),
-    # then the (N_POLICY_ROWS, N) output; part_ptr: the rows' split states from
+    # (rlops/options.py: TokenInputs; None when absent, and HAS_OLD, HAS_ISW, HAS_ENT follow; with
+    # agg_count_ptr, token-mean's count, agg_w_ptr holds the mask and HAS_COUNT follows), then the
+    # (N_POLICY_ROWS, N) output; part_ptr: the rows' split states from
     # token_stats._row_states_kernel, or None (HAS_PARTS follows)
     x_ptr, ref_ptr, tokens_ptr, part_ptr,
-    agg_w_ptr, ent_coef_ptr, adv_ptr, old_ptr, ref_logp_ptr, isw_ptr,
+    agg_w_ptr, ent_coef_ptr, adv_ptr, old_ptr, ref_logp_ptr, isw_ptr, agg_count_ptr,
     out_ptr,
     # sizes; adv_inner: tokens per advantage (T when one per sequence of a (B, T) batch, else 1)
     N, V, adv_inner,
@@ -191,6 +193,7 @@ def _policy_loss_fwd_kernel(
     HAS_OLD: tl.constexpr, HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr,
     KL_RATIO: tl.constexpr, BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr = True,
     HAS_PARTS: tl.constexpr = False, SPLITS: tl.constexpr = 1, OBJECTIVE: tl.constexpr = 0,
+    HAS_COUNT: tl.constexpr = False,
 ):
     """Reads N*V logits once (2*N*V with the exact KL; with HAS_PARTS, SPLITS states per row
     instead) and ~6 floats per token; writes N_POLICY_ROWS floats per token."""
@@ -205,6 +208,8 @@ def _policy_loss_fwd_kernel(
     param_pos = tl.cast(param_pos, tl.float32)
     param_neg = tl.cast(param_neg, tl.float32)
     w = tl.load(agg_w_ptr + row)
+    if HAS_COUNT:  # token-mean: each counted token's weight is 1 / max(count, 1), as the host's would be
+        w = tl.where(w != 0, 1.0 / tl.maximum(tl.load(agg_count_ptr).to(tl.float32), 1.0), 0.0)
     if w == 0:
         store_stats(out_ptr, N, row, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         store_rows(out_ptr, N, row, EPILOGUE_FIRST, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -258,13 +263,21 @@ def _policy_loss_fwd_kernel(
         store_rows(out_ptr, N, row, EPILOGUE_FIRST, ratio, loss, w * (d_pg + kl_coef * d_kl), g_entropy, g_kl)
 
 
-ADV = TokenInputs._fields.index("advantages")
+ADV, AGG, COUNT = (TokenInputs._fields.index(name) for name in ("advantages", "agg_weights", "agg_count"))
 
 
 def _per_sequence(advantages: torch.Tensor, tokens: torch.Tensor) -> bool:
     """Whether advantages are one float32 per row of (B, T) tokens, in contiguous (B, 1) memory."""
     return (tokens.dim() == 2 and advantages.dim() == 2 and advantages.shape == (tokens.shape[0], 1)
             and advantages.dtype == torch.float32 and advantages.is_contiguous())
+
+
+def _kernel_inputs(inputs: TokenInputs, shape: torch.Size, adv_inner: int) -> list[torch.Tensor | None]:
+    """The per-token inputs as the kernel reads them: float32 (B, T) memory (rlops._layout.per_token),
+    except advantages one per sequence (adv_inner > 1) and token-mean's mask and count, as they are."""
+    counted = inputs.agg_count is not None
+    return [x if x is None or i == COUNT or (i == ADV and adv_inner > 1) else
+            flat(x) if i == AGG and counted else per_token(x, shape) for i, x in enumerate(inputs)]
 
 
 def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
@@ -276,12 +289,12 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
     when epilogue.kl_kind is the exact KL.
     """
     check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
-    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+    rows, ref_rows = row_layouts(logits, ref_logits)
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
         # Advantages one per sequence, (B, 1), are read as they are (row // T): no (B, T) copy per call.
         adv_inner = tokens.shape[-1] if _per_sequence(inputs.advantages, tokens) else 1
-        token_inputs = [x if i == ADV and adv_inner > 1 else per_token(x, tokens.shape) for i, x in enumerate(inputs)]
+        token_inputs = _kernel_inputs(inputs, tokens.shape, adv_inner)
         ref_aligned = ref_logits is None or same_alignment(rows, ref_rows)
         # Rows with aggregation weight 0 are skipped, here as in the kernel below.
         parts = split_row_states(rows, ref_rows, token_inputs[0], epilogue.temperature,
@@ -294,7 +307,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
             # scalars
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
             epilogue.ratio_cap, epilogue.param_pos, epilogue.param_neg,
-            # switches (HAS_OLD, HAS_ISW, HAS_ENT and HAS_PARTS follow the inputs present)
+            # switches (HAS_OLD, HAS_ISW, HAS_ENT, HAS_PARTS and HAS_COUNT follow the inputs present)
             KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=_block_v(logits.shape[-1]),
             REF_ALIGNED=ref_aligned, SPLITS=1 if parts is None else parts.shape[1], OBJECTIVE=epilogue.objective,
             num_warps=NUM_WARPS,

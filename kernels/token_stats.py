@@ -26,8 +26,7 @@ from rlops._layout import (
     flat,
     grad_strides,
     leading_rows,
-    ref_layout,
-    row_layout,
+    row_layouts,
     same_alignment,
 )
 from rlops.constants import N_GRADS, N_STATS
@@ -152,8 +151,9 @@ def _logits_grad_block(x, y, one_hot, m, log_s, entropy, lse_gap, kl, g_logp, g_
 @triton.jit
 def _token_stats_bwd_kernel(
     # data pointers: inputs (the logits stand in for ref_ptr without HAS_REF), the forward's stats
-    # (N_STATS, N), upstream gradients (N_GRADS, N), output
-    x_ptr, ref_ptr, tokens_ptr, stats_ptr, grads_ptr, dx_ptr,
+    # (N_STATS, N), upstream gradients (N_GRADS, N), one number scaling all of them (a summed
+    # loss's upstream gradient; None without HAS_SCALE), output
+    x_ptr, ref_ptr, tokens_ptr, stats_ptr, grads_ptr, grad_scale_ptr, dx_ptr,
     # sizes: rows, vocabulary, body elements per program (vocab_splits; the grid is (N, splits))
     N, V, chunk,
     # strides (rlops/_layout.py: RowLayout; dx rows share x's inner count)
@@ -163,6 +163,7 @@ def _token_stats_bwd_kernel(
     inv_tau,
     # switches
     HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr, X_ALIGNED: tl.constexpr = True, REF_ALIGNED: tl.constexpr = True,
+    HAS_SCALE: tl.constexpr = False,
 ):
     """Reads N*V logits (2*N*V with HAS_REF), writes N*V gradients, plus 9 scalars per row:
 
@@ -202,6 +203,11 @@ def _token_stats_bwd_kernel(
     g_logp = tl.load(grads_ptr + ROW_LOGP * N + row)
     g_entropy = tl.load(grads_ptr + ROW_ENTROPY * N + row)
     g_kl = tl.load(grads_ptr + ROW_KL * N + row)
+    if HAS_SCALE:  # three multiplies per row here instead of a (N_GRADS, N) product on the host
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+        g_logp *= scale
+        g_entropy *= scale
+        g_kl *= scale
     tok = tl.load(tokens_ptr + row)
     has_tok = (tok >= 0) & (tok < V)  # an id outside [0, V) (host check skipped) adds no one-hot term
     tok = tl.where(has_tok, tok, 0)
@@ -275,7 +281,7 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     """
     if tokens.shape != logits.shape[:-1]:
         raise ValueError(f"tokens must have shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
-    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+    rows, ref_rows = row_layouts(logits, ref_logits)
     stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
         mask = None if mask is None else byte_mask(mask.reshape(-1))
@@ -310,7 +316,7 @@ def row_states_fwd(logits: torch.Tensor, ref_logits: torch.Tensor | None, temper
     """Float32 (N_STATES, N) online-softmax states of each row of logits (..., V) (and of
     ref_logits, for the exact KL): kernels/_common.py, row_states, of the whole row. Rows of a
     vocabulary shard merge with other shards' states (rlops/vocab_parallel.py)."""
-    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+    rows, ref_rows = row_layouts(logits, ref_logits)
     if not rows.n_rows:
         return torch.empty((N_STATES, 0), dtype=torch.float32, device=logits.device)
     ref_aligned = ref_logits is None or same_alignment(rows, ref_rows)
@@ -335,15 +341,16 @@ def _row_states(rows: RowLayout, ref_rows: RowLayout, live: torch.Tensor | None,
 
 def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, grads: torch.Tensor,
                 temperature: float, ref_logits: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Launches the backward kernel: d logits from per-row upstream gradients.
 
     stats: float32 (N_STATS, ...) from `token_stats_fwd` (the first rows of the policy-loss
-    output are fine); grads: float32 (N_GRADS, ...) upstream gradients of logp, entropy and kl.
+    output are fine); grads: float32 (N_GRADS, ...) upstream gradients of logp, entropy and kl,
+    times grad_scale (a 0-d float tensor, e.g. a summed loss's upstream gradient) when given.
     Returns a tensor of logits' shape and dtype; `out` receives it when given, and may be
     `logits` itself (each row is read before it is written).
     """
-    rows, ref_rows = row_layout(logits), ref_layout(ref_logits, logits)
+    rows, ref_rows = row_layouts(logits, ref_logits)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
     dx_strides = grad_strides(out, logits, rows)
     n = rows.n_rows
@@ -353,11 +360,12 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
         splits, chunk = vocab_splits(n, logits.shape[-1], logits.device)
         _token_stats_bwd_kernel[(n, splits)](
             # data pointers
-            rows.tensor, ref_rows.tensor, flat(tokens), stats, grads, out,
+            rows.tensor, ref_rows.tensor, flat(tokens), stats, grads, grad_scale, out,
             # sizes, strides, scalars
             n, logits.shape[-1], chunk, *rows[2:], *ref_rows[2:], *dx_strides, 1.0 / temperature,
             # switches (the alignment ones: rows that stream in 16-byte vectors with the gradient's)
             HAS_REF=ref_logits is not None, BLOCK_V=_block_v(logits.shape[-1]), X_ALIGNED=same_alignment(dx_rows, rows),
-            REF_ALIGNED=ref_logits is None or same_alignment(dx_rows, ref_rows), num_warps=NUM_WARPS,
+            REF_ALIGNED=ref_logits is None or same_alignment(dx_rows, ref_rows), HAS_SCALE=grad_scale is not None,
+            num_warps=NUM_WARPS,
         )
     return out

@@ -109,13 +109,15 @@ def _same_row_offsets(size: int, a: tuple[int, int, int, int], b: tuple[int, int
     return outer_ok and inner_ok
 
 
-def ref_layout(ref_logits: torch.Tensor | None, logits: torch.Tensor) -> RowLayout:
-    """The reference logits' rows, or the logits' own as a placeholder the kernel never reads."""
+def row_layouts(logits: torch.Tensor, ref_logits: torch.Tensor | None) -> tuple[RowLayout, RowLayout]:
+    """The rows of logits and of the reference logits, or the logits' own again as a placeholder
+    the kernel never reads (no second `row_layout` call)."""
+    rows = row_layout(logits)
     if ref_logits is None:
-        return row_layout(logits)
+        return rows, rows
     if ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits must have logits' shape {tuple(logits.shape)}, got {tuple(ref_logits.shape)}")
-    return row_layout(ref_logits)
+    return rows, row_layout(ref_logits)
 
 
 def grad_strides(out: torch.Tensor, logits: torch.Tensor, rows: RowLayout) -> tuple[int, int]:

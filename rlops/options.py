@@ -386,9 +386,12 @@ class TokenInputs(NamedTuple):
     """The per-token tensors of the policy loss, each broadcastable to tokens' (B, T) or None.
 
     agg_weights: float32 (B, T), each token's share of the aggregated loss (0 = masked: the
-    kernels skip that token). entropy_coefs: entropy_coef times each token's weight in the
-    entropy term's aggregation, or None without an entropy term. The others as
-    `rlops.policy_loss` takes them (absent ones None).
+    kernels skip that token); or, with agg_count, the token mask (bool or 0/1) of token-mean,
+    whose counted tokens each weigh 1 / max(agg_count, 1): the kernel divides, so no (B, T)
+    weights are built on the host (`weights` builds them for the code that needs them).
+    entropy_coefs: entropy_coef times each token's weight in the entropy term's aggregation,
+    or None without an entropy term. The others as `rlops.policy_loss` takes them (absent ones
+    None). agg_count: None, or the 0-d count of tokens that token-mean divides by.
     """
 
     agg_weights: Tensor
@@ -397,6 +400,7 @@ class TokenInputs(NamedTuple):
     old_logprobs: Tensor | None
     ref_logprobs: Tensor | None
     is_weights: Tensor | None
+    agg_count: Tensor | None = None
 
     @classmethod
     def of(cls, batch: PolicyBatch, layout: Layout, config: PolicyLossConfig) -> TokenInputs:
@@ -405,13 +409,31 @@ class TokenInputs(NamedTuple):
         counts = None if config.global_batch is None else BatchCounts.of(layout, config.global_batch)
         entropy_coefs = None if config.entropy_coef == 0 else \
             config.entropy_coef * aggregation_weights(layout, config.entropy_agg_used, config.norm_len, counts)
+        ref_logprobs = batch.ref_logprobs if config.kl_used in SAMPLED_KL else None
+        if config.loss_agg == "token-mean":
+            # The mask and its count, which the kernel divides: one op (count_nonzero, which casts
+            # nothing) instead of the four of a (B, T) weights tensor.
+            count = torch.count_nonzero(layout.mask) if counts is None else counts.tokens
+            return cls(layout.mask, entropy_coefs, batch.advantages, batch.old_logprobs, ref_logprobs,
+                       batch.is_weights, count)
         return cls(aggregation_weights(layout, config.loss_agg, config.norm_len, counts), entropy_coefs,
-                   batch.advantages,
-                   batch.old_logprobs, batch.ref_logprobs if config.kl_used in SAMPLED_KL else None, batch.is_weights)
+                   batch.advantages, batch.old_logprobs, ref_logprobs, batch.is_weights)
+
+    @property
+    def weights(self) -> Tensor:
+        """float32 (B, T): each token's share of the aggregated loss (agg_weights, divided by agg_count when given)."""
+        if self.agg_count is None:
+            return self.agg_weights
+        # As aggregation_weights computes token-mean's: the float32 mask over the clamped count.
+        return self.agg_weights.to(torch.float32) / self.agg_count.clamp_min(1)
+
+    def dense(self) -> TokenInputs:
+        """These inputs with the weights as a float32 (B, T) tensor (agg_count None)."""
+        return self if self.agg_count is None else self._replace(agg_weights=self.weights, agg_count=None)
 
     def map(self, fn) -> TokenInputs:
-        """fn applied to every tensor present (None stays None)."""
-        return TokenInputs(*(None if x is None else fn(x) for x in self))
+        """fn applied to every per-token tensor present (None stays None; agg_count, one number, stays)."""
+        return TokenInputs(*(None if x is None else fn(x) for x in self[:-1]), self.agg_count)
 
 
 class Head(NamedTuple):

@@ -314,7 +314,7 @@ def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: 
                 sampling_logprobs: Tensor | None = None) -> LossTerms:
     """The policy loss of SPEC sections 2-4 from per-token statistics (layout.mask's shape) with autograd.
 
-    loss = sum_t w_t (pg_t + kl_coef * kl_t [* r_t]) - sum_t e_t H_t with w = inputs.agg_weights
+    loss = sum_t w_t (pg_t + kl_coef * kl_t [* r_t]) - sum_t e_t H_t with w = inputs.weights
     and e = inputs.entropy_coefs, as the fused kernels compute it; pg_t is the objective's,
     times the off-policy sequence mask and the top-entropy token mask when configured
     (rlops.objectives). Per-token inputs are read only where the mask is 1, so no padding value,
@@ -352,7 +352,7 @@ def policy_loss(stats: TokenStats, layout: Layout, inputs: TokenInputs, config: 
         kl = kl_penalty(logp, counted(inputs.ref_logprobs), config.kl_estimator)
     kl_term = kl * torch.exp(log_r) if config.kl_ratio_weighted else kl
     per_token = torch.where(mask, pg + config.kl_coef * kl_term, 0.0)
-    loss = (inputs.agg_weights.to(dtype) * per_token).sum()
+    loss = (inputs.weights.to(dtype) * per_token).sum()
     if entropy_coefs is not None:
         loss = loss - (entropy_coefs.to(dtype) * entropy).sum()
     reported = (torch.where(mask, v.detach(), 0.0).to(torch.float32) for v in (logp, entropy, kl, ratio))

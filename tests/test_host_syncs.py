@@ -47,7 +47,7 @@ def _meta_launchers() -> SimpleNamespace:
     return SimpleNamespace(
         token_stats_fwd=lambda logits, tokens, temperature, ref_logits=None, mask=None:
             logits.new_empty((N_STATS, *tokens.shape), dtype=torch.float32),
-        logits_grad=lambda logits, tokens, stats, grads, temperature, ref_logits=None, out=None:
+        logits_grad=lambda logits, tokens, stats, grads, temperature, ref_logits=None, out=None, grad_scale=None:
             torch.empty_like(logits) if out is None else out,
         policy_loss_fwd=lambda logits, tokens, ref_logits, inputs, epilogue:
             logits.new_empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32),

@@ -15,8 +15,8 @@ import torch
 from helpers import DEVICE, FP32_TOL, assert_grad_close, assert_values_close, float32_tol
 
 import rlops
-from rlops import baselines, reference
-from rlops.options import aggregation_weights
+from rlops import baselines, kernels, reference
+from rlops.options import Epilogue, PolicyBatch, TokenInputs, aggregation_weights
 from rlops.packing import Layout
 
 B, T, V = 4, 6, 300
@@ -443,6 +443,29 @@ def test_aggregation_weights_reproduce_aggregate(loss_agg: str) -> None:
         assert not w[~mask].any()
         expected = reference.aggregate(per_token, mask, loss_agg, norm_len)
         assert (w * per_token).sum().item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGGS)
+def test_token_inputs_weights_are_the_aggregation_weights(loss_agg: str) -> None:
+    """Token-mean reaches the kernels as the mask and its count (the kernel divides): its weights
+    are bitwise aggregation_weights', and the kernel's loss and gradient equal those it gives
+    when handed those weights as a (B, T) tensor; the other modes carry the tensor itself."""
+    batch = _batch()
+    mask = batch["mask"].bool()
+    config = rlops.PolicyLossConfig(loss_agg=loss_agg, norm_len=9.0)
+    policy_batch = PolicyBatch(batch["tokens"], batch["advantages"], mask)
+    inputs = TokenInputs.of(policy_batch, Layout.of(mask), config)
+    expected = aggregation_weights(Layout.of(mask), loss_agg, 9.0)
+    assert inputs.weights.dtype == torch.float32 and torch.equal(inputs.weights, expected)
+    assert (inputs.agg_count is not None) == (loss_agg == "token-mean")
+    assert inputs.dense().agg_count is None and torch.equal(inputs.dense().agg_weights, expected)
+    # A chunk's map keeps the count, one number for the whole batch.
+    assert inputs.map(lambda x: x[:, :2]).agg_count is inputs.agg_count
+    logits = batch["logits"].float()
+    epilogue = Epilogue.of(config)
+    out = kernels.policy_loss_fwd(logits, batch["tokens"], None, inputs, epilogue)
+    dense = kernels.policy_loss_fwd(logits, batch["tokens"], None, inputs.dense(), epilogue)
+    assert torch.equal(out, dense)
 
 
 def test_module_and_presets() -> None:

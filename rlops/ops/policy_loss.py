@@ -83,9 +83,10 @@ class _EagerPolicyLoss(torch.autograd.Function):
     (_Launch), which also carries the per-token outputs back (not differentiable). Autograd then
     holds one node, not three (this, a select and a sum), that node has no second output whose
     zero gradient would be materialised, and no edge per non-differentiable tensor argument:
-    at small sizes each of these costs more host time than the launches. The backward scales the
-    gradient rows by the scalar upstream gradient: bitwise what the custom op's path computes
-    (the same sum, each gradient row times the same number)."""
+    at small sizes each of these costs more host time than the launches. The backward kernel
+    scales the gradient rows by the scalar upstream gradient as it reads them (no (N_GRADS, B, T)
+    product on the host): the custom op's path takes that product on the host, so the two agree
+    to rounding (the kernel may fuse the multiply into the next add)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, launch: _Launch) -> Tensor:
@@ -101,7 +102,7 @@ class _EagerPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple:
         saved = ctx.saved_tensors
-        return grad_to_logits(ctx, saved[2][GRADS] * grad_loss, saved)
+        return grad_to_logits(ctx, saved[2][GRADS], saved, grad_scale=grad_loss)
 
 
 def policy_loss_op(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, inputs: TokenInputs,

@@ -73,22 +73,28 @@ def save_for_grad(ctx, inputs: dict, stats: Tensor, temperature: float) -> None:
                          else None for v in list(inputs.values())[1:])
 
 
-def grad_to_logits(ctx, grads: Tensor, saved: tuple[Tensor, ...] | None = None) -> tuple:
+def grad_to_logits(ctx, grads: Tensor, saved: tuple[Tensor, ...] | None = None,
+                   grad_scale: Tensor | None = None) -> tuple:
     """The backward's return value: d logits from (N_GRADS, ...) upstream gradients of logp, entropy
-    and the exact KL, then None for every other input of the op. `saved`: ctx.saved_tensors when the
-    caller has unpacked them already (each unpacking checks every tensor's version again).
+    and the exact KL (times grad_scale, a 0-d tensor, when given: the eager kernel takes the
+    product, three multiplies per row), then None for every other input of the op. `saved`:
+    ctx.saved_tensors when the caller has unpacked them already (each unpacking checks every
+    tensor's version again).
 
     With inplace_grad the gradient overwrites the logits; the custom op declares that
     mutation, which bumps the logits' version counter.
     """
     logits, tokens, stats, ref_logits = ctx.saved_tensors if saved is None else saved
-    args = (logits, tokens, stats, grads, ref_logits, ctx.temperature, ctx.backend)
     if not torch.compiler.is_compiling():  # eager: the launcher itself (rlops.ops._fast)
         grad = launchers(ctx.backend).logits_grad(logits, tokens, stats, grads, ctx.temperature, ref_logits,
-                                                  out=logits if ctx.inplace_grad else None)
+                                                  out=logits if ctx.inplace_grad else None, grad_scale=grad_scale)
         if ctx.inplace_grad:
             torch.autograd.graph.increment_version(logits)  # what the custom op's declared mutation does
-    elif ctx.inplace_grad:  # a compiled graph holds the custom ops
+        return (grad, *ctx.no_grads)
+    # A compiled graph holds the custom ops.
+    args = (logits, tokens, stats, grads if grad_scale is None else grads * grad_scale, ref_logits,
+            ctx.temperature, ctx.backend)
+    if ctx.inplace_grad:
         _logits_grad_inplace(*args)
         grad = logits
     else:
