@@ -291,13 +291,9 @@ def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = 
     counts: the whole batch's when the batch is split over ranks (`BatchCounts.of`); then the
     weights of all ranks add up to the aggregate of the whole batch. None: this call's batch.
     """
-    m = layout.mask.to(torch.float32)
     if loss_agg == "token-mean":
-        total = m.sum() if counts is None else counts.tokens.clone()
-        # In place on m, a fresh tensor (the mask is bool): two allocations fewer, the same numbers.
-        if m is layout.mask:
-            m = m.clone()
-        return m.div_(total.clamp_min_(1.0))
+        return token_mean_weights(layout.mask, torch.count_nonzero(layout.mask) if counts is None else counts.tokens)
+    m = layout.mask.to(torch.float32)
     if loss_agg == "seq-mean-token-mean":
         per_seq = layout.seq_totals(m) if counts is None else counts.per_seq
         n_valid = (per_seq > 0).sum() if counts is None else counts.valid_seqs
@@ -310,6 +306,11 @@ def aggregation_weights(layout: Layout, loss_agg: str, norm_len: float | None = 
     if counts is None:
         return m / denominator if denominator > 0 else m  # an empty batch has no weights to scale
     return m / torch.where(denominator > 0, denominator, 1.0)
+
+
+def token_mean_weights(mask: Tensor, count: Tensor) -> Tensor:
+    """float32 weights of token-mean: 1 / max(count, 1) where mask (bool or 0/1, any shape) is nonzero, else 0."""
+    return mask.to(torch.float32) / count.clamp_min(1)
 
 
 class BatchCounts(NamedTuple):
@@ -386,12 +387,11 @@ class TokenInputs(NamedTuple):
     """The per-token tensors of the policy loss, each broadcastable to tokens' (B, T) or None.
 
     agg_weights: float32 (B, T), each token's share of the aggregated loss (0 = masked: the
-    kernels skip that token); or, with agg_count, the token mask (bool or 0/1) of token-mean,
-    whose counted tokens each weigh 1 / max(agg_count, 1): the kernel divides, so no (B, T)
-    weights are built on the host (`weights` builds them for the code that needs them).
-    entropy_coefs: entropy_coef times each token's weight in the entropy term's aggregation,
-    or None without an entropy term. The others as `rlops.policy_loss` takes them (absent ones
-    None). agg_count: None, or the 0-d count of tokens that token-mean divides by.
+    kernels skip that token); or, with agg_count (a 0-d count), token-mean's mask (bool or 0/1),
+    each counted token weighing 1 / max(agg_count, 1): the kernel divides (`weights` gives the
+    float32 weights to code that needs them). entropy_coefs: entropy_coef times each token's
+    weight in the entropy term's aggregation, or None without an entropy term. The others as
+    `rlops.policy_loss` takes them (absent ones None).
     """
 
     agg_weights: Tensor
@@ -404,28 +404,21 @@ class TokenInputs(NamedTuple):
 
     @classmethod
     def of(cls, batch: PolicyBatch, layout: Layout, config: PolicyLossConfig) -> TokenInputs:
-        """The inputs of a checked batch: aggregation weights from its layout (mask and sequences)
-        and config, then its tensors, the reference log-probs dropped unless a sampled-token KL is used."""
+        """A checked batch's inputs: weights from its layout and config; ref log-probs for a sampled-token KL only."""
         counts = None if config.global_batch is None else BatchCounts.of(layout, config.global_batch)
         entropy_coefs = None if config.entropy_coef == 0 else \
             config.entropy_coef * aggregation_weights(layout, config.entropy_agg_used, config.norm_len, counts)
-        ref_logprobs = batch.ref_logprobs if config.kl_used in SAMPLED_KL else None
-        if config.loss_agg == "token-mean":
-            # The mask and its count, which the kernel divides: one op (count_nonzero, which casts
-            # nothing) instead of the four of a (B, T) weights tensor.
-            count = torch.count_nonzero(layout.mask) if counts is None else counts.tokens
-            return cls(layout.mask, entropy_coefs, batch.advantages, batch.old_logprobs, ref_logprobs,
-                       batch.is_weights, count)
-        return cls(aggregation_weights(layout, config.loss_agg, config.norm_len, counts), entropy_coefs,
-                   batch.advantages, batch.old_logprobs, ref_logprobs, batch.is_weights)
+        if config.loss_agg == "token-mean":  # the mask and its count (the kernel divides): 1 op, not 4 on (B, T)
+            agg, count = layout.mask, torch.count_nonzero(layout.mask) if counts is None else counts.tokens
+        else:
+            agg, count = aggregation_weights(layout, config.loss_agg, config.norm_len, counts), None
+        return cls(agg, entropy_coefs, batch.advantages, batch.old_logprobs,
+                   batch.ref_logprobs if config.kl_used in SAMPLED_KL else None, batch.is_weights, count)
 
     @property
     def weights(self) -> Tensor:
         """float32 (B, T): each token's share of the aggregated loss (agg_weights, divided by agg_count when given)."""
-        if self.agg_count is None:
-            return self.agg_weights
-        # As aggregation_weights computes token-mean's: the float32 mask over the clamped count.
-        return self.agg_weights.to(torch.float32) / self.agg_count.clamp_min(1)
+        return self.agg_weights if self.agg_count is None else token_mean_weights(self.agg_weights, self.agg_count)
 
     def dense(self) -> TokenInputs:
         """These inputs with the weights as a float32 (B, T) tensor (agg_count None)."""

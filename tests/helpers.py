@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -54,3 +55,11 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, eager: torch
         assert eager is not None, "half-precision gradients are judged against eager PyTorch's error"
         tol = 2 * max_err(eager, expected) + 1e-6
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torchrun rendezvous (a random pick could collide
+    with another test's, under a seeded `random`, or with a parallel worker's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,6 @@ DDP and FSDP take; both copies stay equal.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from fsdp_worker import CRASHES, KINDS, STEPS, make_trainer
+from helpers import free_port
 from safetensors.torch import load_file
 
 from rlops.cli import train_parser
@@ -37,12 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 Weights = dict[str, torch.Tensor]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The worker's outputs: OUT/<kind>/{whole,killed}, the ranks' samples, OUT/done."""
@@ -50,7 +44,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(faults.ENV, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_free_port()), str(ROOT / "tests" / "fsdp_worker.py"), str(out)],
+                           "--master-port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and (out / "done").is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
     return out

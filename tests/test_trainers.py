@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from trainer_fixtures import SEVENS, sft_examples, small_model
 
 from rlops.trainers import (
@@ -197,7 +197,7 @@ def test_loss_impls_take_the_same_step(kind: str) -> None:
 def _torchrun(kind: str, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(random.randint(20000, 40000)), str(ROOT / "tests" / "ddp_worker.py"),
+                           "--master-port", str(free_port()), str(ROOT / "tests" / "ddp_worker.py"),
                            kind, str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
