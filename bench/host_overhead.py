@@ -9,11 +9,12 @@ nothing: what is timed is each library's argument checks, dispatch, autograd glu
 and small tensor ops, not its kernels. Settings are bench/policy_loss.py's (TRL's GRPO with a
 reference model: k3 KL, clip 0.2/0.28, token mean, old log-probs, per-sequence advantages).
 
-The same tokens reach both: rlops takes their logits (B, T, V) (an lm_head's output, a non-leaf);
-Liger's API takes (B, T+1, V), the model's logits with the next position, and drops the last
-itself (its backward zeroes that row). A caller that holds (B, T+1, V) slices `x[:, :-1]` for
-rlops, and that slice's autograd node is then the caller's cost: it is measured too
-(`rlops_sliced_us`) and reported beside the others, not folded into rlops' number.
+The same tokens reach both, as the logits of an lm_head (non-leaves). Liger's API takes a causal
+LM's (B, T+1, V), from the prompt's last position, and drops the last position itself (its
+backward zeroes that row). rlops is measured three ways: on (B, T, V) logits (`rlops_us`, the
+headline), on the same (B, T+1, V) logits as Liger (`rlops_lm_us`: it zeroes the last position's
+gradient too, two ops more), and on their slice `x[:, :-1]` (`rlops_sliced_us`: the slice's
+autograd node, which on a GPU also copies the gradient into a zeroed (B, T+1, V) buffer).
 
 `measure()` returns microseconds per call (the minimum over rounds of each round's median,
 rounds interleaved, so that a noisy machine's slow spells hit every step alike and inflate
@@ -96,13 +97,17 @@ def inputs(seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
     return {"logits": base * 1.0, "rlops_logits": own * 1.0, **{k: v.to(device) for k, v in cpu.items()}}
 
 
-def rlops_step(i: dict[str, torch.Tensor], sliced: bool = False) -> Callable[[], torch.Tensor]:
-    """One rlops forward+backward (backend "triton": the kernels' launchers) on the (B, T, V) logits
-    i["rlops_logits"], or with sliced=True on i["logits"][:, :-1] (a caller that holds Liger's
-    (B, T+1, V) logits); returns d logits."""
+FORMS = ("own", "lm", "sliced")  # the logits rlops is given: (B, T, V); (B, T+1, V); (B, T+1, V)[:, :-1]
+
+
+def rlops_step(i: dict[str, torch.Tensor], form: str = "own") -> Callable[[], torch.Tensor]:
+    """One rlops forward+backward (backend "triton": the kernels' launchers) on the logits of `form`
+    (FORMS): the (B, T, V) logits i["rlops_logits"], Liger's (B, T+1, V) i["logits"], or their
+    slice i["logits"][:, :-1]; returns d logits."""
     from rlops import policy_loss
 
-    x = i["logits"] if sliced else i["rlops_logits"]
+    x = i["rlops_logits"] if form == "own" else i["logits"]
+    sliced = form == "sliced"
 
     def step() -> torch.Tensor:
         loss = policy_loss(x[:, :-1] if sliced else x, i["tokens"], i["advantages"], mask=i["mask"],
@@ -163,6 +168,7 @@ class HostOverhead:
     """Host time per forward+backward call (microseconds) and ATen ops per call, kernels stubbed."""
 
     rlops_us: float  # rlops.policy_loss on (B, T, V) logits
+    rlops_lm_us: float  # the same on Liger's (B, T+1, V) logits
     rlops_sliced_us: float  # the same on x[:, :-1] of (B, T+1, V) logits: the slice's node included
     liger_us: float | None  # None: liger-kernel is not installed
     rlops_aten_ops: int
@@ -174,13 +180,18 @@ class HostOverhead:
         return None if self.liger_us is None else self.rlops_us / self.liger_us
 
     @property
+    def lm_ratio(self) -> float | None:
+        """rlops' time on Liger's own (B, T+1, V) logits over Liger's."""
+        return None if self.liger_us is None else self.rlops_lm_us / self.liger_us
+
+    @property
     def sliced_ratio(self) -> float | None:
         """rlops' time with the caller's slice of (B, T+1, V) logits over Liger's."""
         return None if self.liger_us is None else self.rlops_sliced_us / self.liger_us
 
     def as_dict(self) -> dict[str, object]:
         """The JSON record (`rlops bench` writes it as the run's "host_overhead")."""
-        return {**asdict(self), "ratio": self.ratio, "sliced_ratio": self.sliced_ratio,
+        return {**asdict(self), "ratio": self.ratio, "lm_ratio": self.lm_ratio, "sliced_ratio": self.sliced_ratio,
                 "input": {"B": B, "T": T, "V": V, "dtype": "float32"}}
 
 
@@ -194,12 +205,12 @@ def liger_available() -> bool:
 
 
 def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "cpu") -> HostOverhead:
-    """Host microseconds per forward+backward of rlops (on its (B, T, V) logits, and on a slice of
-    (B, T+1, V) ones) and Liger (None where it is missing): each the minimum over `rounds`
-    interleaved rounds of the median of `calls` calls, after `warmup` calls of each. About 0.1 s
-    per round on a 2-core VM, after Liger's import (about 2 s: it imports transformers). On "cuda"
-    the stubbed calls take the GPU path (no kernel runs; the small tensor ops are queued, not
-    waited for); on "cpu" rlops' Triton path runs without the interpreter (no kernel runs)."""
+    """Host microseconds per forward+backward of rlops (on each form of logits of FORMS) and
+    Liger (None where it is missing): each the minimum over `rounds` interleaved rounds of the
+    median of `calls` calls, after `warmup` calls of each. About 0.1 s per round on a 2-core VM,
+    after Liger's import (about 2 s: it imports transformers). On "cuda" the stubbed calls take
+    the GPU path (no kernel runs; the small tensor ops are queued, not waited for); on "cpu"
+    rlops' Triton path runs without the interpreter (no kernel runs)."""
     from rlops import kernels  # noqa: F401  (the launcher modules below are its submodules)
 
     with_liger = liger_available()
@@ -208,7 +219,7 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
         modules += (importlib.import_module(LIGER_KERNEL_MODULE),)
     with stubbed_launches(modules):
         data = inputs(device=device)
-        steps = {"rlops": rlops_step(data), "rlops_sliced": rlops_step(data, sliced=True)}
+        steps = {"rlops" if form == "own" else f"rlops_{form}": rlops_step(data, form) for form in FORMS}
         if with_liger:
             steps["liger"] = liger_step(inputs(device=device))
         for step in steps.values():
@@ -219,7 +230,8 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
             for name, step in steps.items():
                 best[name] = min(best[name], _median_us(step, calls))
         counts = {name: len(aten_ops(steps[name])) for name in ("rlops", "liger") if name in steps}
-    return HostOverhead(best["rlops"], best["rlops_sliced"], best.get("liger"), counts["rlops"], counts.get("liger"))
+    return HostOverhead(best["rlops"], best["rlops_lm"], best["rlops_sliced"], best.get("liger"), counts["rlops"],
+                        counts.get("liger"))
 
 
 def summary(h: HostOverhead) -> str:
@@ -228,8 +240,9 @@ def summary(h: HostOverhead) -> str:
     if h.liger_us is None:
         return f"{head} ({h.rlops_sliced_us:.0f} us on a slice of (B, T+1, V) logits), {h.rlops_aten_ops} ATen ops " \
                "(liger-kernel not installed)"
-    return (f"{head}, Liger {h.liger_us:.0f} us ({h.ratio:.2f}x; {h.sliced_ratio:.2f}x with the caller's slice of "
-            f"(B, T+1, V) logits); ATen ops {h.rlops_aten_ops} vs {h.liger_aten_ops}")
+    return (f"{head}, Liger {h.liger_us:.0f} us ({h.ratio:.2f}x; {h.lm_ratio:.2f}x on Liger's (B, T+1, V) logits, "
+            f"{h.sliced_ratio:.2f}x on a slice of their first T positions); ATen ops {h.rlops_aten_ops} vs "
+            f"{h.liger_aten_ops}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def _liger(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _rlops(inplace: bool, backend: str = "triton") -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
     def run(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
-        return policy_loss(x[:, :-1], i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
+        # The (B, T + 1, V) logits as they are, as Liger's take them (rlops leaves out the last position).
+        return policy_loss(x, i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
                            ref_logprobs=i["ref_logprobs"], kl_coef=BETA, kl_estimator="k3", clip_low=CLIP_LOW,
                            clip_high=CLIP_HIGH, loss_agg="token-mean", inplace_grad=inplace,
                            backend=backend).loss

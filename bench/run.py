@@ -4,7 +4,6 @@ markdown table and per-op plots generated from it."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import sys
@@ -237,7 +236,7 @@ def _host_overhead() -> dict[str, object]:
         print(f"host overhead: not measured: {e}", flush=True)
         return {"error": f"{type(e).__name__}: {e}"}
     print(host_overhead.summary(h), flush=True)
-    return {**dataclasses.asdict(h), "ratio": h.ratio}
+    return h.as_dict()
 
 
 def main(argv: list[str] | None = None, prog: str = "rlops bench") -> int:

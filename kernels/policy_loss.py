@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import check_policy_launch, flat, per_token, row_layouts, same_alignment
+from rlops._layout import check_policy_launch, flat, per_token, positions_of, row_layouts, same_alignment
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, OBJECTIVES, ROW
 from rlops.options import Epilogue, TokenInputs
 
@@ -284,12 +284,13 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
                     inputs: TokenInputs, epilogue: Epilogue) -> torch.Tensor:
     """Launches the forward kernel; returns float32 out (N_POLICY_ROWS, B, T) in the row order of constants.ROW.
 
-    logits (B, T, V) with any row strides; tokens (B, T); inputs: the per-token tensors,
+    logits (B, T, V) with any row strides, or (B, T + 1, V) of which the first T positions are
+    read (rlops._layout.positions_of); tokens (B, T); inputs: the per-token tensors,
     each broadcastable to (B, T) (agg_weights exactly (B, T)); ref_logits (B, T, V) exactly
     when epilogue.kl_kind is the exact KL.
     """
     check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
-    rows, ref_rows = row_layouts(logits, ref_logits)
+    rows, ref_rows = row_layouts(logits, ref_logits, positions_of(logits, tokens))
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
         # Advantages one per sequence, (B, 1), are read as they are (row // T): no (B, T) copy per call.

@@ -26,8 +26,10 @@ from rlops._layout import (
     flat,
     grad_strides,
     leading_rows,
+    positions_of,
     row_layouts,
     same_alignment,
+    zero_last_position,
 )
 from rlops.constants import N_GRADS, N_STATS
 
@@ -279,9 +281,10 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     where it is 0 are skipped and get zeros. Returns float32 stats (N_STATS, ...) in the rows of
     constants.STATS_ROWS: logp, entropy, kl (0 without ref_logits), max, log_sum, lse_gap.
     """
-    if tokens.shape != logits.shape[:-1]:
+    shape = positions_of(logits, tokens)
+    if tokens.shape != shape[:-1]:
         raise ValueError(f"tokens must have shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
-    rows, ref_rows = row_layouts(logits, ref_logits)
+    rows, ref_rows = row_layouts(logits, ref_logits, shape)
     stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
         mask = None if mask is None else byte_mask(mask.reshape(-1))
@@ -348,11 +351,14 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
     output are fine); grads: float32 (N_GRADS, ...) upstream gradients of logp, entropy and kl,
     times grad_scale (a 0-d float tensor, e.g. a summed loss's upstream gradient) when given.
     Returns a tensor of logits' shape and dtype; `out` receives it when given, and may be
-    `logits` itself (each row is read before it is written).
+    `logits` itself (each row is read before it is written). Logits (B, T + 1, V) of (B, T) tokens
+    (rlops._layout.positions_of) get zeros at their last position.
     """
-    rows, ref_rows = row_layouts(logits, ref_logits)
+    shape = positions_of(logits, tokens)
+    rows, ref_rows = row_layouts(logits, ref_logits, shape)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
-    dx_strides = grad_strides(out, logits, rows)
+    dx_strides = grad_strides(out, logits, rows, shape)
+    zero_last_position(out, shape)
     n = rows.n_rows
     if n:
         dx_rows = RowLayout(out, n, rows.inner, *dx_strides)

@@ -21,8 +21,10 @@ from ._layout import (
     check_policy_launch,
     grad_strides,
     per_token,
+    positions_of,
     row_layouts,
     unit_stride,
+    zero_last_position,
 )
 from .constants import N_GRADS, N_POLICY_ROWS, N_STATS
 from .options import Epilogue, TokenInputs
@@ -114,9 +116,11 @@ def ops():
 # --------------------------------------------------------------------------------------
 
 
-def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None) -> tuple[dict[str, object], RowLayout]:
-    """The row-layout arguments every vocabulary op of csrc/ops.cpp takes, by name, and the logits' rows."""
-    rows, ref_rows = row_layouts(logits, ref_logits)
+def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None,
+               tokens: torch.Tensor) -> tuple[dict[str, object], RowLayout]:
+    """The row-layout arguments every vocabulary op of csrc/ops.cpp takes, by name, and the logits'
+    rows (those of the tokens' positions: rlops._layout.positions_of)."""
+    rows, ref_rows = row_layouts(logits, ref_logits, positions_of(logits, tokens))
     return dict(x=rows.tensor, ref=None if ref_logits is None else ref_rows.tensor, n_rows=rows.n_rows,
                 vocab=logits.shape[-1], inner=rows.inner, stride_outer=rows.stride_outer,
                 stride_inner=rows.stride_inner, ref_inner=ref_rows.inner, ref_stride_outer=ref_rows.stride_outer,
@@ -128,7 +132,7 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     """rlops.kernels.token_stats_fwd on the CUDA kernel."""
     stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if tokens.numel():
-        ops().token_stats_fwd(**_rows_args(logits, ref_logits)[0], tokens=tokens.reshape(-1).to(torch.int64),
+        ops().token_stats_fwd(**_rows_args(logits, ref_logits, tokens)[0], tokens=tokens.reshape(-1).to(torch.int64),
                               mask=None if mask is None else byte_mask(mask.reshape(-1)), out=stats,
                               inv_tau=1.0 / temperature)
     return stats
@@ -142,8 +146,10 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
     if grad_scale is not None:
         grads = grads * grad_scale
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
-    args, rows = _rows_args(logits, ref_logits)
-    dx_stride_outer, dx_stride_inner = grad_strides(out, logits, rows)
+    shape = positions_of(logits, tokens)
+    args, rows = _rows_args(logits, ref_logits, tokens)
+    dx_stride_outer, dx_stride_inner = grad_strides(out, logits, rows, shape)
+    zero_last_position(out, shape)
     n = args["n_rows"]
     if n:
         ops().token_stats_bwd(**args, tokens=tokens.reshape(-1).to(torch.int64),
@@ -163,7 +169,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
         # The CUDA kernel reads float32 weights: token-mean's mask and count become them here.
         v = TokenInputs(*(None if x is None else per_token(x, tokens.shape).reshape(-1) for x in inputs.dense()))
         ops().policy_loss_fwd(
-            **_rows_args(logits, ref_logits)[0], tokens=tokens.reshape(-1).to(torch.int64), out=out,
+            **_rows_args(logits, ref_logits, tokens)[0], tokens=tokens.reshape(-1).to(torch.int64), out=out,
             weights=v.agg_weights, ent_weights=v.entropy_coefs, adv=v.advantages, old_logp=v.old_logprobs,
             ref_logp=v.ref_logprobs, isw=v.is_weights, inv_tau=1.0 / epilogue.temperature, clip_low=epilogue.clip_low,
             clip_high=epilogue.clip_high, dual_clip=epilogue.dual_clip, kl_coef=epilogue.kl_coef,

@@ -29,18 +29,20 @@ class RowLayout(NamedTuple):
     stride_inner: int
 
 
-def row_layout(x: torch.Tensor) -> RowLayout:
+def row_layout(x: torch.Tensor, shape: tuple[int, ...] | None = None) -> RowLayout:
     """Describes the rows of x (..., V) with at most two strides; copies x only when that is impossible.
 
-    The vocabulary dimension must be unit-stride for coalesced loads; other layouts are made
-    contiguous (a copy, which no common caller triggers).
+    shape: (B, T, V) to describe only the first T positions of x (B, T + 1, V) (a causal LM's
+    logits: positions_of), without a view of them. The vocabulary dimension must be unit-stride
+    for coalesced loads; other layouts are made contiguous (a copy, which no common caller triggers).
     """
     # Every launch of a forward and a backward asks this for the logits (and for the placeholder
     # reference): the strides are worked out once per (shape, strides), not on every call.
-    strides = _row_strides(x.shape, x.stride())
+    shape = x.shape if shape is None else shape
+    strides = _row_strides(shape, x.stride())
     if strides is None:  # no two strides describe the rows: a contiguous copy
         x = x.contiguous()
-        strides = _row_strides(x.shape, x.stride())
+        strides = _row_strides(shape, x.stride())
         assert strides is not None  # a contiguous tensor's rows are evenly spaced
     return tuple.__new__(RowLayout, (x, *strides))  # RowLayout(x, *strides) without its Python __new__
 
@@ -109,28 +111,45 @@ def _same_row_offsets(size: int, a: tuple[int, int, int, int], b: tuple[int, int
     return outer_ok and inner_ok
 
 
-def row_layouts(logits: torch.Tensor, ref_logits: torch.Tensor | None) -> tuple[RowLayout, RowLayout]:
-    """The rows of logits and of the reference logits, or the logits' own again as a placeholder
-    the kernel never reads (no second `row_layout` call)."""
-    rows = row_layout(logits)
+def positions_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Size:
+    """The shape of the logits' rows a kernel reads: logits' own, except for (B, T + 1, V) logits of
+    (B, T) tokens, a causal LM's from the prompt's last position, whose first T positions are read
+    ((B, T, V)): the last predicts no token, and `logits_grad` writes zeros there."""
+    shape, lshape = tokens.shape, logits.shape
+    if len(lshape) == 3 and len(shape) == 2 and lshape[0] == shape[0] and lshape[1] == shape[1] + 1:
+        return torch.Size((*shape, lshape[-1]))
+    return lshape
+
+
+def row_layouts(logits: torch.Tensor, ref_logits: torch.Tensor | None,
+                shape: torch.Size | None = None) -> tuple[RowLayout, RowLayout]:
+    """The rows of logits and of the reference logits (those of `shape`, positions_of), or the
+    logits' own again as a placeholder the kernel never reads (no second `row_layout` call)."""
+    rows = row_layout(logits, shape)
     if ref_logits is None:
         return rows, rows
-    if ref_logits.shape != logits.shape:
+    if ref_logits.shape != logits.shape and ref_logits.shape != shape:
         raise ValueError(f"ref_logits must have logits' shape {tuple(logits.shape)}, got {tuple(ref_logits.shape)}")
-    return rows, row_layout(ref_logits)
+    return rows, row_layout(ref_logits, shape)
 
 
-def grad_strides(out: torch.Tensor, logits: torch.Tensor, rows: RowLayout) -> tuple[int, int]:
-    """(stride_outer, stride_inner) of the gradient rows written into out (contiguous, or logits itself)."""
-    shape = logits.shape
-    if out.shape != shape or out.dtype != logits.dtype:
+def grad_strides(out: torch.Tensor, logits: torch.Tensor, rows: RowLayout, shape: torch.Size) -> tuple[int, int]:
+    """(stride_outer, stride_inner) of the gradient rows (of `shape`, positions_of) written into out,
+    expressed with the logits' inner row count: out contiguous, the logits themselves, or any
+    tensor whose rows two strides describe."""
+    if out.shape != logits.shape or out.dtype != logits.dtype:
         raise ValueError(f"out must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype}")
-    if out.is_contiguous():
-        vocab = shape[-1]
-        return rows.inner * vocab, vocab
-    if out is logits and rows.tensor is logits:
-        return rows.stride_outer, rows.stride_inner
-    raise ValueError("out must be contiguous or be logits itself")
+    out_rows = _row_strides(shape, out.stride())
+    strides = None if out_rows is None else _strides_for(out_rows, rows.inner)
+    if strides is None or out.stride(-1) != 1:
+        raise ValueError("out must be contiguous, the logits themselves, or rows laid out as the logits' are")
+    return strides
+
+
+def zero_last_position(grad: torch.Tensor, shape: torch.Size) -> None:
+    """Zeros at the position of a causal LM's logits that predicts no token (positions_of), if any."""
+    if grad.shape != shape:
+        grad[:, -1].zero_()
 
 
 def byte_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -175,8 +194,9 @@ def check_policy_launch(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: 
                         inputs: TokenInputs, epilogue: Epilogue) -> None:
     """The launch contract of the policy-loss kernels (Triton and CUDA), checked before either runs."""
     shape = tokens.shape
-    if shape != logits.shape[:-1] or inputs.agg_weights.shape != shape:
-        raise ValueError(f"tokens and agg_weights must have shape {tuple(logits.shape[:-1])}")
+    if shape != positions_of(logits, tokens)[:-1] or inputs.agg_weights.shape != shape:
+        raise ValueError(f"tokens and agg_weights must have shape {tuple(logits.shape[:-1])} (or one position "
+                         "fewer)")
     kl_kind = epilogue.kl_kind
     if (kl_kind == _KL_FULL) != (ref_logits is not None):
         raise ValueError("ref_logits is needed exactly when the KL kind is 'full' (the exact KL)")

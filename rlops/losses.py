@@ -33,8 +33,9 @@ class PolicyLoss(nn.Module):
         rollout_logprobs: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
     ) -> PolicyLossOutput:
-        """Shapes as `rlops.policy_loss`: logits (B, T, V), tokens (B, T), advantages (B, T) / (B,) / (B, 1);
-        with cu_seqlens (S + 1,) a packed batch: logits (N, V), per-token tensors (N,), advantages (N,) or (S,)."""
+        """Shapes as `rlops.policy_loss`: logits (B, T, V) or a causal LM's (B, T + 1, V), tokens (B, T),
+        advantages (B, T) / (B,) / (B, 1); with cu_seqlens (S + 1,) a packed batch: logits (N, V),
+        per-token tensors (N,), advantages (N,) or (S,)."""
         batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens,
                             rollout_logprobs)
         return run_policy_loss(logits, ref_logits, batch, self.config)

@@ -487,6 +487,13 @@ def test_auto_table_is_well_formed() -> None:
 
 
 @pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("options", list(policy_tests.NEXT_TOKEN_OPTIONS))
+def test_causal_lm_logits_with_one_position_more(options: str, inplace: bool) -> None:
+    policy_tests.check_causal_lm_logits("cuda", options, inplace)
+
+
+@pytest.mark.usefixtures("emulated")
 @pytest.mark.parametrize("offset, temperature", policy_tests.MAGNIFIED)
 @pytest.mark.parametrize("case", ["everything-k3", "everything-full"])
 def test_policy_loss_large_logits_and_small_temperature(case: str, offset: float, temperature: float) -> None:

@@ -2,8 +2,9 @@
 
 Both libraries' kernel launches are stubbed, so what is timed is Python and PyTorch glue. Issue
 16 asks for rlops at or below Liger's time. Measured on a 2-core CPU VM (CPU tensors, so rlops'
-token-id range check, which GPU tensors skip, is included): 0.99-1.02x, 15 ATen ops per call
-against Liger's 31. The ceilings catch a regression with room for a noisy machine's timing.
+token-id range check, which GPU tensors skip, is included): 1.00-1.02x on (B, T, V) logits and
+1.08-1.10x on Liger's own (B, T+1, V) ones, 15 ATen ops per call against Liger's 31. The
+ceilings catch a regression with room for a noisy machine's timing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from rlops.bench import host_overhead
 
-RATIO_CEILING = 1.25  # rlops over Liger, measured 0.99-1.02x
+RATIO_CEILING = 1.25  # rlops over Liger, measured 1.00-1.02x (1.08-1.10x on (B, T+1, V) logits)
 # ATen ops per rlops call, as measured: advantages (B,) as (B, 1); the CPU-only range check
 # (aminmax and its two numbers); token-mean's count; the output; the loss's select and sum; four
 # per-token outputs; autograd's ones for the loss; the gradient rows' slice; the gradient.
@@ -33,3 +34,4 @@ def test_host_time_beside_liger() -> None:
         pytest.skip("liger-kernel is not installed")
     h = host_overhead.measure(rounds=3, calls=30, warmup=10)
     assert h.ratio is not None and h.ratio <= RATIO_CEILING, host_overhead.summary(h)
+    assert h.lm_ratio is not None and h.lm_ratio <= RATIO_CEILING, host_overhead.summary(h)

@@ -90,6 +90,7 @@ def _inputs(device: torch.device) -> SimpleNamespace:
     tokens = torch.randint(0, V, (B, T), generator=g).masked_fill(mask == 0, -100)  # padding ids where masked
     return SimpleNamespace(
         logits=randn(B, T, V, grad=True), ref_logits=randn(B, T, V), tokens=tokens.to(device),
+        lm_logits=randn(B, T + 1, V, grad=True),  # a causal LM's, one position more than the tokens
         mask=mask.to(device),  # int 0/1: the 0/1 check applies
         adv=randn(B), logp=randn(B, T) - 2, ref_logp=randn(B, T) - 2,
         hidden=randn(B, T, H, grad=True), weight=randn(V, H, grad=True), bias=randn(V, grad=True),
@@ -137,6 +138,9 @@ KERNEL_OPS: dict[str, Callable[[SimpleNamespace, str], torch.Tensor]] = {
     "policy_loss-full-sequence": lambda x, b: _policy(x, b, kl_coef=0.1, kl_estimator="full", ref_logits=x.ref_logits,
                                                       ratio_level="sequence"),
     "policy_loss-packed-token": lambda x, b: _packed_policy(x, b),
+    "policy_loss-lm-logits": lambda x, b: rlops.policy_loss(x.lm_logits, x.tokens, x.adv, mask=x.mask, backend=b,
+                                                           kl_coef=0.1, kl_estimator="full", ref_logits=x.ref_logits,
+                                                           inplace_grad=False).loss,
     # The objectives and options that couple tokens (rlops/objectives.py), and the rollout correction.
     "policy_loss-coupled": lambda x, b: _policy(x, b, objective="vespo", off_policy_mask=0.1, top_entropy_quantile=0.5,
                                                 rollout_logprobs=x.ref_logp),

@@ -508,6 +508,61 @@ def test_torch_compile_holds_the_fused_loss() -> None:
     assert torch.equal(got.detach(), want.detach()) and torch.equal(g, w)
 
 
+NEXT_TOKEN_OPTIONS = {
+    "k3": {"kl_coef": 0.1, "kl_estimator": "k3"},
+    "full-kl": {"kl_coef": 0.1, "kl_estimator": "full"},
+    "sequence": {"ratio_level": "sequence", "entropy_coef": 0.01},
+    "gmpo": {"objective": "gmpo"},
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("options", list(NEXT_TOKEN_OPTIONS))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_causal_lm_logits_with_one_position_more(backend: str, options: str, inplace: bool) -> None:
+    check_causal_lm_logits(backend, options, inplace)
+
+
+def check_causal_lm_logits(backend: str, options: str, inplace: bool) -> None:
+    """Logits (B, T + 1, V) as a causal LM returns them for (B, T) tokens: the same loss as their
+    slice [:, :-1] gives, bitwise, and its gradient, with 0 at the last position, written without
+    the slice's copy (in place with inplace_grad); a (B, T + 1, V) reference is read the same way."""
+    batch = _batch()
+    g = torch.Generator().manual_seed(5)
+    full = torch.cat([batch["logits"], torch.randn(B, 1, V, generator=g).to(DEVICE)], dim=1)
+    ref = torch.cat([batch["ref_logits"], torch.randn(B, 1, V, generator=g).to(DEVICE)], dim=1)
+    kwargs = {**_inputs(batch, (*OLD, "ref_logprobs")), **NEXT_TOKEN_OPTIONS[options], "backend": backend,
+              "inplace_grad": inplace}
+    results = []
+    for given, ref_logits in ((lambda x: x, ref), (lambda x: x[:, :-1], ref[:, :-1])):
+        leaf = full.clone().requires_grad_(True)
+        x = leaf * 1.0  # an lm_head's output: not a leaf, so that inplace_grad may overwrite it
+        out = rlops.policy_loss(given(x), batch["tokens"], batch["advantages"], ref_logits=ref_logits, **kwargs)
+        (grad,) = torch.autograd.grad(out.loss * 0.7, leaf)
+        results.append((out, grad))
+    (got, got_grad), (want, want_grad) = results
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.logprobs, want.logprobs)
+    assert torch.equal(got_grad, want_grad)
+    assert not got_grad[:, -1].any() and got_grad[:, :-1].abs().sum() > 0
+
+
+def test_torch_compile_holds_the_loss_of_causal_lm_logits() -> None:
+    batch = _batch()
+    kwargs = _inputs(batch, (*OLD, "ref_logprobs"))
+    full = torch.cat([batch["logits"], batch["logits"][:, :1]], dim=1)
+
+    def loss_fn(logits):
+        return rlops.policy_loss(logits, batch["tokens"], batch["advantages"], kl_coef=0.1, backend="triton",
+                                 **kwargs).loss
+
+    x = full.clone().requires_grad_(True)
+    got = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(x)
+    (g,) = torch.autograd.grad(got, x)
+    want = loss_fn(x[:, :-1])
+    (w,) = torch.autograd.grad(want, x)
+    assert torch.equal(got.detach(), want.detach()) and torch.equal(g, w) and not g[:, -1].any()
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------

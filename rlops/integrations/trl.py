@@ -317,7 +317,8 @@ def _compute_loss(self: Any, model: torch.nn.Module, inputs: dict[str, Any], *, 
     else:
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep + 1).logits[:, :-1]
+        # (B, keep + 1, V) as the model returns them: rlops drops the last position without a slice's copy.
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep + 1).logits
 
     if path == "linear":
         head = hf.lm_head(base)

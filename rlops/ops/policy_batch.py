@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._layout import positions_of
 from .._validation import (
     check_float_tensor,
     check_logits,
@@ -75,11 +76,22 @@ def packed_as_row(rows: Tensor, batch: PolicyBatch, rows_name: str) -> tuple[Ten
     return rows, PolicyBatch(**fields, cu_seqlens=cu), layout
 
 
+def one_position_more(logits: Tensor, batch: PolicyBatch) -> bool:
+    """Whether logits are a causal LM's for batch's (B, T) tokens from the prompt's last position:
+    (B, T + 1, V), as Liger's GRPO loss takes them. Their first T positions predict the tokens; the
+    last predicts none (its gradient is 0). The fused token-level path reads them as they are: a
+    slice's backward would copy the gradient into a zeroed (B, T + 1, V) buffer."""
+    tokens = batch.tokens
+    return (batch.cu_seqlens is None and isinstance(logits, Tensor) and isinstance(tokens, Tensor)
+            and positions_of(logits, tokens) != logits.shape)
+
+
 def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch,
-                check_ids: bool = True) -> tuple[Tensor, Tensor | None, PolicyBatch, Layout]:
+                check_ids: bool = True, shifted: bool = False) -> tuple[Tensor, Tensor | None, PolicyBatch, Layout]:
     """Checks the tensor arguments; returns (logits (B, T, V), ref_logits, batch, layout), the batch with
     advantages (B, T) or (B, 1) and mask bool (B, T). A packed batch (cu_seqlens) comes back as one row:
-    logits (1, N, V), per-token tensors (1, N), its layout holding the sequences.
+    logits (1, N, V), per-token tensors (1, N), its layout holding the sequences. shifted (see
+    `one_position_more`): logits (B, T + 1, V) come back as they are, ref_logits as (B, T, V).
     Token ids are checked where the mask is 1 only: any id (such as -100) may pad a masked token."""
     vocab = check_logits(logits)
     layout = None
@@ -89,12 +101,16 @@ def check_batch(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatch,
             ref_logits = ref_logits[None]
     shape = logits.shape
     if len(shape) != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got {tuple(shape)}")
+        raise ValueError(f"logits must have shape (B, T, V) or (B, T + 1, V), got {tuple(shape)}")
+    if shifted:
+        shape = torch.Size((shape[0], shape[1] - 1, shape[2]))
     check_token_ids(batch.tokens, shape[:-1], None, logits)
     if ref_logits is not None:
         check_logits(ref_logits, "ref_logits")
-        check_float_tensor("ref_logits", ref_logits, logits, [tuple(logits.shape)],
-                           f"logits' shape {tuple(logits.shape)}")
+        given = [tuple(logits.shape), tuple(shape)] if shifted else [tuple(shape)]
+        check_float_tensor("ref_logits", ref_logits, logits, given, "logits' shape " + " or ".join(map(str, given)))
+        if ref_logits.shape != shape:
+            ref_logits = ref_logits[:, :-1]
     batch = check_per_token_inputs(batch)
     if check_ids:
         check_token_range(batch.tokens, vocab, counted=batch.mask)

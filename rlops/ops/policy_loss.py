@@ -25,7 +25,13 @@ from ..packing import Layout
 from ..rollout_correction import RolloutCorrection, RolloutCorrectionOutput
 from ..torch_backend import LossTerms, TokenStats
 from ._backend import launchers, resolve_backend
-from .policy_batch import apply_rollout_correction, check_batch, check_kl_inputs, check_packed_options
+from .policy_batch import (
+    apply_rollout_correction,
+    check_batch,
+    check_kl_inputs,
+    check_packed_options,
+    one_position_more,
+)
 from .token_stats import grad_to_logits, named_inputs, save_for_grad, token_stats_op
 
 
@@ -108,7 +114,8 @@ class _EagerPolicyLoss(torch.autograd.Function):
 def policy_loss_op(logits: Tensor, tokens: Tensor, ref_logits: Tensor | None, inputs: TokenInputs,
                    config: PolicyLossConfig, backend: str) -> tuple[Tensor, Tensor]:
     """(loss, out): the summed loss and the float32 (N_POLICY_ROWS, B, T) per-token outputs, out not
-    differentiable. Compiled code holds the custom op; eager code runs _EagerPolicyLoss."""
+    differentiable (logits (B, T, V), or (B, T + 1, V): rlops._layout.positions_of). Compiled code
+    holds the custom op; eager code runs _EagerPolicyLoss."""
     epilogue = Epilogue.of(config)
     if torch.compiler.is_compiling():
         out = _policy_loss_op(logits, tokens, ref_logits, list(inputs), epilogue.pack(), config.inplace_grad, backend)
@@ -226,14 +233,20 @@ def policy_loss(
 
     Args:
         logits: (B, T, V) float16/bfloat16/float32/float64, the policy's logits for the sampled
-            tokens (any row strides, e.g. `logits[:, :-1]`).
+            tokens (any row strides, e.g. `logits[:, :-1]`); or (B, T + 1, V), as a causal LM
+            returns them from the prompt's last position (`logits_to_keep=T + 1`, Liger's GRPO
+            convention): the first T positions predict the tokens, the last predicts none and
+            gets gradient 0. Prefer this to slicing: the slice's backward copies the gradient
+            into a zeroed (B, T + 1, V) buffer, which the Triton and CUDA backends' backward
+            kernels write directly.
         tokens: (B, T) integer ids in [0, V).
         advantages: (B, T) per token, or (B,) / (B, 1) per sequence (GRPO), float.
         mask: (B, T) bool or 0/1; 1 = the token counts. None = every token counts.
         old_logprobs: (B, T) log-probs under the sampling policy; None = on-policy (ratio 1).
         ref_logprobs: (B, T) log-probs under the reference model, for the sampled-token
             kl_estimators (all but "full").
-        ref_logits: (B, T, V) reference logits, for kl_estimator "full" (exact KL).
+        ref_logits: (B, T, V) reference logits, for kl_estimator "full" (exact KL); (B, T + 1, V)
+            like logits, when they are.
         is_weights: (B, T) or (B, 1) importance weights multiplying pg (e.g. vLLM's
             truncated IS); no gradient.
         rollout_logprobs: (B, T) the rollout engine's (e.g. vLLM's) log-probs of the sampled
@@ -320,8 +333,9 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
                     config: PolicyLossConfig) -> PolicyLossOutput:
     """`policy_loss` on a built config and batch (the entry of `PolicyLoss.forward` too)."""
     shape = getattr(batch.tokens, "shape", None)
+    shifted = one_position_more(logits, batch)
     # Vocabulary-parallel ids are global: rlops.vocab_parallel checks them against the whole vocabulary.
-    logits, ref_logits, batch, layout = check_batch(logits, ref_logits, batch, config.vocab_group is None)
+    logits, ref_logits, batch, layout = check_batch(logits, ref_logits, batch, config.vocab_group is None, shifted)
     check_kl_inputs(config, batch.ref_logprobs, ref_logits is not None,
                     "ref_logits (B, T, V), the reference model's logits")
     layout = check_packed_options(config, layout)
@@ -332,6 +346,8 @@ def run_policy_loss(logits: Tensor, ref_logits: Tensor | None, batch: PolicyBatc
     ref_logits = ref_logits if config.kl_used == "full" else None
     batch, layout, rollout = apply_rollout_correction(batch, layout, config)
     inputs = TokenInputs.of(batch, layout, config)
+    if shifted and (config.vocab_group is not None or backend == "torch"):
+        logits = logits[:, :-1]  # the fused kernels' launchers read the first T positions of (B, T + 1, V)
     if config.vocab_group is not None:
         if config.inplace_grad:
             raise ValueError("inplace_grad is not supported with vocab_group")
