@@ -57,7 +57,8 @@ def setup(n: int, v: int, dtype: torch.dtype, device: torch.device) -> dict[str,
 
 def _provider(options: dict[str, object]) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
     def run(x: torch.Tensor, i: dict[str, torch.Tensor]) -> torch.Tensor:
-        return policy_loss(x[:, :-1], i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
+        # The (B, T + 1, V) logits whole, as bench/policy_loss.py passes them: no slice's copy hides the epilogues.
+        return policy_loss(x, i["tokens"], i["advantages"], mask=i["mask"], old_logprobs=i["old_logprobs"],
                            ref_logprobs=i["ref_logprobs"], rollout_logprobs=i["rollout_logprobs"], backend="triton",
                            **BASE, **options).loss
 

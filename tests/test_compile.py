@@ -172,7 +172,7 @@ def test_same_alignment_is_every_rows_alignment() -> None:
                 continue
             rows_a, rows_b = row_layout(a), row_layout(b)
             out = torch.empty(a.shape, dtype=dtype)
-            rows_dx = RowLayout(out, rows_a.n_rows, rows_a.inner, *grad_strides(out, a, rows_a))
+            rows_dx = RowLayout(out, rows_a.n_rows, rows_a.inner, *grad_strides(out, a, rows_a, a.shape))
             for x, y in ((rows_a, rows_b), (rows_dx, rows_a)):
                 same = _row_misalignments(x) == _row_misalignments(y)
                 assert same_alignment(x, y) == same, (a.shape, a.stride(), b.stride(), x[1:], y[1:])

@@ -598,7 +598,8 @@ def test_bad_options(options: dict[str, object], error: type, match: str) -> Non
 BAD_TENSORS = [
     ("logits", lambda b: b["logits"][0], ValueError, r"logits must have shape \(B, T, V\)"),
     ("tokens", lambda b: b["tokens"] + V, ValueError, r"tokens must lie in \[0, V\)"),
-    ("tokens", lambda b: b["tokens"][:, :-1], ValueError, "tokens must have the shape"),
+    # One token fewer than logits' positions is a causal LM's layout (the last position unread): two is an error.
+    ("tokens", lambda b: b["tokens"][:, :-2], ValueError, "tokens must have the shape"),
     ("advantages", lambda b: b["advantages"][:, :-1], ValueError, "advantages must have shape"),
     ("advantages", lambda b: b["advantages"].long(), TypeError, "advantages must be a floating-point"),
     ("mask", lambda b: b["mask"][:-1], ValueError, "mask must have shape"),
