@@ -12,8 +12,8 @@ reference model: k3 KL, clip 0.2/0.28, token mean, old log-probs, per-sequence a
 The same tokens reach both, as the logits of an lm_head (non-leaves). Liger's API takes a causal
 LM's (B, T+1, V), from the prompt's last position, and drops the last position itself (its
 backward zeroes that row). rlops is measured three ways: on (B, T, V) logits (`rlops_us`, the
-headline), on the same (B, T+1, V) logits as Liger (`rlops_lm_us`: it zeroes the last position's
-gradient too, two ops more), and on their slice `x[:, :-1]` (`rlops_sliced_us`: the slice's
+headline), on the same (B, T+1, V) logits as Liger (`rlops_lm_us`: its backward kernel zeroes
+each last position too), and on their slice `x[:, :-1]` (`rlops_sliced_us`: the slice's
 autograd node, which on a GPU also copies the gradient into a zeroed (B, T+1, V) buffer).
 
 `measure()` returns microseconds per call (the minimum over rounds of each round's median,

@@ -77,7 +77,7 @@ INDEX_PTRS = {"tokens_ptr", "cu_ptr", "seq_ptr"}
 BYTE_PTRS = {"mask_ptr", "m_ptr"}
 I32_ARGS = {"N", "V", "T", "adv_inner", "inner", "ref_inner", "n_seqs", "seqs_per_prog", "chunk"}
 STRIDE_ARGS = {"stride_outer", "stride_inner", "ref_stride_outer", "ref_stride_inner", "dx_stride_outer",
-               "dx_stride_inner", "r_stride", "v_stride", "m_stride"}
+               "dx_stride_inner", "r_stride", "v_stride", "m_stride", "last_offset", "last_stride"}
 FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "ratio_cap", "param_pos", "param_neg",
               "entropy_coef", "gamma", "lam"}
 

@@ -158,9 +158,11 @@ def _token_stats_bwd_kernel(
     x_ptr, ref_ptr, tokens_ptr, stats_ptr, grads_ptr, grad_scale_ptr, dx_ptr,
     # sizes: rows, vocabulary, body elements per program (vocab_splits; the grid is (N, splits))
     N, V, chunk,
-    # strides (rlops/_layout.py: RowLayout; dx rows share x's inner count)
+    # strides (rlops/_layout.py: RowLayout; dx rows share x's inner count); programs past the N
+    # rows (one per sequence of a causal LM's (B, T + 1, V) logits: rlops/_layout.py, positions_of)
+    # write zeros at dx_ptr + last_offset + (row - N) * last_stride, the sequence's last position
     inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner,
-    dx_stride_outer, dx_stride_inner,
+    dx_stride_outer, dx_stride_inner, last_offset, last_stride,
     # scalars
     inv_tau,
     # switches
@@ -195,22 +197,25 @@ def _token_stats_bwd_kernel(
     inv_tau = tl.cast(inv_tau, tl.float32)
     x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
     ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
-    dx_row = dx_ptr + row_start(row, inner, dx_stride_outer, dx_stride_inner)
-    entropy = tl.load(stats_ptr + ROW_ENTROPY * N + row)
-    kl = tl.load(stats_ptr + ROW_KL * N + row)
-    m = tl.load(stats_ptr + ROW_MAX * N + row)
-    log_s = tl.load(stats_ptr + ROW_LOG_SUM * N + row)
-    lse_gap = tl.load(stats_ptr + ROW_LSE_GAP * N + row)
+    # A program past the N rows reads nothing: its zero upstream gradients write zeros (below).
+    counted = row < N
+    dx_row = dx_ptr + tl.where(counted, row_start(row, inner, dx_stride_outer, dx_stride_inner),
+                               last_offset + (row - N).to(tl.int64) * last_stride)
+    entropy = tl.load(stats_ptr + ROW_ENTROPY * N + row, mask=counted, other=0.0)
+    kl = tl.load(stats_ptr + ROW_KL * N + row, mask=counted, other=0.0)
+    m = tl.load(stats_ptr + ROW_MAX * N + row, mask=counted, other=0.0)
+    log_s = tl.load(stats_ptr + ROW_LOG_SUM * N + row, mask=counted, other=0.0)
+    lse_gap = tl.load(stats_ptr + ROW_LSE_GAP * N + row, mask=counted, other=0.0)
     # Upstream gradient row k is that of statistics row k (logp, entropy, kl: constants.STAT_GRADS).
-    g_logp = tl.load(grads_ptr + ROW_LOGP * N + row)
-    g_entropy = tl.load(grads_ptr + ROW_ENTROPY * N + row)
-    g_kl = tl.load(grads_ptr + ROW_KL * N + row)
+    g_logp = tl.load(grads_ptr + ROW_LOGP * N + row, mask=counted, other=0.0)
+    g_entropy = tl.load(grads_ptr + ROW_ENTROPY * N + row, mask=counted, other=0.0)
+    g_kl = tl.load(grads_ptr + ROW_KL * N + row, mask=counted, other=0.0)
     if HAS_SCALE:  # three multiplies per row here instead of a (N_GRADS, N) product on the host
         scale = tl.load(grad_scale_ptr).to(tl.float32)
         g_logp *= scale
         g_entropy *= scale
         g_kl *= scale
-    tok = tl.load(tokens_ptr + row)
+    tok = tl.load(tokens_ptr + row, mask=counted, other=-1)
     has_tok = (tok >= 0) & (tok < V)  # an id outside [0, V) (host check skipped) adds no one-hot term
     tok = tl.where(has_tok, tok, 0)
     k = inv_tau * LOG2E
@@ -358,17 +363,21 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
     rows, ref_rows = row_layouts(logits, ref_logits, shape)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
     dx_strides = grad_strides(out, logits, rows, shape)
-    zero_last_position(out, shape)
     n = rows.n_rows
-    if n:
+    if not n:
+        zero_last_position(out, shape)  # no rows to read: only the last positions, if any, to write
+    else:
         dx_rows = RowLayout(out, n, rows.inner, *dx_strides)
         stats, grads = leading_rows(stats, N_STATS, n), leading_rows(grads, N_GRADS, n)
         splits, chunk = vocab_splits(n, logits.shape[-1], logits.device)
-        _token_stats_bwd_kernel[(n, splits)](
+        # A causal LM's (B, T + 1, V) logits: one program more per sequence zeroes its last position.
+        n_last = out.shape[0] if shape != out.shape else 0
+        last = ((out.shape[1] - 1) * out.stride(1), out.stride(0)) if n_last else (0, 0)  # offset, stride
+        _token_stats_bwd_kernel[(n + n_last, splits)](
             # data pointers
             rows.tensor, ref_rows.tensor, flat(tokens), stats, grads, grad_scale, out,
             # sizes, strides, scalars
-            n, logits.shape[-1], chunk, *rows[2:], *ref_rows[2:], *dx_strides, 1.0 / temperature,
+            n, logits.shape[-1], chunk, *rows[2:], *ref_rows[2:], *dx_strides, *last, 1.0 / temperature,
             # switches (the alignment ones: rows that stream in 16-byte vectors with the gradient's)
             HAS_REF=ref_logits is not None, BLOCK_V=_block_v(logits.shape[-1]), X_ALIGNED=same_alignment(dx_rows, rows),
             REF_ALIGNED=ref_logits is None or same_alignment(dx_rows, ref_rows), HAS_SCALE=grad_scale is not None,

@@ -147,7 +147,8 @@ def grad_strides(out: torch.Tensor, logits: torch.Tensor, rows: RowLayout, shape
 
 
 def zero_last_position(grad: torch.Tensor, shape: torch.Size) -> None:
-    """Zeros at the position of a causal LM's logits that predicts no token (positions_of), if any."""
+    """Zeros at the position of a causal LM's logits that predicts no token (positions_of), if any:
+    for the CUDA launcher (the Triton backward kernel writes them itself) and an empty T."""
     if grad.shape != shape:
         grad[:, -1].zero_()
 

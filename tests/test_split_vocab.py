@@ -85,6 +85,23 @@ def test_backward_split_in_place(split) -> None:
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_split_of_causal_lm_logits(split, inplace: bool) -> None:
+    """(B, T + 1, V) logits of (B, T) tokens: the split programs write the first T positions as for
+    the slice [:, :-1], and the programs past the rows write zeros at each last position, on an odd
+    vocabulary whose rows start anywhere."""
+    full = (torch.randn(3, 5, 1001, generator=torch.Generator().manual_seed(4)) * 4).to(torch.bfloat16).to(DEVICE)
+    tokens = torch.randint(0, 1001, (3, 4), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    stats = token_stats_fwd(full, tokens, 1.0)
+    assert torch.equal(stats, token_stats_fwd(full[:, :-1], tokens, 1.0))
+    grads = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    expected = logits_grad(full[:, :-1], tokens, stats, grads, 1.0)
+    x = full.clone()
+    got = logits_grad(x, tokens, stats, grads, 1.0, out=x if inplace else None)
+    assert got.shape == full.shape and (got.data_ptr() == x.data_ptr()) == inplace
+    assert torch.equal(got[:, :-1], expected) and not got[:, -1].any()
+
+
 @pytest.mark.parametrize("kl", ["k3", "full"])
 def test_policy_loss_split_matches_unsplit(split, kl: str) -> None:
     """The public loss, values and gradients, with its epilogue on merged split states."""
