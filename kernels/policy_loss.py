@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlops._layout import check_policy_launch, flat, per_token, positions_of, row_layouts, same_alignment
+from rlops._layout import check_policy_launch, flat, per_token, row_layouts, same_alignment
 from rlops.constants import K3_MAX, KL_KINDS, LOG_RATIO_CLAMP, N_POLICY_ROWS, OBJECTIVES, ROW
 from rlops.options import Epilogue, TokenInputs
 
@@ -289,8 +289,7 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
     each broadcastable to (B, T) (agg_weights exactly (B, T)); ref_logits (B, T, V) exactly
     when epilogue.kl_kind is the exact KL.
     """
-    check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
-    rows, ref_rows = row_layouts(logits, ref_logits, positions_of(logits, tokens))
+    rows, ref_rows = row_layouts(logits, ref_logits, check_policy_launch(logits, tokens, ref_logits, inputs, epilogue))
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if rows.n_rows:
         # Advantages one per sequence, (B, 1), are read as they are (row // T): no (B, T) copy per call.

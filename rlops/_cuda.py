@@ -117,10 +117,10 @@ def ops():
 
 
 def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None,
-               tokens: torch.Tensor) -> tuple[dict[str, object], RowLayout]:
+               shape: torch.Size) -> tuple[dict[str, object], RowLayout]:
     """The row-layout arguments every vocabulary op of csrc/ops.cpp takes, by name, and the logits'
-    rows (those of the tokens' positions: rlops._layout.positions_of)."""
-    rows, ref_rows = row_layouts(logits, ref_logits, positions_of(logits, tokens))
+    rows (those of `shape`: rlops._layout.positions_of)."""
+    rows, ref_rows = row_layouts(logits, ref_logits, shape)
     return dict(x=rows.tensor, ref=None if ref_logits is None else ref_rows.tensor, n_rows=rows.n_rows,
                 vocab=logits.shape[-1], inner=rows.inner, stride_outer=rows.stride_outer,
                 stride_inner=rows.stride_inner, ref_inner=ref_rows.inner, ref_stride_outer=ref_rows.stride_outer,
@@ -132,7 +132,8 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     """rlops.kernels.token_stats_fwd on the CUDA kernel."""
     stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if tokens.numel():
-        ops().token_stats_fwd(**_rows_args(logits, ref_logits, tokens)[0], tokens=tokens.reshape(-1).to(torch.int64),
+        args, _ = _rows_args(logits, ref_logits, positions_of(logits, tokens))
+        ops().token_stats_fwd(**args, tokens=tokens.reshape(-1).to(torch.int64),
                               mask=None if mask is None else byte_mask(mask.reshape(-1)), out=stats,
                               inv_tau=1.0 / temperature)
     return stats
@@ -147,7 +148,7 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
         grads = grads * grad_scale
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
     shape = positions_of(logits, tokens)
-    args, rows = _rows_args(logits, ref_logits, tokens)
+    args, rows = _rows_args(logits, ref_logits, shape)
     dx_stride_outer, dx_stride_inner = grad_strides(out, logits, rows, shape)
     zero_last_position(out, shape)
     n = args["n_rows"]
@@ -163,13 +164,13 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
 def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
                     inputs: TokenInputs, epilogue: Epilogue) -> torch.Tensor:
     """rlops.kernels.policy_loss_fwd on the CUDA kernel."""
-    check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
+    shape = check_policy_launch(logits, tokens, ref_logits, inputs, epilogue)
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if tokens.numel():
         # The CUDA kernel reads float32 weights: token-mean's mask and count become them here.
         v = TokenInputs(*(None if x is None else per_token(x, tokens.shape).reshape(-1) for x in inputs.dense()))
         ops().policy_loss_fwd(
-            **_rows_args(logits, ref_logits, tokens)[0], tokens=tokens.reshape(-1).to(torch.int64), out=out,
+            **_rows_args(logits, ref_logits, shape)[0], tokens=tokens.reshape(-1).to(torch.int64), out=out,
             weights=v.agg_weights, ent_weights=v.entropy_coefs, adv=v.advantages, old_logp=v.old_logprobs,
             ref_logp=v.ref_logprobs, isw=v.is_weights, inv_tau=1.0 / epilogue.temperature, clip_low=epilogue.clip_low,
             clip_high=epilogue.clip_high, dual_clip=epilogue.dual_clip, kl_coef=epilogue.kl_coef,

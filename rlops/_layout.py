@@ -192,10 +192,11 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_policy_launch(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor | None,
-                        inputs: TokenInputs, epilogue: Epilogue) -> None:
-    """The launch contract of the policy-loss kernels (Triton and CUDA), checked before either runs."""
-    shape = tokens.shape
-    if shape != positions_of(logits, tokens)[:-1] or inputs.agg_weights.shape != shape:
+                        inputs: TokenInputs, epilogue: Epilogue) -> torch.Size:
+    """The launch contract of the policy-loss kernels (Triton and CUDA), checked before either runs;
+    returns the shape of the logits' rows they read (positions_of)."""
+    shape, positions = tokens.shape, positions_of(logits, tokens)
+    if shape != positions[:-1] or inputs.agg_weights.shape != shape:
         raise ValueError(f"tokens and agg_weights must have shape {tuple(logits.shape[:-1])} (or one position "
                          "fewer)")
     kl_kind = epilogue.kl_kind
@@ -203,6 +204,7 @@ def check_policy_launch(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: 
         raise ValueError("ref_logits is needed exactly when the KL kind is 'full' (the exact KL)")
     if kl_kind in _SAMPLED_KL_KINDS and inputs.ref_logprobs is None:
         raise ValueError(f"the sampled-token KL kinds ({', '.join(SAMPLED_KL)}) need ref_logprobs")
+    return positions
 
 
 _KL_FULL = KL_KINDS["full"]
