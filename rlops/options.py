@@ -208,7 +208,7 @@ class PolicyLossConfig:
     @classmethod
     def from_call(cls, arguments: dict[str, object]) -> PolicyLossConfig:
         """The config of a public function's call: its fields picked from the call's arguments
-        (`locals()`), so that the keyword signature is not listed a second time.
+        (`locals()` in eager code, so that the keyword signature is not listed a second time).
 
         A training loop calls with the same options every step: the checked config is cached
         by their values (the checks cost more host time than the rest of a small call's glue)."""

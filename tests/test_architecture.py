@@ -79,3 +79,21 @@ def test_kernels_are_triton_only() -> None:
         assert not any("_cuda" in n or n.startswith("rlops.ops") or "torch.autograd" in n for n in imported), path
         code = path.read_text()
         assert "backend ==" not in code and "backend=" not in code, f"{path} chooses a backend"
+
+
+@pytest.mark.parametrize("rel, name", [("rlops/ops/policy_loss.py", "policy_loss"),
+                                       ("rlops/ops/linear_policy_loss.py", "linear_policy_loss")])
+def test_options_named_for_torch_compile_are_every_config_parameter(rel: str, name: str) -> None:
+    """Under torch.compile the public functions pass their options to PolicyLossConfig as an explicit
+    dict (Dynamo before PyTorch 2.13 cannot trace locals()): each of its keywords is the parameter of
+    the same name, and every parameter that is a config field is there."""
+    from rlops.options import CONFIG_FIELDS
+
+    fn = next(n for n in ast.walk(ast.parse((ROOT / rel).read_text()))
+              if isinstance(n, ast.FunctionDef) and n.name == name)
+    params = {a.arg for a in [*fn.args.args, *fn.args.kwonlyargs]} & set(CONFIG_FIELDS)
+    calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "dict"]
+    assert len(calls) == 1, f"{name}: expected one dict(...) of its options"
+    keywords = calls[0].keywords
+    assert all(isinstance(k.value, ast.Name) and k.value.id == k.arg for k in keywords)
+    assert {k.arg for k in keywords} == params and len(keywords) == len(params)

@@ -345,7 +345,18 @@ def linear_policy_loss(
     Masked tokens cost no vocabulary work. On CPU tensors their rows are not projected either; on a
     GPU they are (finding them would be a host sync): pack batches with much padding (cu_seqlens).
     """
-    config = PolicyLossConfig.from_call(locals())
+    # Under torch.compile the options are named once more: as rlops.policy_loss.
+    options = locals() if not torch.compiler.is_compiling() else dict(
+        temperature=temperature, objective=objective, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        ratio_cap=ratio_cap, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg, cov_ratio=cov_ratio, cov_low=cov_low, cov_high=cov_high,
+        cov_kl_coef=cov_kl_coef, off_policy_mask=off_policy_mask, top_entropy_quantile=top_entropy_quantile,
+        rollout_correction=rollout_correction, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+        loss_agg=loss_agg, norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg,
+        kl_ratio_weighted=kl_ratio_weighted, backend=backend, vocab_group=vocab_group, vocab_start=vocab_start,
+        global_batch=global_batch)
+    config = PolicyLossConfig.from_call(options)
     ref = None if ref_hidden is None and ref_weight is None and ref_bias is None \
         else (ref_hidden, Head(ref_weight, ref_bias))
     batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens, rollout_logprobs)

@@ -100,7 +100,7 @@ class _EagerPolicyLoss(torch.autograd.Function):
                                                         launch.epilogue)
         ctx.save_for_backward(logits, launch.tokens, out, launch.ref_logits)
         ctx.temperature, ctx.backend = launch.epilogue.temperature, launch.backend
-        ctx.inplace_grad = launch.inplace_grad
+        ctx.inplace_grad, ctx.eager = launch.inplace_grad, True  # eager: grad_to_logits calls the launcher
         ctx.no_grads = (None,)  # the backward's gradient of `launch`
         launch.out = out
         return out[ROW["loss"]].sum()
@@ -324,7 +324,19 @@ def policy_loss(
     Returns:
         PolicyLossOutput.
     """
-    config = PolicyLossConfig.from_call(locals())
+    # Dynamo before PyTorch 2.13 cannot trace locals(): under torch.compile the options are named once
+    # more (tests/test_architecture.py checks that every one is, by its own name).
+    options = locals() if not torch.compiler.is_compiling() else dict(
+        temperature=temperature, objective=objective, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        ratio_cap=ratio_cap, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg, cov_ratio=cov_ratio, cov_low=cov_low, cov_high=cov_high,
+        cov_kl_coef=cov_kl_coef, off_policy_mask=off_policy_mask, top_entropy_quantile=top_entropy_quantile,
+        rollout_correction=rollout_correction, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+        loss_agg=loss_agg, norm_len=norm_len, ratio_level=ratio_level, entropy_agg=entropy_agg,
+        kl_ratio_weighted=kl_ratio_weighted, inplace_grad=inplace_grad, backend=backend, vocab_group=vocab_group,
+        vocab_start=vocab_start, global_batch=global_batch)
+    config = PolicyLossConfig.from_call(options)
     batch = PolicyBatch(tokens, advantages, mask, old_logprobs, ref_logprobs, is_weights, cu_seqlens, rollout_logprobs)
     return run_policy_loss(logits, ref_logits, batch, config)
 

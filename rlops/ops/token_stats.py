@@ -85,7 +85,10 @@ def grad_to_logits(ctx, grads: Tensor, saved: tuple[Tensor, ...] | None = None,
     mutation, which bumps the logits' version counter.
     """
     logits, tokens, stats, ref_logits = ctx.saved_tensors if saved is None else saved
-    if not torch.compiler.is_compiling():  # eager: the launcher itself (rlops.ops._fast)
+    # Eager autograd.Functions (rlops.ops._fast) mark ctx.eager and get the launcher itself. The custom
+    # op's own backward, which a compiled graph traces (where torch.compiler.is_compiling() is False
+    # before PyTorch 2.13: AOTAutograd, not Dynamo, traces it), holds the backward custom op.
+    if getattr(ctx, "eager", False):
         grad = launchers(ctx.backend).logits_grad(logits, tokens, stats, grads, ctx.temperature, ref_logits,
                                                   out=logits if ctx.inplace_grad else None, grad_scale=grad_scale)
         if ctx.inplace_grad:
