@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +44,35 @@ def test_ruff_clean() -> None:
         pytest.fail("ruff is not installed; it comes with the test extras: pip install -e '.[test]'")
     out = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.2", False),
+    ("3.10.1", "3.0.0", False)])
+def test_interpreter_problem_names_what_to_install(triton_version: str, numpy_version: str, refused: bool) -> None:
+    from rlops.kernels._common import interpreter_problem
+
+    problem = interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert triton_version in problem and numpy_version in problem and "numpy<2.4" in problem
+
+
+def test_interpreter_max_and_min_skip_nan_as_compiled_kernels_do() -> None:
+    # The kernels' exact-KL guard relies on PTX max.f32 semantics (rlops.kernels._common.prepare_interpreter).
+    import triton
+    import triton.language as tl
+
+    from rlops import kernels
+
+    @triton.jit
+    def max_min(x_ptr, out_ptr):
+        x = tl.load(x_ptr + tl.arange(0, 4))
+        tl.store(out_ptr + tl.arange(0, 4), tl.maximum(x, 1.0))
+        tl.store(out_ptr + 4 + tl.arange(0, 4), tl.minimum(x, 1.0))
+
+    assert kernels.INTERPRETED
+    x = torch.tensor([float("nan"), 0.0, 2.0, float("-inf")])
+    out = torch.empty(8)
+    max_min[(1,)](x, out)
+    assert out.tolist() == [1.0, 1.0, 2.0, 1.0, 1.0, 0.0, 1.0, float("-inf")]
