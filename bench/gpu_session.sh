@@ -288,6 +288,11 @@ do_build() {
         return
     fi
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    # PyTorch takes CUDA_HOME from `which nvcc` when it is unset: a wrapper script in /usr/local/bin
+    # (as on the CPU machines here) gives it /usr/local, where cuda_runtime.h is not.
+    if [[ -z ${CUDA_HOME:-} ]] && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+        export CUDA_HOME=/usr/local/cuda
+    fi
     if [[ -z ${TORCH_CUDA_ARCH_LIST:-} ]]; then  # this GPU's architecture only: one nvcc pass per file
         TORCH_CUDA_ARCH_LIST=$(timeout 30 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
         [[ -n $TORCH_CUDA_ARCH_LIST ]] && export TORCH_CUDA_ARCH_LIST
@@ -306,7 +311,7 @@ do_build() {
         export RLOPS_CUDA_JIT=0
         CUDA_BACKEND="not built (see build.log): RLOPS_CUDA_JIT=0 for the later stages"
     fi
-    say "CUDA backend: $CUDA_BACKEND"
+    say "CUDA backend: $CUDA_BACKEND (CUDA_HOME=${CUDA_HOME:-unset})"
 }
 
 do_tests() {
