@@ -19,7 +19,9 @@ from ._layout import (
     RowLayout,
     byte_mask,
     check_policy_launch,
+    flat,
     grad_strides,
+    leading_rows,
     per_token,
     positions_of,
     row_layouts,
@@ -127,15 +129,21 @@ def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None,
                 ref_stride_inner=ref_rows.stride_inner), rows
 
 
+def _ids(tokens: torch.Tensor) -> torch.Tensor:
+    """The token ids as the kernels read them, N contiguous int64 through the pointer: the tensor
+    itself when it is that already (no (N,) view per launch), else a copy. ops.cpp checks only
+    dtype, contiguity and that N elements are there, so no per-row input needs a reshape."""
+    return flat(tokens) if tokens.dtype == torch.int64 else tokens.to(torch.int64).contiguous()
+
+
 def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
                     ref_logits: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """rlops.kernels.token_stats_fwd on the CUDA kernel."""
     stats = torch.empty((N_STATS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if tokens.numel():
         args, _ = _rows_args(logits, ref_logits, positions_of(logits, tokens))
-        ops().token_stats_fwd(**args, tokens=tokens.reshape(-1).to(torch.int64),
-                              mask=None if mask is None else byte_mask(mask.reshape(-1)), out=stats,
-                              inv_tau=1.0 / temperature)
+        ops().token_stats_fwd(**args, tokens=_ids(tokens), mask=None if mask is None else byte_mask(flat(mask)),
+                              out=stats, inv_tau=1.0 / temperature)
     return stats
 
 
@@ -153,9 +161,8 @@ def logits_grad(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor,
     zero_last_position(out, shape)
     n = args["n_rows"]
     if n:
-        ops().token_stats_bwd(**args, tokens=tokens.reshape(-1).to(torch.int64),
-                              stats=stats.reshape(-1, n)[:N_STATS].contiguous(),
-                              grads=grads.reshape(N_GRADS, n).to(torch.float32).contiguous(), dx=out,
+        ops().token_stats_bwd(**args, tokens=_ids(tokens), stats=leading_rows(stats, N_STATS, n),
+                              grads=leading_rows(grads, N_GRADS, n), dx=out,
                               dx_stride_outer=dx_stride_outer, dx_stride_inner=dx_stride_inner,
                               inv_tau=1.0 / temperature)
     return out
@@ -168,9 +175,9 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
     out = torch.empty((N_POLICY_ROWS, *tokens.shape), dtype=torch.float32, device=logits.device)
     if tokens.numel():
         # The CUDA kernel reads float32 weights: token-mean's mask and count become them here.
-        v = TokenInputs(*(None if x is None else per_token(x, tokens.shape).reshape(-1) for x in inputs.dense()))
+        v = TokenInputs(*(per_token(x, tokens.shape) for x in inputs.dense()))
         ops().policy_loss_fwd(
-            **_rows_args(logits, ref_logits, shape)[0], tokens=tokens.reshape(-1).to(torch.int64), out=out,
+            **_rows_args(logits, ref_logits, shape)[0], tokens=_ids(tokens), out=out,
             weights=v.agg_weights, ent_weights=v.entropy_coefs, adv=v.advantages, old_logp=v.old_logprobs,
             ref_logp=v.ref_logprobs, isw=v.is_weights, inv_tau=1.0 / epilogue.temperature, clip_low=epilogue.clip_low,
             clip_high=epilogue.clip_high, dual_clip=epilogue.dual_clip, kl_coef=epilogue.kl_coef,

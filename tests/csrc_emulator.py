@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rlops.constants import N_POLICY_ROWS, N_STATS, ROW
+from rlops.constants import N_GRADS, N_POLICY_ROWS, N_STATS, ROW
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_WARPS = 8  # token_stats.cu: 256 threads per row (kThreads)
@@ -50,6 +50,16 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
+
+
+def _vec(t: torch.Tensor | None, dtype: torch.dtype, n: int, name: str) -> torch.Tensor | None:
+    """A per-row input as the kernel reads it through its pointer: the first n elements, after the
+    checks of ops.cpp's vec() (dtype, contiguous, at least n elements), whatever t's shape."""
+    if t is None:
+        return None
+    if t.dtype != dtype or not t.is_contiguous() or t.numel() < n:
+        raise RuntimeError(f"rlops_cuda: {name} must be {dtype}, contiguous with >= {n} elements")
+    return t.reshape(-1)[:n]
 
 
 class HostOps:
@@ -93,6 +103,7 @@ class HostOps:
 
     def token_stats_fwd(self, x, ref, tokens, mask, out, n_rows, vocab, inner, stride_outer, stride_inner, ref_inner,
                         ref_stride_outer, ref_stride_inner, inv_tau) -> None:
+        tokens, mask = _vec(tokens, torch.int64, n_rows, "tokens"), _vec(mask, torch.uint8, n_rows, "mask")
         stats = self._stats(x, (n_rows, vocab, inner, stride_outer, stride_inner), ref,
                             (n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner), tokens, inv_tau)
         if mask is not None:
@@ -103,6 +114,11 @@ class HostOps:
                         inner, stride_outer, stride_inner, ref_inner, ref_stride_outer, ref_stride_inner, inv_tau,
                         clip_low, clip_high, dual_clip, kl_coef, kl_kind, kl_ratio, objective, ratio_cap, param_pos,
                         param_neg) -> None:
+        tokens = _vec(tokens, torch.int64, n_rows, "tokens")
+        weights, ent_weights, adv, old_logp, ref_logp, isw = (
+            _vec(t, torch.float32, n_rows, name) for t, name in ((weights, "weights"), (ent_weights, "entropy_weights"),
+                                                                 (adv, "advantages"), (old_logp, "old_logprobs"),
+                                                                 (ref_logp, "ref_logprobs"), (isw, "is_weights")))
         stats = self._stats(x, (n_rows, vocab, inner, stride_outer, stride_inner), ref,
                             (n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner), tokens, inv_tau)
         zeros = torch.zeros(n_rows)
@@ -127,7 +143,10 @@ class HostOps:
         x_rows = _f32(self._view(x, n_rows, vocab, inner, stride_outer, stride_inner).reshape(n_rows, vocab))
         y_rows = None if ref is None else _f32(
             self._view(ref, n_rows, vocab, ref_inner, ref_stride_outer, ref_stride_inner).reshape(n_rows, vocab))
-        d, tokens = torch.empty(n_rows, vocab), tokens.contiguous()
+        tokens = _vec(tokens, torch.int64, n_rows, "tokens")
+        stats = _vec(stats, torch.float32, N_STATS * n_rows, "stats")
+        grads = _vec(grads, torch.float32, N_GRADS * n_rows, "grads")
+        d = torch.empty(n_rows, vocab)
         self.lib.rlops_logit_grad(_ptr(x_rows), _ptr(y_rows), _ptr(tokens), _ptr(stats), _ptr(grads),
                                   ctypes.c_int64(n_rows), ctypes.c_int64(vocab), ctypes.c_float(inv_tau), _ptr(d))
         target = self._view(dx, n_rows, vocab, inner, dx_stride_outer, dx_stride_inner)
