@@ -90,14 +90,15 @@ def is_interpreted(kernel: object) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why Triton's interpreter of this version cannot run the kernels with this NumPy, or None.
     Before Triton 3.7 it converts a loop bound to int with int() of a 1-element array, which NumPy
     2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars")."""
-    def major_minor(version: str) -> tuple[int, ...]:
-        return tuple(int(part) for part in version.split(".")[:2])
-
-    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
         return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run rlops' kernels with "
                 f"NumPy {numpy_version}: it needs NumPy < 2.4 (pip install 'numpy<2.4') or Triton >= 3.7")
     return None
@@ -111,12 +112,14 @@ def prepare_interpreter() -> None:
     triton-lang/triton#10333). The kernels rely on it: the exact KL's guard max(x - y, lowest)
     turns the NaN of two masked -inf lanes into a 0 term; with the NaN kept, every exact KL the
     interpreter computed would be NaN. Only these two float ops change, only in the interpreter,
-    and to what Triton 3.8 and later already do."""
+    and only before Triton 3.8 (later interpreters are left as they are)."""
     import numpy as np
     from triton.runtime.interpreter import InterpreterBuilder
 
     if (problem := interpreter_problem(triton.__version__, np.__version__)) is not None:
         raise ImportError(problem)
+    if _major_minor(triton.__version__) >= (3, 8):
+        return
     InterpreterBuilder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
     InterpreterBuilder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
 

@@ -131,9 +131,9 @@ def _rows_args(logits: torch.Tensor, ref_logits: torch.Tensor | None,
 
 def _ids(tokens: torch.Tensor) -> torch.Tensor:
     """The token ids as the kernels read them, N contiguous int64 through the pointer: the tensor
-    itself when it is that already (no (N,) view per launch), else a copy. ops.cpp checks only
-    dtype, contiguity and that N elements are there, so no per-row input needs a reshape."""
-    return flat(tokens) if tokens.dtype == torch.int64 else tokens.to(torch.int64).contiguous()
+    itself when it is that already (no (N,) view per launch: ops.cpp checks only dtype, contiguity
+    and count), else a copy."""
+    return flat(tokens.to(torch.int64))
 
 
 def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
