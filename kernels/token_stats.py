@@ -66,7 +66,8 @@ _block_v = functools.cache(block_v)
 @triton.jit
 def _row_states_kernel(
     # data pointers (ref_ptr: the logits stand in without HAS_REF; live_ptr: rows where it is 0 are
-    # skipped, the token mask or the policy loss's aggregation weights), the (N_STATES, SPLITS, N) output
+    # not read and get zero states: the token mask or the policy loss's aggregation weights), the
+    # (N_STATES, SPLITS, N) output
     x_ptr, ref_ptr, live_ptr, part_ptr,
     # sizes: rows, vocabulary, body elements per split
     N, V, chunk,
@@ -87,12 +88,14 @@ def _row_states_kernel(
     live = True
     if HAS_LIVE:
         live = tl.load(live_ptr + row) != 0
-    if live:  # a skipped row's states are never read
+    if live:
         x_row = x_ptr + row_start(row, inner, stride_outer, stride_inner)
         ref_row = ref_ptr + row_start(row, ref_inner, ref_stride_outer, ref_stride_inner)
         m, s, t, m_ref, s_ref, c, x_row = row_states(x_row, ref_row, V, inv_tau * LOG2E, split, chunk, HAS_REF,
                                                      REF_ALIGNED, BLOCK_V)
         store_row_states(part_ptr, N, row, split, m, s, t, m_ref, s_ref, c, SPLITS)
+    else:  # zeros, for a caller that reads every row's states (rlops/vocab_parallel.py)
+        store_row_states(part_ptr, N, row, split, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, SPLITS)
 
 
 @triton.heuristics({"HAS_MASK": lambda args: args["mask_ptr"] is not None,
@@ -320,15 +323,18 @@ def split_row_states(rows: RowLayout, ref_rows: RowLayout, live: torch.Tensor | 
     return _row_states(rows, ref_rows, live, temperature, has_ref, ref_aligned, splits, chunk)
 
 
-def row_states_fwd(logits: torch.Tensor, ref_logits: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def row_states_fwd(logits: torch.Tensor, ref_logits: torch.Tensor | None, temperature: float,
+                   live: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 (N_STATES, N) online-softmax states of each row of logits (..., V) (and of
     ref_logits, for the exact KL): kernels/_common.py, row_states, of the whole row. Rows of a
-    vocabulary shard merge with other shards' states (rlops/vocab_parallel.py)."""
+    vocabulary shard merge with other shards' states (rlops/vocab_parallel.py). live: (...)
+    bool or integer, rows where it is 0 are not read and their states are zeros (None: all)."""
     rows, ref_rows = row_layouts(logits, ref_logits)
     if not rows.n_rows:
         return torch.empty((N_STATES, 0), dtype=torch.float32, device=logits.device)
     ref_aligned = ref_logits is None or same_alignment(rows, ref_rows)
-    parts = _row_states(rows, ref_rows, None, temperature, ref_logits is not None, ref_aligned, 1, logits.shape[-1])
+    live = None if live is None else byte_mask(live.reshape(-1))
+    parts = _row_states(rows, ref_rows, live, temperature, ref_logits is not None, ref_aligned, 1, logits.shape[-1])
     return parts[:, 0]
 
 

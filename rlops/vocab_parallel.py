@@ -9,7 +9,9 @@ rank holds it; whether it does), one all_gather exchanges them (8 * 4 * world by
 whatever V), and every rank merges them into the statistics of the whole vocabulary (logp,
 entropy, the exact KL, and the max / log-sum / lse-gap the backward needs). The backward needs
 no communication: each rank writes the gradient of its own shard from the merged statistics,
-with the one-hot term of the sampled token only on the rank that holds it.
+with the one-hot term of the sampled token only on the rank that holds it. The policy loss's
+masked tokens are left out: their statistics are zeros and the Triton backend reads none of
+their rows.
 
 Backends: Triton streams the shard with the kernels' row-state kernel and writes the gradient
 with their backward kernel; the PyTorch backend computes the same states and gradient in
@@ -120,14 +122,14 @@ def _torch_states(logits: Tensor, ref_logits: Tensor | None, temperature: float)
     return out
 
 
-def _shard_states(logits: Tensor, ref_logits: Tensor | None, local_ids: Tensor, temperature: float,
-                  backend: str) -> Tensor:
+def _shard_states(logits: Tensor, ref_logits: Tensor | None, local_ids: Tensor, live: Tensor | None,
+                  temperature: float, backend: str) -> Tensor:
     """(N_GATHERED, N) float32: this shard's row states, the sampled logit where the shard holds
-    the token (else -inf) and 1.0 where it does."""
+    the token (else -inf) and 1.0 where it does. Triton reads no row where live is False."""
     if backend == "triton":
         from .kernels import row_states_fwd
 
-        states = row_states_fwd(logits, ref_logits, temperature)
+        states = row_states_fwd(logits, ref_logits, temperature, live)
     else:
         states = _torch_states(logits, ref_logits, temperature)
     owned = (local_ids >= 0) & (local_ids < logits.shape[-1])
@@ -226,31 +228,37 @@ def gathered_stats(states: Tensor, shard: VocabShard, temperature: float, has_re
 
 class _VocabParallelStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, ref_logits: Tensor | None, tokens: Tensor, shard: VocabShard,
-                temperature: float, backend: str) -> Tensor:
+    def forward(ctx, logits: Tensor, ref_logits: Tensor | None, tokens: Tensor, live: Tensor | None,
+                shard: VocabShard, temperature: float, backend: str) -> Tensor:
         local_ids = tokens - shard.start
-        states = _shard_states(logits, ref_logits, local_ids, temperature, backend)
+        states = _shard_states(logits, ref_logits, local_ids, live, temperature, backend)
         stats = gathered_stats(states, shard, temperature, ref_logits is not None)
-        ctx.save_for_backward(logits, local_ids, stats, ref_logits)
+        if live is not None:  # a row left out is zeros, as the single-device kernels write it
+            stats = torch.where(live.reshape(-1), stats, 0.0)
+        ctx.save_for_backward(logits, local_ids, stats, ref_logits, live)
         ctx.temperature, ctx.backend = temperature, backend
         return stats.reshape(N_STATS, *tokens.shape)
 
     @staticmethod
     def backward(ctx, grad_stats: Tensor) -> tuple:
-        logits, local_ids, stats, ref_logits = ctx.saved_tensors
-        grads = grad_stats[STAT_GRADS].reshape(3, -1).float().contiguous()
-        dx = shard_grad(logits, local_ids, stats, grads, ctx.temperature, ref_logits, ctx.backend)
-        return dx, None, None, None, None, None
+        logits, local_ids, stats, ref_logits, live = ctx.saved_tensors
+        grads = grad_stats[STAT_GRADS].reshape(3, -1).float()
+        if live is not None:  # constant rows: no gradient, and the backward kernel does not read them
+            grads = torch.where(live.reshape(-1), grads, 0.0)
+        dx = shard_grad(logits, local_ids, stats, grads.contiguous(), ctx.temperature, ref_logits, ctx.backend)
+        return dx, None, None, None, None, None, None
 
 
 def token_stats(logits: Tensor, tokens: Tensor, shard: VocabShard, temperature: float, backend: str,
-                ref_logits: Tensor | None = None) -> Tensor:
+                ref_logits: Tensor | None = None, live: Tensor | None = None) -> Tensor:
     """Differentiable float32 (N_STATS, ...) statistics of the whole vocabulary (constants.STATS_ROWS:
     logp, entropy, kl, max, log_sum, lse_gap) from this rank's shard of the logits (..., V_r) and
     of the reference logits (for the exact KL), tokens (...) global ids; the gradient reaches
-    this shard's logits. Inputs checked by check_vocab_parallel; backend "triton" or "torch"."""
-    return _VocabParallelStats.apply(logits, None if ref_logits is None else ref_logits.detach(), tokens, shard,
-                                     temperature, backend)
+    this shard's logits. live: bool (...) or None; where it is False the statistics are zeros
+    and their gradient is not taken, and the Triton backend reads neither the row nor its
+    gradient. Inputs checked by check_vocab_parallel; backend "triton" or "torch"."""
+    return _VocabParallelStats.apply(logits, None if ref_logits is None else ref_logits.detach(), tokens, live,
+                                     shard, temperature, backend)
 
 
 def resolve(backend: str, logits: Tensor) -> str:
@@ -284,6 +292,6 @@ def policy_stats(logits: Tensor, ref_logits: Tensor | None, tokens: Tensor, layo
     start = VocabShard.of(config.vocab_group, logits.shape[-1], config.vocab_start).start
     tokens = torch.where(layout.mask, tokens, start)
     shard = check_vocab_parallel(logits, tokens, config.vocab_group, config.vocab_start, backend, ref_logits)
-    stats = token_stats(logits, tokens, shard, config.temperature, backend, ref_logits)
+    stats = token_stats(logits, tokens, shard, config.temperature, backend, ref_logits, layout.mask)
     kl = stats[ROW["kl"]] if ref_logits is not None else None
     return TokenStats(stats[ROW["logp"]], stats[ROW["entropy"]], kl)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 # On a GPU machine the kernels run compiled on CUDA; elsewhere in Triton's interpreter on CPU.
@@ -63,3 +66,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rows_read(x: torch.Tensor) -> Iterator[set[int]]:
+    """Under Triton's interpreter: the rows of x (..., V), contiguous, from which the kernels
+    launched inside the block load anything, as row indices of x.reshape(-1, V), filled in when
+    the block exits. It records every interpreted load (both Triton 3.6's and 3.9's interpreters
+    load through their module's `_interpreter.load(pointers, mask, other, dtype)`)."""
+    import triton.runtime.interpreter as interpreter
+
+    assert x.is_contiguous(), "rows_read maps addresses to rows of a contiguous tensor"
+    real, addresses = interpreter._interpreter, []
+
+    class Recording:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def load(self, pointers: np.ndarray, mask: np.ndarray, other: np.ndarray, dtype: object) -> np.ndarray:
+            addresses.append(np.asarray(pointers)[np.asarray(mask, dtype=bool)].astype(np.int64))
+            return real.load(pointers, mask, other, dtype)
+
+    rows: set[int] = set()
+    interpreter._interpreter = Recording()
+    try:
+        yield rows
+    finally:
+        interpreter._interpreter = real
+    start, size = x.data_ptr(), x.numel() * x.element_size()
+    loaded = np.concatenate(addresses) if addresses else np.empty(0, dtype=np.int64)
+    loaded = loaded[(loaded >= start) & (loaded < start + size)] - start
+    rows.update(int(r) for r in np.unique(loaded // (x.shape[-1] * x.element_size())))

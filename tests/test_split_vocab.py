@@ -4,20 +4,20 @@ When the rows alone would leave a GPU idle, the forward streams each split in it
 (_row_states_kernel) and merges the splits' online-softmax states in the epilogue kernel; the
 backward writes each split in its own program. On the CPU the split is forced (FORCED_PROGRAMS)
 and checked against the float64 oracle and against the unsplit kernels: values, gradients (in
-place too), masked rows, the exact KL, misaligned rows of an odd vocabulary, and sampled tokens
-in the head, the tail and every split.
+place too), masked rows (and that no kernel reads them), the exact KL, misaligned rows of an odd
+vocabulary, and sampled tokens in the head, the tail and every split.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, FP32_TOL, assert_values_close
+from helpers import DEVICE, FP32_TOL, assert_values_close, rows_read
 
 import rlops
 import rlops.kernels._common as common
 from rlops import reference
-from rlops.kernels import logits_grad, token_stats_fwd
+from rlops.kernels import logits_grad, row_states_fwd, token_stats_fwd
 
 
 @pytest.fixture
@@ -73,6 +73,30 @@ def test_token_stats_split_matches_oracle_and_unsplit(split, dtype: torch.dtype,
     assert_values_close(got, unsplit, tol=4 * FP32_TOL)
     assert_values_close(dx.float(), dx_unsplit.float(), tol=4 * FP32_TOL)
     assert (dx[3] == 0).all()
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="reads are recorded in Triton's interpreter")
+@pytest.mark.parametrize("programs", [None, 64], ids=["unsplit", "split"])
+def test_rows_left_out_are_not_read(monkeypatch: pytest.MonkeyPatch, programs: int | None) -> None:
+    """The forward kernels read no masked row (the row-state kernel of a vocabulary shard none
+    where `live` is 0, and gives it zero states), the backward none without upstream gradient."""
+    monkeypatch.setattr(common, "FORCED_PROGRAMS", programs)
+    monkeypatch.setattr(common, "SPLIT_MIN_LOGITS", 16)
+    x, ref, tokens = _batch(5, 301, torch.float32)
+    x = x.contiguous()
+    mask = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool)
+    with rows_read(x) as read:
+        stats = token_stats_fwd(x, tokens, 0.8, ref, mask)
+    assert read == {0, 2, 3}
+    grads = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    grads[:, ~mask] = 0
+    with rows_read(x) as read:
+        logits_grad(x, tokens, stats, grads, 0.8, ref)
+    assert read == {0, 2, 3}
+    with rows_read(x) as read:
+        states = row_states_fwd(x, ref, 0.8, mask)
+    assert read == {0, 2, 3} and not states[:, ~mask].any()
+    assert torch.equal(states[:, mask], row_states_fwd(x, ref, 0.8)[:, mask])
 
 
 def test_backward_split_in_place(split) -> None:

@@ -4,8 +4,9 @@ Every rank builds the same full-vocabulary logits, keeps its shard, and checks t
 vocabulary-parallel statistics and the gradient of its shard against the float64 oracle on the
 full vocabulary, on the Triton (interpreter) and PyTorch backends: equal shards and unequal
 ones (vocab_start), the exact KL, -inf logits, a NaN logit, and verl's Megatron-path drop-ins
-(rlops.integrations.megatron). It also counts the bytes each call
-all-gathers: 8 floats per token and rank, the same at two vocabulary sizes (and shardings).
+(rlops.integrations.megatron). It also counts the bytes each call all-gathers (8 floats per
+token and rank, the same at two vocabulary sizes and shardings) and the rows of its shard the
+policy loss's Triton kernels read (the counted tokens' only).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from gloo_ranks import spawn_ranks
+from helpers import rows_read
 
 TOL = 2e-5  # float32 statistics of a few hundred logits against float64
 
@@ -136,12 +138,14 @@ def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
         want.loss.backward()
         for backend in ("triton", "torch"):
             shard = x[..., lo:hi].float().requires_grad_(True)
-            got = rlops.policy_loss(shard, tokens, adv.float(), ref_logits=ref[..., lo:hi].float(),
-                                    **{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()},
-                                    **options, backend=backend, vocab_group=dist.group.WORLD)
-            got.loss.backward()
+            with rows_read(shard) as read:  # the rows of the shard the kernels load from
+                got = rlops.policy_loss(shard, tokens, adv.float(), ref_logits=ref[..., lo:hi].float(),
+                                        **{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()},
+                                        **options, backend=backend, vocab_group=dist.group.WORLD)
+                got.loss.backward()
             results[f"policy_loss/{name}/{backend}"] = {
-                "loss": _err(got.loss, want.loss), "grad": _err(shard.grad, full.grad[..., lo:hi])}
+                "loss": _err(got.loss, want.loss), "grad": _err(shard.grad, full.grad[..., lo:hi]),
+                "rows_read": sorted(read)}
     # Packed: the two rows as two segments of one packed row, the same loss (the last case's).
     shard = x[..., lo:hi].float().reshape(8, -1).requires_grad_(True)
     got = rlops.policy_loss(shard, tokens.reshape(-1), adv.float().reshape(-1), cu_seqlens=torch.tensor([0, 4, 8]),
@@ -164,6 +168,8 @@ def test_vocab_parallel_stats_and_grads_equal_the_full_vocabulary(tmp_path: Path
                 assert r.get(what, 0.0) <= TOL, (rank, key, what, r[what])
             if "bytes" in r:  # 8 float32 per token (6 of them the online-softmax state), whatever V: O(N)
                 assert r["bytes"] == 8 * 4 * 6, (rank, key, r["bytes"])
+            if "rows_read" in r:  # Triton streams the counted rows of (2, 4) tokens only; PyTorch's reads no kernel
+                assert r["rows_read"] == ([0, 1, 2, 4, 5] if key.endswith("/triton") else []), (rank, key, r)
         assert sum("bytes" in r for r in results.values()) == 4 and len(results) == 13, sorted(results)
 
 
