@@ -68,32 +68,87 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Accesses:
+    """The memory accesses of the kernels Triton's interpreter ran inside `recorded_accesses()`: one
+    (addresses, bytes each) pair per interpreted load or store, masked-off lanes left out."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[np.ndarray, int]] = []
+        self.stores: list[tuple[np.ndarray, int]] = []
+
+    @staticmethod
+    def _within(records: list[tuple[np.ndarray, int]], x: torch.Tensor) -> tuple[np.ndarray, int]:
+        """Byte offsets into x's memory of the accesses that fall in it, and the bytes they moved."""
+        start = x.data_ptr()
+        end = start + (1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True))) * x.element_size()
+        offsets, moved = [], 0
+        for addresses, size in records:
+            inside = addresses[(addresses >= start) & (addresses < end)] - start
+            offsets.append(inside)
+            moved += inside.size * size
+        return (np.concatenate(offsets) if offsets else np.empty(0, dtype=np.int64)), moved
+
+    def loaded(self, x: torch.Tensor) -> int:
+        """Bytes loaded from x's memory (an element read twice counts twice)."""
+        return self._within(self.loads, x)[1]
+
+    def stored(self, x: torch.Tensor) -> int:
+        """Bytes stored into x's memory (an element written twice counts twice)."""
+        return self._within(self.stores, x)[1]
+
+    def stored_anywhere(self) -> int:
+        """Bytes stored into any memory."""
+        return sum(addresses.size * size for addresses, size in self.stores)
+
+    def loads_per_element(self, x: torch.Tensor) -> np.ndarray:
+        """How many times each element of x, contiguous, was loaded (x.numel(),)."""
+        assert x.is_contiguous(), "elements are found from addresses in a contiguous tensor"
+        offsets = self._within(self.loads, x)[0]
+        return np.bincount(offsets // x.element_size(), minlength=x.numel())
+
+    def rows_loaded(self, x: torch.Tensor) -> set[int]:
+        """The rows of x (..., V), contiguous, loaded from: indices of x.reshape(-1, V)."""
+        assert x.is_contiguous(), "rows are found from addresses in a contiguous tensor"
+        offsets = self._within(self.loads, x)[0]
+        return {int(r) for r in np.unique(offsets // (x.shape[-1] * x.element_size()))}
+
+
 @contextlib.contextmanager
-def rows_read(x: torch.Tensor) -> Iterator[set[int]]:
-    """Under Triton's interpreter: the rows of x (..., V), contiguous, from which the kernels
-    launched inside the block load anything, as row indices of x.reshape(-1, V), filled in when
-    the block exits. It records every interpreted load (both Triton 3.6's and 3.9's interpreters
-    load through their module's `_interpreter.load(pointers, mask, other, dtype)`)."""
+def recorded_accesses() -> Iterator[Accesses]:
+    """Records the loads and stores of the kernels Triton's interpreter runs inside the block (both
+    Triton 3.6's and 3.9's interpreters access memory through their module's
+    `_interpreter.load(pointers, mask, other, dtype)` and `_interpreter.store(pointers, value, mask)`)."""
     import triton.runtime.interpreter as interpreter
 
-    assert x.is_contiguous(), "rows_read maps addresses to rows of a contiguous tensor"
-    real, addresses = interpreter._interpreter, []
+    real, accesses = interpreter._interpreter, Accesses()
+
+    def lanes(pointers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.asarray(pointers)[np.broadcast_to(np.asarray(mask, dtype=bool), np.shape(pointers))].astype(np.int64)
 
     class Recording:
         def __getattr__(self, name: str) -> object:
             return getattr(real, name)
 
         def load(self, pointers: np.ndarray, mask: np.ndarray, other: np.ndarray, dtype: object) -> np.ndarray:
-            addresses.append(np.asarray(pointers)[np.asarray(mask, dtype=bool)].astype(np.int64))
+            accesses.loads.append((lanes(pointers, mask), np.dtype(dtype).itemsize))
             return real.load(pointers, mask, other, dtype)
 
-    rows: set[int] = set()
+        def store(self, pointers: np.ndarray, value: np.ndarray, mask: np.ndarray) -> None:
+            accesses.stores.append((lanes(pointers, mask), np.asarray(value).dtype.itemsize))
+            return real.store(pointers, value, mask)
+
     interpreter._interpreter = Recording()
     try:
-        yield rows
+        yield accesses
     finally:
         interpreter._interpreter = real
-    start, size = x.data_ptr(), x.numel() * x.element_size()
-    loaded = np.concatenate(addresses) if addresses else np.empty(0, dtype=np.int64)
-    loaded = loaded[(loaded >= start) & (loaded < start + size)] - start
-    rows.update(int(r) for r in np.unique(loaded // (x.shape[-1] * x.element_size())))
+
+
+@contextlib.contextmanager
+def rows_read(x: torch.Tensor) -> Iterator[set[int]]:
+    """The rows of x (..., V), contiguous, that the kernels the interpreter runs inside the block
+    load from (Accesses.rows_loaded), filled in when the block exits."""
+    rows: set[int] = set()
+    with recorded_accesses() as accesses:
+        yield rows
+    rows.update(accesses.rows_loaded(x))
