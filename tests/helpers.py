@@ -100,6 +100,10 @@ class Accesses:
         """Bytes stored into any memory."""
         return sum(addresses.size * size for addresses, size in self.stores)
 
+    def loaded_anywhere(self) -> int:
+        """Bytes loaded from any memory."""
+        return sum(addresses.size * size for addresses, size in self.loads)
+
     def loads_per_element(self, x: torch.Tensor) -> np.ndarray:
         """How many times each element of x, contiguous, was loaded (x.numel(),)."""
         assert x.is_contiguous(), "elements are found from addresses in a contiguous tensor"

@@ -8,6 +8,7 @@ by address (helpers.recorded_accesses), against the floor the benchmarks' bandwi
   gradient row written once, in place too.
 - policy_loss forward+backward: the logits read twice (forward, backward) and the gradient
   written once: three passes, bench/policy_loss.py's byte count.
+- linear_policy_loss: each chunk's projected logits read twice and written once (fwd+bwd).
 - GAE: rewards read once, values and mask once more at the next step (the neighbouring lane's
   load of the same cache lines), advantages and returns written once.
 
@@ -112,6 +113,33 @@ def test_policy_loss_is_three_passes_over_the_logits(programs, dtype: torch.dtyp
     _assert_passes(accesses.stored(x.grad), 1, rows, x, "gradient writes")
     # Everything else written is O(B*T): per-token outputs and gradient rows, not a vocabulary's size.
     assert accesses.stored_anywhere() - accesses.stored(x.grad) <= ROW_FLOATS * rows * 4
+
+
+@pytest.mark.parametrize("kl", ["k3", "full"])
+def test_linear_policy_loss_streams_each_chunk_of_logits_three_times(kl: str) -> None:
+    """The fused-linear loss's kernels read each chunk's projected logits twice (forward, and the
+    backward kernel that overwrites them with their gradient) and write them once; the reference
+    chunk is read twice with the exact KL. Its logits are temporaries: the bound is on every
+    interpreted access, O(N) per-token reads and writes included."""
+    b, t, hidden_size = 2, 3, 16
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(b, t, hidden_size, generator=g, requires_grad=True)
+    weight = (torch.randn(V, hidden_size, generator=g) / 4).requires_grad_(True)
+    tokens = torch.randint(0, V, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 2] = False
+    counted = int(mask.sum())
+    logp = reference.token_logprobs_and_entropy((hidden @ weight.T).detach().double(), tokens)[0].float()
+    ref = {"ref_hidden": hidden.detach() + 0.1, "ref_weight": weight.detach()} if kl == "full" else {}
+    with recorded_accesses() as accesses:
+        out = rlops.linear_policy_loss(hidden, weight, tokens, torch.tensor([1.0, -1.0]), mask=mask, chunk_size=2,
+                                       old_logprobs=logp, ref_logprobs=logp, kl_coef=0.1, kl_estimator=kl,
+                                       backend="triton", **ref)
+        out.loss.backward()
+    reads = (4 if kl == "full" else 2) * counted * V * 4
+    per_token = (SLACK * 4 + ROW_FLOATS * 4) * counted  # sampled tokens, per-token inputs and outputs
+    assert reads <= accesses.loaded_anywhere() <= reads + per_token
+    assert counted * V * 4 <= accesses.stored_anywhere() <= counted * V * 4 + per_token
 
 
 @pytest.mark.parametrize("packed", [False, True])
