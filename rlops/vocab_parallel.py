@@ -194,7 +194,10 @@ def _torch_grad(logits: Tensor, local_ids: Tensor, stats: Tensor, grads: Tensor,
         owned = (ids[rows] >= 0) & (ids[rows] < vocab)
         one_hot = torch.zeros_like(dz).scatter_(-1, torch.where(owned, ids[rows], 0)[:, None],
                                                 torch.where(owned, g[0, rows], 0.0)[:, None])
-        out[rows] = ((dz + one_hot) * inv_tau).to(logits.dtype)
+        # As the kernel: a row without upstream gradient is zeros, whatever its logits and statistics
+        # (a left-out row's are zeros, under which exp of a large logit overflows: 0 * inf).
+        unused = (g[:, rows] == 0).all(0)[:, None]
+        out[rows] = torch.where(unused, 0.0, (dz + one_hot) * inv_tau).to(logits.dtype)
     return out.reshape(logits.shape)
 
 
