@@ -70,9 +70,7 @@ class LinearShardStats(torch.autograd.Function):
             states[:, s:e] = _shard_states(_project(chunks.rows(hidden, s, e), head), chunks.ref_logits(s, e),
                                            chunks.tokens[s:e], live, chunks.temperature, chunks.backend)
         # One collective for all rows, after the loop: O(n) floats whatever the vocabulary.
-        stats = gathered_stats(states, chunks.shard, chunks.temperature, chunks.ref is not None)
-        if chunks.mask is not None:  # a masked row's statistics are zeros, as _LinearStats writes them
-            stats = torch.where(chunks.mask, stats, 0.0)
+        stats = gathered_stats(states, chunks.shard, chunks.temperature, chunks.ref is not None, chunks.mask)
         ctx.save_for_backward(hidden, weight, bias, stats)
         ctx.chunks, ctx.logits_grad = chunks, functools.partial(shard_grad, backend=chunks.backend)
         ctx.mark_non_differentiable(stats[ROW["max"]:])

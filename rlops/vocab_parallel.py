@@ -221,12 +221,15 @@ def _all_gather(output: Tensor, tensor: Tensor, group: dist.ProcessGroup) -> Non
     gather(output, tensor, group=group)
 
 
-def gathered_stats(states: Tensor, shard: VocabShard, temperature: float, has_ref: bool) -> Tensor:
+def gathered_stats(states: Tensor, shard: VocabShard, temperature: float, has_ref: bool,
+                   live: Tensor | None = None) -> Tensor:
     """(N_STATS, N) float32 statistics of the whole vocabulary from this shard's (N_GATHERED, N)
-    float32 states (_shard_states): one all_gather over the group, then the merge."""
+    float32 states (_shard_states): one all_gather over the group, then the merge. Rows where
+    live (bool, N elements) is False are zeros, as the single-device kernels write a masked row."""
     gathered = torch.empty((shard.world * N_GATHERED, states.shape[1]), dtype=states.dtype, device=states.device)
     _all_gather(gathered, states.contiguous(), group=shard.group)
-    return _merged_stats(gathered.view(shard.world, N_GATHERED, -1), temperature, has_ref)
+    stats = _merged_stats(gathered.view(shard.world, N_GATHERED, -1), temperature, has_ref)
+    return stats if live is None else torch.where(live.reshape(-1), stats, 0.0)
 
 
 class _VocabParallelStats(torch.autograd.Function):
@@ -235,9 +238,7 @@ class _VocabParallelStats(torch.autograd.Function):
                 shard: VocabShard, temperature: float, backend: str) -> Tensor:
         local_ids = tokens - shard.start
         states = _shard_states(logits, ref_logits, local_ids, live, temperature, backend)
-        stats = gathered_stats(states, shard, temperature, ref_logits is not None)
-        if live is not None:  # a row left out is zeros, as the single-device kernels write it
-            stats = torch.where(live.reshape(-1), stats, 0.0)
+        stats = gathered_stats(states, shard, temperature, ref_logits is not None, live)
         ctx.save_for_backward(logits, local_ids, stats, ref_logits, live)
         ctx.temperature, ctx.backend = temperature, backend
         return stats.reshape(N_STATS, *tokens.shape)
