@@ -3,7 +3,8 @@
 Every rank builds the same full-vocabulary logits, keeps its shard, and checks the
 vocabulary-parallel statistics and the gradient of its shard against the float64 oracle on the
 full vocabulary, on the Triton (interpreter) and PyTorch backends: equal shards and unequal
-ones (vocab_start), the exact KL, -inf logits, a NaN logit, and verl's Megatron-path drop-ins
+ones (vocab_start), the exact KL, -inf logits, a NaN logit, rows left out (live=: zeros, no
+gradient), and verl's Megatron-path drop-ins
 (rlops.integrations.megatron). It also counts the bytes each call all-gathers (8 floats per
 token and rank, the same at two vocabulary sizes and shardings) and the rows of its shard the
 policy loss's Triton kernels read (the counted tokens' only).
@@ -76,6 +77,17 @@ def _cases(rank: int, world: int) -> dict:
                 "kl": _err(stats[2], want["kl"]), "grad": _err(shard.grad, want["grad"][..., lo:hi]),
                 "bytes": sum(sent),
             }
+    # Rows left out (live False): zeros, and no gradient even where the upstream gradient is not 0.
+    live = torch.tensor([[True, False, True], [True, True, False]])
+    for backend in ("triton", "torch"):
+        shard = x[..., lo:hi].clone().requires_grad_(True)
+        spec = vp.check_vocab_parallel(shard, tokens, dist.group.WORLD, None if sizes is None else lo, backend)
+        stats = vp.token_stats(shard, tokens, spec, 0.7, backend, live=live)
+        (g * stats[:3]).sum().backward()
+        want = _oracle(x, y, tokens, 0.7, torch.where(live, g, 0.0) * torch.tensor([1.0, 1.0, 0.0])[:, None, None])
+        results[f"live/{backend}"] = {
+            "logp": _err(stats[0][live], want["logp"][live]), "left_out_zero": not stats[:, ~live].any(),
+            "grad": _err(shard.grad, want["grad"][..., lo:hi])}
     # NaN in: a NaN logit in any shard gives NaN statistics for its row, on every rank.
     x = torch.randn(1, 2, 8 * world, generator=gen)
     x[0, 1, 8 * world - 1] = float("nan")
@@ -162,6 +174,8 @@ def _policy_loss_cases(rank: int, world: int, gen: torch.Generator) -> dict:
 def test_vocab_parallel_stats_and_grads_equal_the_full_vocabulary(tmp_path: Path, world: int) -> None:
     for rank, results in enumerate(spawn_ranks(_cases, world, tmp_path)):
         for key, r in results.items():
+            if key.startswith("live/"):
+                assert r.pop("left_out_zero"), (rank, key)
             if key.startswith("nan/"):
                 assert r == {"row0_finite": True, "row1_nan": True}, (rank, key, r)
                 continue
@@ -171,7 +185,7 @@ def test_vocab_parallel_stats_and_grads_equal_the_full_vocabulary(tmp_path: Path
                 assert r["bytes"] == 8 * 4 * 6, (rank, key, r["bytes"])
             if "rows_read" in r:  # Triton streams the counted rows of (2, 4) tokens only; PyTorch's reads no kernel
                 assert r["rows_read"] == ([0, 1, 2, 4, 5] if key.endswith("/triton") else []), (rank, key, r)
-        assert sum("bytes" in r for r in results.values()) == 4 and len(results) == 13, sorted(results)
+        assert sum("bytes" in r for r in results.values()) == 4 and len(results) == 15, sorted(results)
 
 
 def test_megatron_drop_ins_need_a_group_without_megatron() -> None:
