@@ -9,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# After the variable is set (rlops' import may import triton): the cases' smoke runs, not timed there.
+from rlops._interpreter import speed_up_interpreter
+
+speed_up_interpreter()
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--bench-shapes", choices=("quick", "default", "all"), default=None,

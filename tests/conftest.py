@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from interpreter_speed import skip_nested_language_patches
 
 # The interpreter is chosen when triton is first imported, so this must run before any test
 # module imports rlops.kernels.
@@ -12,8 +11,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    skip_nested_language_patches()
+# After the variable is set: rlops' import may import triton.
+from rlops._interpreter import speed_up_interpreter
+
+speed_up_interpreter()
 
 # Under pytest-xdist (`-n auto`) the workers share the cores: torch's intra-op threads are split
 # among them instead of each worker taking every core.

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from interpreter_speed import skip_nested_language_patches
 
 
 def spawn_ranks(cases: Callable[..., dict], world: int, tmp_path: Path, *args: object) -> list[dict]:
@@ -30,7 +29,9 @@ def spawn_ranks(cases: Callable[..., dict], world: int, tmp_path: Path, *args: o
 
 
 def _rank(rank: int, cases: Callable[..., dict], world: int, out: str, args: tuple) -> None:
-    skip_nested_language_patches()
+    from rlops._interpreter import speed_up_interpreter  # in the spawned process, which loads no conftest
+
+    speed_up_interpreter()
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     results = cases(rank, world, *args)
     Path(out, f"{rank}.json").write_text(json.dumps(results))

@@ -76,3 +76,22 @@ def test_interpreter_max_and_min_skip_nan_as_compiled_kernels_do() -> None:
     out = torch.empty(8)
     max_min[(1,)](x, out)
     assert out.tolist() == [1.0, 1.0, 2.0, 1.0, 1.0, 0.0, 1.0, float("-inf")]
+
+
+@pytest.mark.parametrize("interpret", ["1", None])
+def test_interpreter_speed_ups_only_where_asked(interpret: str | None) -> None:
+    # rlops._interpreter: `import rlops` leaves a user's interpreter as it is; speed_up_interpreter
+    # (the test suite, the CLI's runs without CUDA) cuts its checks only under TRITON_INTERPRET=1.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | ({"TRITON_INTERPRET": interpret}
+                                                                            if interpret else {})
+    state = "(I.interpreter_builder.options.sanitize_overflow, hasattr(I._patch_lang, 'nested_skipped'))"
+    code = ("import rlops, rlops.kernels\n"
+            "from triton.runtime import interpreter as I\n"
+            f"before = {state}\n"
+            "from rlops._interpreter import speed_up_interpreter\n"
+            "speed_up_interpreter()\n"
+            f"print(before, {state})\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    after = "(False, True)" if interpret else "(True, False)"
+    assert out.stdout.strip() == f"(True, False) {after}"
