@@ -304,7 +304,9 @@ def _header(run: dict[str, Any]) -> str:
     host = run.get("host_overhead") or {}
     if host.get("rlops_us") is not None:  # bench/host_overhead.py: the policy loss's host time per call
         liger = "" if host.get("liger_us") is None else f", Liger {host['liger_us']:.0f} us"
-        where += f" | host time per policy-loss fwd+bwd: rlops {host['rlops_us']:.0f} us{liger}"
+        unchecked = "" if host.get("rlops_unchecked_us") is None else \
+            f" ({host['rlops_unchecked_us']:.0f} us without the CPU-only token-id check)"
+        where += f" | host time per policy-loss fwd+bwd: rlops {host['rlops_us']:.0f} us{unchecked}{liger}"
     if run.get("note"):
         return f"{where} | {run['note']}"
     return (f"{where} | copy bandwidth {run['copy_bandwidth_gbps']:.0f} GB/s | "

@@ -119,6 +119,22 @@ def rlops_step(i: dict[str, torch.Tensor], form: str = "own") -> Callable[[], to
     return step
 
 
+def without_value_checks(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """step on CPU tensors as it runs on CUDA tensors: without rlops' value checks (the token-id
+    range check, rlops._validation), which read values back to the host and so run on CPU tensors
+    only (or with RLOPS_CHECK=1)."""
+    from rlops import _validation
+
+    def unchecked() -> torch.Tensor:
+        checked, _validation.ALWAYS_CHECKED_DEVICES = _validation.ALWAYS_CHECKED_DEVICES, ()
+        try:
+            return step()
+        finally:
+            _validation.ALWAYS_CHECKED_DEVICES = checked
+
+    return unchecked
+
+
 def liger_step(i: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
     """One Liger `triton_grpo_loss` forward+backward with bench/policy_loss.py's settings; returns d logits."""
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -170,6 +186,7 @@ class HostOverhead:
     rlops_us: float  # rlops.policy_loss on (B, T, V) logits
     rlops_lm_us: float  # the same on Liger's (B, T+1, V) logits
     rlops_sliced_us: float  # the same on x[:, :-1] of (B, T+1, V) logits: the slice's node included
+    rlops_unchecked_us: float | None  # rlops_us without the value checks CUDA tensors skip; None on CUDA
     liger_us: float | None  # None: liger-kernel is not installed
     rlops_aten_ops: int
     liger_aten_ops: int | None
@@ -189,10 +206,16 @@ class HostOverhead:
         """rlops' time with the caller's slice of (B, T+1, V) logits over Liger's."""
         return None if self.liger_us is None else self.rlops_sliced_us / self.liger_us
 
+    @property
+    def unchecked_ratio(self) -> float | None:
+        """rlops' time without the CPU-only value checks (as on CUDA tensors) over Liger's."""
+        return None if self.liger_us is None or self.rlops_unchecked_us is None else \
+            self.rlops_unchecked_us / self.liger_us
+
     def as_dict(self) -> dict[str, object]:
         """The JSON record (`rlops bench` writes it as the run's "host_overhead")."""
         return {**asdict(self), "ratio": self.ratio, "lm_ratio": self.lm_ratio, "sliced_ratio": self.sliced_ratio,
-                "input": {"B": B, "T": T, "V": V, "dtype": "float32"}}
+                "unchecked_ratio": self.unchecked_ratio, "input": {"B": B, "T": T, "V": V, "dtype": "float32"}}
 
 
 def liger_available() -> bool:
@@ -220,6 +243,8 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
     with stubbed_launches(modules):
         data = inputs(device=device)
         steps = {"rlops" if form == "own" else f"rlops_{form}": rlops_step(data, form) for form in FORMS}
+        if device == "cpu":
+            steps["rlops_unchecked"] = without_value_checks(rlops_step(data))
         if with_liger:
             steps["liger"] = liger_step(inputs(device=device))
         for step in steps.values():
@@ -230,8 +255,8 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
             for name, step in steps.items():
                 best[name] = min(best[name], _median_us(step, calls))
         counts = {name: len(aten_ops(steps[name])) for name in ("rlops", "liger") if name in steps}
-    return HostOverhead(best["rlops"], best["rlops_lm"], best["rlops_sliced"], best.get("liger"), counts["rlops"],
-                        counts.get("liger"))
+    return HostOverhead(best["rlops"], best["rlops_lm"], best["rlops_sliced"], best.get("rlops_unchecked"),
+                        best.get("liger"), counts["rlops"], counts.get("liger"))
 
 
 def summary(h: HostOverhead) -> str:
@@ -240,9 +265,11 @@ def summary(h: HostOverhead) -> str:
     if h.liger_us is None:
         return f"{head} ({h.rlops_sliced_us:.0f} us on a slice of (B, T+1, V) logits), {h.rlops_aten_ops} ATen ops " \
                "(liger-kernel not installed)"
+    unchecked = "" if h.unchecked_ratio is None else \
+        f"; {h.unchecked_ratio:.2f}x without the token-id check that CUDA tensors skip"
     return (f"{head}, Liger {h.liger_us:.0f} us ({h.ratio:.2f}x; {h.lm_ratio:.2f}x on Liger's (B, T+1, V) logits, "
-            f"{h.sliced_ratio:.2f}x on a slice of their first T positions); ATen ops {h.rlops_aten_ops} vs "
-            f"{h.liger_aten_ops}")
+            f"{h.sliced_ratio:.2f}x on a slice of their first T positions{unchecked}); ATen ops {h.rlops_aten_ops} "
+            f"vs {h.liger_aten_ops}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ def test_quick_benchmark_runs_every_case_untimed_under_the_interpreter(tmp_path:
         assert isinstance(run[key], kind), key
     # The interpreter's times are meaningless: none is stored, and nothing derived from one.
     assert run["note"] == "interpreter: no timing" and run["copy_bandwidth_gbps"] is None is run["matmul_tflops"]
+    # The host time per call is measured with the launches stubbed (no interpreter): on CPU tensors
+    # with and without the value checks that CUDA tensors skip.
+    host = run["host_overhead"]
+    assert host["rlops_us"] > 0 and host["rlops_unchecked_us"] > 0 and host["rlops_aten_ops"] > 0, host
     records = run["records"]
     for r in records:
         assert set(r) >= RECORD_KEYS, set(r) ^ RECORD_KEYS
@@ -60,6 +64,7 @@ def test_quick_benchmark_runs_every_case_untimed_under_the_interpreter(tmp_path:
     assert providers["gae"] == {"python-loop", "rlops-triton"}
     assert {"matmuls", "eager-trl", "rlops-triton"} <= providers["linear_policy_loss"]
     table = json_path.with_suffix(".md").read_text()
+    assert f"rlops {host['rlops_us']:.0f} us ({host['rlops_unchecked_us']:.0f} us without" in table
     rows = [line for line in table.splitlines() if any(line.startswith(f"| {op} |") for op in providers)]
     assert len(rows) == len(records)
     for row in rows:  # times say so; speed-ups of absent times are absent
