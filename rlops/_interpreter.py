@@ -13,8 +13,8 @@ def speed_up_interpreter() -> None:
     """Both speed-ups below, when TRITON_INTERPRET=1 (a no-op where Triton's interpreter lacks
     what they change). Measured on a 2-core CPU VM (a policy-loss forward+backward at the tests'
     sizes, best of 5): 1.39 s as Triton interprets it, 0.76-0.83 s with the nested patches
-    skipped, 0.44-0.63 s with the overflow checks skipped too; the latter took the test suite's
-    pytest time from 897 s to 790 s."""
+    skipped, 0.44-0.63 s with the overflow checks skipped too. The suite had the first already;
+    the second, and both in the CLI's runs, took its pytest time from 897 s to 790 s."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     skip_nested_language_patches()
@@ -23,10 +23,11 @@ def speed_up_interpreter() -> None:
 
 def skip_overflow_checks() -> None:
     """Cuts about a third of the interpreter's time left after skip_nested_language_patches: it
-    checks every int32 add, subtract and multiply for overflow (recomputing it in int64 and asserting the range), which
-    the compiled kernels do only in Triton's debug mode. At the tests' sizes no index comes near
-    2**31; the kernels' int64 row offsets are checked past 2**31 elements by the GPU tests
-    (test_token_stats_gpu, test_policy_loss_gpu, test_packing), where the checks would not run anyway."""
+    checks every int32 add, subtract and multiply for overflow (recomputing it in int64 and
+    asserting the range), which compiled kernels do only in Triton's debug mode. At the tests'
+    sizes no index comes near 2**31; the kernels' int64 row offsets are checked past 2**31
+    elements by the GPU tests (test_token_stats_gpu, test_policy_loss_gpu, test_packing), where
+    the checks would not run anyway."""
     try:
         from triton.runtime import interpreter
     except ImportError:
