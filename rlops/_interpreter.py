@@ -6,6 +6,7 @@ nothing: a user's process keeps Triton's interpreter as it is."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 
@@ -33,9 +34,9 @@ def skip_overflow_checks() -> None:
     except ImportError:
         return
     builder = getattr(interpreter, "interpreter_builder", None)
-    options = getattr(interpreter, "InterpreterOptions", None)
-    if builder is not None and "sanitize_overflow" in getattr(options, "__dataclass_fields__", {}):
-        builder.options = options(sanitize_overflow=False)
+    options = getattr(builder, "options", None)
+    if dataclasses.is_dataclass(options) and hasattr(options, "sanitize_overflow"):  # its other options kept
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
 def skip_nested_language_patches() -> None:

@@ -86,7 +86,7 @@ def _linear_extra_bytes(time: int, chunk: int, hidden_size: int, vocab: int) -> 
     """Peak bytes of a fused-linear forward+backward over 2 x time tokens beyond the inputs and the
     hidden states' gradient (which grows with the tokens as the hidden states do)."""
     g = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(2, time, hidden_size, generator=g).to(torch.bfloat16).requires_grad_(True)) * 1.0
+    hidden = torch.randn(2, time, hidden_size, generator=g).to(torch.bfloat16).requires_grad_(True) * 1.0
     weight = (torch.randn(vocab, hidden_size, generator=g) * 0.05).to(torch.bfloat16).requires_grad_(True)
     tokens = torch.randint(0, vocab, (2, time), generator=g)
     old = -torch.rand(2, time, generator=g) * 12

@@ -14,8 +14,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _python(code: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """code run in a fresh Python, without TRITON_INTERPRET unless env sets it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -82,8 +83,6 @@ def test_interpreter_max_and_min_skip_nan_as_compiled_kernels_do() -> None:
 def test_interpreter_speed_ups_only_where_asked(interpret: str | None) -> None:
     # rlops._interpreter: `import rlops` leaves a user's interpreter as it is; speed_up_interpreter
     # (the test suite, the CLI's runs without CUDA) cuts its checks only under TRITON_INTERPRET=1.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | ({"TRITON_INTERPRET": interpret}
-                                                                            if interpret else {})
     state = "(I.interpreter_builder.options.sanitize_overflow, hasattr(I._patch_lang, 'nested_skipped'))"
     code = ("import rlops, rlops.kernels\n"
             "from triton.runtime import interpreter as I\n"
@@ -91,7 +90,7 @@ def test_interpreter_speed_ups_only_where_asked(interpret: str | None) -> None:
             "from rlops._interpreter import speed_up_interpreter\n"
             "speed_up_interpreter()\n"
             f"print(before, {state})\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = _python(code, **({"TRITON_INTERPRET": interpret} if interpret else {}))
     assert out.returncode == 0, out.stderr
     after = "(False, True)" if interpret else "(True, False)"
     assert out.stdout.strip() == f"(True, False) {after}"
