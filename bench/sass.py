@@ -82,8 +82,8 @@ FLOAT_ARGS = {"inv_tau", "clip_low", "clip_high", "dual_clip", "kl_coef", "ratio
               "entropy_coef", "gamma", "lam"}
 
 
-# Switches that triton.heuristics derives from a pointer's None-ness: off means that pointer is None
-# (GAE's PACKED: both of a packed batch's index pointers).
+# Switches that say whether a pointer is given: off means the launcher passes None for it (GAE's
+# PACKED: both of a packed batch's index pointers).
 SWITCH_PTRS = {"HAS_MASK": ("mask_ptr",), "HAS_OLD": ("old_ptr",), "HAS_ISW": ("isw_ptr",),
                "HAS_ENT": ("ent_coef_ptr",), "HAS_BOOT": ("boot_ptr",), "PACKED": ("cu_ptr", "seq_ptr"),
                "HAS_PARTS": ("part_ptr",), "HAS_LIVE": ("live_ptr",), "HAS_SCALE": ("grad_scale_ptr",),

@@ -47,13 +47,11 @@ def _first(x, lane):
     return tl.sum(tl.where(lane == 0, x, 0.0), 0)
 
 
-@triton.heuristics({"HAS_BOOT": lambda args: args["boot_ptr"] is not None,
-                    "PACKED": lambda args: args["cu_ptr"] is not None})
 @triton.jit
 def _gae_kernel(
-    # data pointers: rewards, values, mask, bootstrap values (None: HAS_BOOT follows); packed
-    # batches only (None: PACKED follows): cu_seqlens (S+1,) and the sequence of each token (N,),
-    # int64; float32 advantages and returns (B, T) or (N,)
+    # data pointers: rewards, values, mask, bootstrap values (or None: HAS_BOOT); packed batches
+    # only (else None: PACKED): cu_seqlens (S+1,) and the sequence of each token (N,), int64;
+    # float32 advantages and returns (B, T) or (N,)
     r_ptr, v_ptr, m_ptr, boot_ptr, cu_ptr, seq_ptr, adv_ptr, ret_ptr,
     # sizes: the row length (N when packed); packed: S and the sequences per program
     T, n_seqs, seqs_per_prog,
@@ -161,7 +159,7 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, boo
             _gae_kernel[(triton.cdiv(n_seqs, per_prog),)](
                 r, v, m, boot, cu, seq_ids, adv, ret,
                 n_tokens, n_seqs, per_prog, 1, 1, 1, gamma, lam,
-                BLOCK_T=block, num_warps=4,
+                HAS_BOOT=boot is not None, PACKED=True, BLOCK_T=block, num_warps=4,
             )
         return adv, ret
     if rewards.dim() != 2:
@@ -174,6 +172,7 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, boo
             r, v, m, boot, None, None, adv, ret,
             # sizes, strides, scalars
             n_time, n_rows, 1, r.stride(0), v.stride(0), m.stride(0), gamma, lam,
-            BLOCK_T=_block_t(n_time), num_warps=4,
+            # switches
+            HAS_BOOT=boot is not None, PACKED=False, BLOCK_T=_block_t(n_time), num_warps=4,
         )
     return adv, ret

@@ -168,18 +168,14 @@ def _surrogate(ratio, d_log_r, logp, old_logp, adv, clip_low, clip_high, dual_cl
     return pg, d_pg
 
 
-@triton.heuristics({"HAS_OLD": lambda args: args["old_ptr"] is not None,
-                     "HAS_ISW": lambda args: args["isw_ptr"] is not None,
-                     "HAS_ENT": lambda args: args["ent_coef_ptr"] is not None,
-                     "HAS_PARTS": lambda args: args["part_ptr"] is not None,
-                     "HAS_COUNT": lambda args: args["agg_count_ptr"] is not None})
 @triton.jit
 def _policy_loss_fwd_kernel(
     # data pointers: logits, reference logits, token ids, then the per-token float32 inputs
-    # (rlops/options.py: TokenInputs; None when absent, and HAS_OLD, HAS_ISW, HAS_ENT follow; with
-    # agg_count_ptr, token-mean's count, agg_w_ptr holds the mask and HAS_COUNT follows), then the
+    # (rlops/options.py: TokenInputs; None when absent, HAS_OLD, HAS_ISW, HAS_ENT saying which; with
+    # agg_count_ptr, token-mean's count, agg_w_ptr holds the mask and HAS_COUNT is set), then the
     # (N_POLICY_ROWS, N) output; part_ptr: the rows' split states from
-    # token_stats._row_states_kernel, or None (HAS_PARTS follows)
+    # token_stats._row_states_kernel, or None (HAS_PARTS says which). The launcher passes every
+    # HAS_* switch itself: triton.heuristics would derive them at every launch (10-20 us here).
     x_ptr, ref_ptr, tokens_ptr, part_ptr,
     agg_w_ptr, ent_coef_ptr, adv_ptr, old_ptr, ref_logp_ptr, isw_ptr, agg_count_ptr,
     out_ptr,
@@ -307,9 +303,11 @@ def policy_loss_fwd(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torc
             # scalars
             1.0 / epilogue.temperature, epilogue.clip_low, epilogue.clip_high, epilogue.dual_clip, epilogue.kl_coef,
             epilogue.ratio_cap, epilogue.param_pos, epilogue.param_neg,
-            # switches (HAS_OLD, HAS_ISW, HAS_ENT, HAS_PARTS and HAS_COUNT follow the inputs present)
-            KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted, BLOCK_V=_block_v(logits.shape[-1]),
-            REF_ALIGNED=ref_aligned, SPLITS=1 if parts is None else parts.shape[1], OBJECTIVE=epilogue.objective,
-            num_warps=NUM_WARPS,
+            # switches (HAS_*: the inputs present)
+            HAS_OLD=inputs.old_logprobs is not None, HAS_ISW=inputs.is_weights is not None,
+            HAS_ENT=inputs.entropy_coefs is not None, KL_KIND=epilogue.kl_kind, KL_RATIO=epilogue.kl_ratio_weighted,
+            BLOCK_V=_block_v(logits.shape[-1]), REF_ALIGNED=ref_aligned, HAS_PARTS=parts is not None,
+            SPLITS=1 if parts is None else parts.shape[1], OBJECTIVE=epilogue.objective,
+            HAS_COUNT=inputs.agg_count is not None, num_warps=NUM_WARPS,
         )
     return out

@@ -62,12 +62,11 @@ from ._common import (
 _block_v = functools.cache(block_v)
 
 
-@triton.heuristics({"HAS_LIVE": lambda args: args["live_ptr"] is not None})
 @triton.jit
 def _row_states_kernel(
     # data pointers (ref_ptr: the logits stand in without HAS_REF; live_ptr: rows where it is 0 are
-    # not read and get zero states: the token mask or the policy loss's aggregation weights), the
-    # (N_STATES, SPLITS, N) output
+    # not read and get zero states: the token mask or the policy loss's aggregation weights; or None:
+    # HAS_LIVE says which), the (N_STATES, SPLITS, N) output
     x_ptr, ref_ptr, live_ptr, part_ptr,
     # sizes: rows, vocabulary, body elements per split
     N, V, chunk,
@@ -98,12 +97,11 @@ def _row_states_kernel(
         store_row_states(part_ptr, N, row, split, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, SPLITS)
 
 
-@triton.heuristics({"HAS_MASK": lambda args: args["mask_ptr"] is not None,
-                     "HAS_PARTS": lambda args: args["part_ptr"] is not None})
 @triton.jit
 def _token_stats_fwd_kernel(
-    # data pointers (ref_ptr: the logits stand in without HAS_REF; mask_ptr None: HAS_MASK follows;
-    # part_ptr: the rows' split states from _row_states_kernel, or None: HAS_PARTS follows)
+    # data pointers (ref_ptr: the logits stand in without HAS_REF; mask_ptr: rows where it is 0
+    # are skipped, or None (HAS_MASK says which); part_ptr: the rows' split states from
+    # _row_states_kernel, or None (HAS_PARTS says which))
     x_ptr, ref_ptr, tokens_ptr, mask_ptr, part_ptr, stats_ptr,
     # sizes
     N, V,
@@ -303,10 +301,10 @@ def token_stats_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
             rows.tensor, ref_rows.tensor, tokens.reshape(-1), mask, parts, stats,
             # sizes, strides, scalars
             rows.n_rows, logits.shape[-1], *rows[2:], *ref_rows[2:], 1.0 / temperature,
-            # switches (HAS_MASK and HAS_PARTS follow the pointers; REF_ALIGNED: reference rows
-            # that stream in 16-byte vectors too)
-            HAS_REF=ref_logits is not None, BLOCK_V=_block_v(logits.shape[-1]), REF_ALIGNED=ref_aligned,
-            SPLITS=1 if parts is None else parts.shape[1], num_warps=NUM_WARPS,
+            # switches (REF_ALIGNED: reference rows that stream in 16-byte vectors too)
+            HAS_REF=ref_logits is not None, HAS_MASK=mask is not None, BLOCK_V=_block_v(logits.shape[-1]),
+            REF_ALIGNED=ref_aligned, HAS_PARTS=parts is not None, SPLITS=1 if parts is None else parts.shape[1],
+            num_warps=NUM_WARPS,
         )
     return stats
 
@@ -347,8 +345,9 @@ def _row_states(rows: RowLayout, ref_rows: RowLayout, live: torch.Tensor | None,
         rows.tensor, ref_rows.tensor, live, parts,
         # sizes, strides, scalars
         rows.n_rows, vocab, chunk, *rows[2:], *ref_rows[2:], 1.0 / temperature,
-        # switches (HAS_LIVE follows live)
-        HAS_REF=has_ref, SPLITS=splits, BLOCK_V=_block_v(vocab), REF_ALIGNED=ref_aligned, num_warps=NUM_WARPS,
+        # switches
+        HAS_REF=has_ref, HAS_LIVE=live is not None, SPLITS=splits, BLOCK_V=_block_v(vocab), REF_ALIGNED=ref_aligned,
+        num_warps=NUM_WARPS,
     )
     return parts
 
