@@ -1,13 +1,16 @@
 """Host overhead: the Python/PyTorch time of one `rlops.policy_loss` forward+backward beside Liger's
-`triton_grpo_loss`, with both libraries' kernel launches stubbed out.
+`triton_grpo_loss`, with both libraries' kernel launches stubbed out at the driver.
 
 At small sizes (a fused-linear chunk, a small batch) the GPU finishes a kernel faster than the
 host launches the next, so the host side decides the step time. It is measured on a tiny input
-(B=2 sequences of T=4 tokens, V=64, float32), with every Triton kernel object the launchers use
-(those of rlops.kernels and of liger_kernel.ops.grpo_loss) replaced by a stub whose launch does
-nothing: what is timed is each library's argument checks, dispatch, autograd glue, launcher code
-and small tensor ops, not its kernels. Settings are bench/policy_loss.py's (TRL's GRPO with a
-reference model: k3 KL, clip 0.2/0.28, token mean, old log-probs, per-sequence advantages).
+(B=2 sequences of T=4 tokens, V=64, float32). Every Triton kernel the launchers use (those of
+rlops.kernels and of liger_kernel.ops.grpo_loss) runs Triton's host launch path, its wrappers
+and JITFunction.run's argument binding, specialisation and cache lookup, up to the driver's
+launch, which does nothing (`host_path_launches`; without CUDA, for an sm_90 target): what is
+timed is each library's argument checks, dispatch, autograd glue, launcher code, Triton's
+launch path and small tensor ops, not its kernels. Settings are bench/policy_loss.py's (TRL's
+GRPO with a reference model: k3 KL, clip 0.2/0.28, token mean, old log-probs, per-sequence
+advantages).
 
 The same tokens reach both, as the logits of an lm_head (non-leaves). Liger's API takes a causal
 LM's (B, T+1, V), from the prompt's last position, and drops the last position itself (its
@@ -63,22 +66,105 @@ def _kernel_names(module: ModuleType) -> list[str]:
 
 
 @contextlib.contextmanager
-def stubbed_launches(modules: tuple[ModuleType, ...]) -> Iterator[None]:
-    """Every Triton kernel object of `modules` replaced by a no-op launch while the block runs;
-    restored afterwards. rlops' Triton backend on CPU tensors needs the interpreter, whose flag
+def _replaced(slots: list[tuple[object, str, object]], make: Callable[[object], object]) -> Iterator[None]:
+    """Each (owner, attribute, object) of slots set to make(object) while the block runs, restored
+    afterwards. rlops' Triton backend on CPU tensors needs the interpreter, whose flag
     (rlops.kernels.INTERPRETED) is set for the block too: no kernel runs, so none is interpreted."""
-    saved = [(m, name, getattr(m, name)) for m in modules for name in _kernel_names(m)]
     kernels = importlib.import_module("rlops.kernels")
     interpreted = kernels.INTERPRETED
     try:
-        for m, name, _ in saved:
-            setattr(m, name, _NoLaunch())
+        for owner, attr, obj in slots:
+            setattr(owner, attr, make(obj))
         kernels.INTERPRETED = True
         yield
     finally:
         kernels.INTERPRETED = interpreted
-        for m, name, obj in saved:
-            setattr(m, name, obj)
+        for owner, attr, obj in slots:
+            setattr(owner, attr, obj)
+
+
+def stubbed_launches(modules: tuple[ModuleType, ...]) -> contextlib.AbstractContextManager[None]:
+    """Every Triton kernel object of `modules` replaced by a no-op launch while the block runs:
+    not even Triton's launch path runs (tests/test_extra_memory.py counts rlops' own allocations)."""
+    return _replaced([(m, name, getattr(m, name)) for m in modules for name in _kernel_names(m)],
+                     lambda kernel: _NoLaunch())
+
+
+class _NoDevice:
+    """Triton's driver where no GPU is: device 0, stream 0, an sm_90 target (what the launch path asks)."""
+
+    @staticmethod
+    def get_current_device() -> int:
+        return 0
+
+    @staticmethod
+    def get_current_stream(device: int) -> int:
+        return 0
+
+    @staticmethod
+    def get_current_target() -> object:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+class _CompiledStub:
+    """A compiled kernel whose launch does nothing (the last two calls of JITFunction.run)."""
+
+    function = packed_metadata = None
+
+    @staticmethod
+    def launch_metadata(*args: object) -> None:
+        return None
+
+    @staticmethod
+    def run(*args: object) -> None:
+        return None
+
+
+def _jit_slot(module: ModuleType, name: str) -> tuple[object, str, object]:
+    """(owner, attribute, function): where the module's kernel `name` holds its @triton.jit function
+    under any wrappers (triton.heuristics, triton.autotune): the innermost wrapper's .fn, or the module."""
+    owner, attr, fn = module, name, getattr(module, name)
+    while hasattr(getattr(fn, "fn", None), "fn"):  # a wrapper of a wrapper of the Python function
+        owner, attr, fn = fn, "fn", fn.fn
+    return owner, attr, fn
+
+
+def _host_path_stub(fn: object) -> object:
+    """A JITFunction of fn's Python function whose compile step returns a _CompiledStub. A fresh
+    one, so that no real kernel cache is touched (and that one exists under TRITON_INTERPRET=1,
+    where the kernels are the interpreter's objects)."""
+    from triton.runtime.jit import JITFunction
+
+    jit = JITFunction(fn.fn)
+
+    def compile_stub(key: object, signature: object, device: int, *args: object) -> _CompiledStub:
+        jit.device_caches[device][0][key] = kernel = _CompiledStub()
+        return kernel
+
+    jit._do_compile = compile_stub
+    return jit
+
+
+@contextlib.contextmanager
+def host_path_launches(modules: tuple[ModuleType, ...]) -> Iterator[None]:
+    """Every Triton kernel of `modules` runs Triton's host launch path and stops at the driver's
+    launch: its wrappers (triton.heuristics evaluates its lambdas on every launch), then
+    JITFunction.run's argument binding and specialisation, cache lookup and grid. On a GPU that
+    path costs tens of microseconds per launch. Without CUDA, Triton's driver is _NoDevice."""
+    from triton.runtime import driver
+
+    fake_driver = not torch.cuda.is_available()
+    active = driver._active  # None until first asked (asking without a GPU raises): restored as it was
+    try:
+        if fake_driver:
+            driver.set_active(_NoDevice())
+        with _replaced([_jit_slot(m, name) for m in modules for name in _kernel_names(m)], _host_path_stub):
+            yield
+    finally:
+        if fake_driver:
+            driver.set_active(active)
 
 
 def inputs(seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -240,7 +326,7 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
     modules = tuple(importlib.import_module(m) for m in RLOPS_KERNEL_MODULES)
     if with_liger:
         modules += (importlib.import_module(LIGER_KERNEL_MODULE),)
-    with stubbed_launches(modules):
+    with host_path_launches(modules):
         data = inputs(device=device)
         steps = {"rlops" if form == "own" else f"rlops_{form}": rlops_step(data, form) for form in FORMS}
         if device == "cpu":
@@ -261,7 +347,8 @@ def measure(rounds: int = 7, calls: int = 60, warmup: int = 30, device: str = "c
 
 def summary(h: HostOverhead) -> str:
     """One line: the times, their ratios and the ATen op counts."""
-    head = f"host time per policy-loss fwd+bwd (B={B} T={T} V={V} float32, kernels stubbed): rlops {h.rlops_us:.0f} us"
+    head = (f"host time per policy-loss fwd+bwd (B={B} T={T} V={V} float32, launches stubbed at the driver): "
+            f"rlops {h.rlops_us:.0f} us")
     if h.liger_us is None:
         return f"{head} ({h.rlops_sliced_us:.0f} us on a slice of (B, T+1, V) logits), {h.rlops_aten_ops} ATen ops " \
                "(liger-kernel not installed)"
