@@ -181,21 +181,21 @@ def resources(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 
-def loop_bodies(sass: str) -> list[list[str]]:
-    """The instructions of each loop body of the SASS listing: from a backward branch's target up
-    to the branch itself."""
-    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+def instructions(listing: str) -> list[tuple[int, str]]:
+    """(address, instruction) of each instruction of a `cuobjdump -sass` listing, or of one
+    function of it."""
+    return [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", listing)]
+
+
+def loop_bodies(code: list[tuple[int, str]]) -> list[list[str]]:
+    """The instructions of each loop of `code` (instructions()): from a backward branch's target
+    up to the branch itself."""
     loops = []
     for addr, text in code:
         branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < addr:
             loops.append([t for a, t in code if int(branch.group(1), 16) <= a <= addr])
     return loops
-
-
-def loop_instructions(sass: str) -> list[int]:
-    """Instructions in each loop body of the SASS listing."""
-    return [len(body) for body in loop_bodies(sass)]
 
 
 def ctas_per_sm(regs: int) -> int:
@@ -224,7 +224,7 @@ def measure(fn: object, cubin: bytes, dtype: str) -> dict[str, object]:
     element it streams (elements_per_thread) and whether that loop loads and stores 16-byte
     vectors (LDG/STG .128)."""
     res = resources(cubin)
-    bodies = loop_bodies(_cuobjdump(cubin, "-sass"))
+    bodies = loop_bodies(instructions(_cuobjdump(cubin, "-sass")))
     loops = [len(body) for body in bodies]
     hot = max(bodies, key=len) if bodies else []
     per_thread = elements_per_thread(fn, dtype)

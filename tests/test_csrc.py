@@ -39,6 +39,7 @@ from test_advantages import (
 
 import rlops
 from rlops import _cuda
+from rlops.bench.sass import instructions, loop_bodies
 from rlops.ops import _backend
 from rlops.packing import pack
 
@@ -132,19 +133,7 @@ def _sass(obj: Path) -> dict[str, list[tuple[int, str]]]:
     """Each kernel's SASS as (address, instruction) pairs, from cuobjdump -sass."""
     out = subprocess.run([CUOBJDUMP, "-sass", str(obj)], capture_output=True, text=True, timeout=120,
                          check=True).stdout
-    return {part.split("\n", 1)[0].strip(): [(int(addr, 16), text.strip()) for addr, text in
-                                              re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", part)]
-            for part in re.split(r"\n\s*Function : ", out)[1:]}
-
-
-def _loops(code: list[tuple[int, str]]) -> list[list[str]]:
-    """The instructions of each loop: from a backward branch's target up to the branch."""
-    loops = []
-    for addr, text in code:
-        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if branch and int(branch.group(1), 16) < addr:
-            loops.append([t for a, t in code if int(branch.group(1), 16) <= a <= addr])
-    return loops
+    return {part.split("\n", 1)[0].strip(): instructions(part) for part in re.split(r"\n\s*Function : ", out)[1:]}
 
 
 def _count(body: list[str], op: str) -> int:
@@ -174,7 +163,7 @@ def test_token_stats_sass_keeps_loads_in_flight_and_stores_16_bytes(kernel_build
         unroll = in_flight // 2 if has_ref == "1" else in_flight
         variant = f"{kind} {DTYPES[dtype][0]} ref={has_ref}" + ("" if policy is None else f" policy={policy}")
         where = f"{variant} ({name})"
-        loops = _loops(code)
+        loops = loop_bodies(code)
         streaming = [body for body in loops if _count(body, "LDG.E.128")]
         assert len(streaming) == 1, f"{where}: {len(streaming)} loops with 16-byte loads"
         body = streaming[0]
@@ -203,7 +192,7 @@ def test_gae_sass_reads_and_writes_vectors(kernel_build) -> None:
     unaligned rows stay beside them)."""
     obj, report = kernel_build("gae.cu", "90")
     (name, code), = _sass(obj).items()
-    tiles = [body for body in _loops(code) if _count(body, "LDG.E.128")]
+    tiles = [body for body in loop_bodies(code) if _count(body, "LDG.E.128")]
     assert len(tiles) == 1, f"{len(tiles)} loops with 16-byte loads"
     body = tiles[0]
     counts = {op: _count(body, op) for op in ("LDG.E.128", "LDG.E.64", "STG.E.128")}
