@@ -167,7 +167,8 @@ def _sass_report(args: argparse.Namespace, prog: str) -> int:
         path = args.out / f"sass-{'-'.join(f'sm_{a}' for a in args.arch)}.json"
         path.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {path}")
-    return 1 if any("error" in r for r in results.values()) else 0
+    # Another library's kernel that does not compile here is a row of the table, not a failure.
+    return 1 if any("error" in r for key, r in results.items() if not sass.is_comparison(key)) else 0
 
 
 def check_dependencies(prog: str) -> str | None:

@@ -10,15 +10,20 @@ helpers included, with Python it cannot compile). Results, one per case:
 "loop_instructions": [int, ...], "instr_per_elem": float}}
 or {"<...>": {"error": "..."}} for a kernel that does not compile. Without /V= the vocabulary is
 Qwen's 151936 (sizes and strides multiples of 16); ODD_VOCABS have rows at any 2-byte offset.
+Then, for comparison, Liger's GRPO kernels as "liger:<kernel>/bf16/sm_<arch>" (LIGER_CASES)
+where liger-kernel imports.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import triton
@@ -198,11 +203,11 @@ def loop_bodies(code: list[tuple[int, str]]) -> list[list[str]]:
     return loops
 
 
-def ctas_per_sm(regs: int) -> int:
-    """Resident CTAs of THREADS threads on an sm_80/sm_90 SM: 64K registers allocated per warp
+def ctas_per_sm(regs: int, num_warps: int = NUM_WARPS) -> int:
+    """Resident CTAs of num_warps warps on an sm_80/sm_90 SM: 64K registers allocated per warp
     in units of 256, at most 2048 threads and 32 CTAs (the kernels use no shared memory that binds)."""
     per_warp = -(-regs * 32 // 256) * 256
-    return min(65536 // (per_warp * NUM_WARPS), 2048 // THREADS, 32)
+    return min(65536 // (per_warp * num_warps), 2048 // (32 * num_warps), 32)
 
 
 # Kernels whose vocabulary loop streams two 16-byte vectors per thread per iteration
@@ -219,40 +224,94 @@ def elements_per_thread(fn: object, dtype: str) -> float:
     return BLOCKS.get(name, ("BLOCK_V", 4096))[1] / THREADS
 
 
-def measure(fn: object, cubin: bytes, dtype: str) -> dict[str, object]:
+def measure(cubin: bytes, per_thread: float, num_warps: int = NUM_WARPS) -> dict[str, object]:
     """resources, CTAs per SM, each loop's instruction count, the longest loop's instructions per
-    element it streams (elements_per_thread) and whether that loop loads and stores 16-byte
-    vectors (LDG/STG .128)."""
+    element it streams (per_thread: the elements one thread streams per iteration) and whether
+    that loop loads and stores 16-byte vectors (LDG/STG .128)."""
     res = resources(cubin)
     bodies = loop_bodies(instructions(_cuobjdump(cubin, "-sass")))
     loops = [len(body) for body in bodies]
     hot = max(bodies, key=len) if bodies else []
-    per_thread = elements_per_thread(fn, dtype)
-    return {**res, "ctas_per_sm": ctas_per_sm(res.get("REG", 255)), "loop_instructions": loops,
+    return {**res, "ctas_per_sm": ctas_per_sm(res.get("REG", 255), num_warps), "loop_instructions": loops,
             "instr_per_elem": round(max(loops) / per_thread, 2) if loops else None,
             "loop_ld_v4": any(re.search(r"\bLDG(?:\.\w+)*\.128\b", t) for t in hot),
             "loop_st_v4": any(re.search(r"\bSTG(?:\.\w+)*\.128\b", t) for t in hot)}
 
 
-def compile_case(fn: object, switches: dict[str, object], dtype: str, arch: int,
-                 vocab: int = DEFAULT_VOCAB) -> dict[str, object]:
-    """One case's report (or {"error": ...} when it does not compile)."""
+def _compiled_report(fn: object, sig: dict[str, str], constexprs: dict[str, object], attrs: dict, arch: int,
+                     options: dict[str, int], per_thread: float) -> dict[str, object]:
+    """Compiles fn for sm_<arch> and measures it (or {"error": ...} when it does not compile)."""
     try:
-        sig, constexprs, attrs = signature(fn, dtype, switches, vocab)
-        src = ASTSource(jit_function(fn), sig, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+        src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # reported to the caller, which says which kernel and why
         return {"error": f"{type(e).__name__}: {e}"}
     ptx = compiled.asm["ptx"]
     return {
         "ld_v4": bool(re.search(r"ld\.global(?:\.\w+)*\.v4", ptx)),
         "st_v4": bool(re.search(r"st\.global(?:\.\w+)*\.v4", ptx)),
-        **measure(fn, compiled.asm["cubin"], dtype),
+        **measure(compiled.asm["cubin"], per_thread, options["num_warps"]),
     }
 
 
-def main(archs: list[int], dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[str, dict[str, object]]:
-    """The report of every case of CASES for each architecture and dtype."""
+def compile_case(fn: object, switches: dict[str, object], dtype: str, arch: int,
+                 vocab: int = DEFAULT_VOCAB) -> dict[str, object]:
+    """One case's report (or {"error": ...} when it does not compile)."""
+    sig, constexprs, attrs = signature(fn, dtype, switches, vocab)
+    return _compiled_report(jit_function(fn), sig, constexprs, attrs, arch, {"num_warps": NUM_WARPS},
+                            elements_per_thread(fn, dtype))
+
+
+# ---- comparison kernels ---------------------------------------------------------------------
+# Liger's token-level GRPO loss (liger_kernel.ops.grpo_loss, the "liger" provider of the policy-loss
+# benchmark), compiled as its launcher compiles it for bench/policy_loss.py's settings (TRL's GRPO:
+# k3 KL 0.04, clip 0.2/0.28, temperature 1, a completion mask), bf16 logits of (B, L + 1, V) at
+# DEFAULT_VOCAB: its temperature, coefficients, L and V are constexprs.
+LIGER_MODULE = "liger_kernel.ops.grpo_loss"
+LIGER_CONSTEXPRS = {"TEMPERATURE": 1.0, "BETA": 0.04, "EPS_LOW": 0.2, "EPS_HIGH": 0.28, "LOSS_TYPE": 0,
+                    "SAPO_TEMP_POS": 1.0, "SAPO_TEMP_NEG": 1.05, "DELTA": 0.0, "USE_BIAS_CORRECTION_KL": False,
+                    "L": 1024, "N": DEFAULT_VOCAB, "VLLM_IS_RATIO": None, "PHI_SEQ": None}
+_LIGER_ROW = {"OLD_LOGP": "*fp32", "REF_LOGP": "*fp32", "INPUT_IDS": "*i64", "COMPLETION_MASK": "*i32",
+              "ADVANTAGES": "*fp32", "LSE": "*fp32", "VLLM_IS_RATIO_STRIDE": "i32"}
+# (kernel, its launcher's options, its BLOCK_N, the type of each argument that is not a constexpr)
+LIGER_CASES = (
+    ("_grpo_loss_fwd_kernel", {"num_warps": 1, "num_stages": 2}, 2048,
+     {"LOGITS": "*bf16", **_LIGER_ROW, "LOSS": "*fp32", "KL": "*fp32", "IS_CLIPPED": "*fp32"}),
+    ("_grpo_loss_bwd_kernel", {"num_warps": 16, "num_stages": 1}, 4096,
+     {"DLOSS": "*fp32", "DLOGITS": "*bf16", "LOGITS": "*bf16", **_LIGER_ROW, "loss_stride0": "i32",
+      "loss_stride1": "i32"}),
+)
+
+
+def comparison_cases(archs: list[int]) -> list[tuple[str, tuple]]:
+    """(key, compile_comparison's arguments) of each comparison kernel for each architecture, keyed
+    "liger:<kernel>/bf16/sm_<arch>"; none where liger-kernel does not import."""
+    try:
+        module = importlib.import_module(LIGER_MODULE)
+    except Exception:  # not installed, or its import fails here: reported without it
+        return []
+    return [(f"liger:{name}/bf16/sm_{arch}", (getattr(module, name), arch, options, block, types))
+            for name, options, block, types in LIGER_CASES for arch in archs]
+
+
+def compile_comparison(kernel: object, arch: int, options: dict[str, int], block: int,
+                       types: dict[str, str]) -> dict[str, object]:
+    """One comparison kernel's report: each argument typed (types) or a constexpr (LIGER_CONSTEXPRS,
+    BLOCK_N), pointers 16-byte aligned as fresh allocations are."""
+    fn = jit_function(kernel)
+    constexprs = {**{k: v for k, v in LIGER_CONSTEXPRS.items() if k in fn.arg_names}, "BLOCK_N": block}
+    untyped = [name for name in fn.arg_names if name not in constexprs and name not in types]
+    if untyped:  # another release of the package, with other arguments
+        return {"error": f"arguments without a type here: {', '.join(untyped)} (LIGER_CASES)"}
+    sig = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
+    return _compiled_report(fn, sig, constexprs, attrs, arch, options, block / (32 * options["num_warps"]))
+
+
+def main(archs: list[int], dtypes: tuple[str, ...] = ("bf16", "fp32"), compare: bool = True
+         ) -> dict[str, dict[str, object]]:
+    """The report of every case of CASES for each architecture and dtype, then (compare) that of
+    each comparison kernel (comparison_cases)."""
     # Triton 3.9 warns that its FP-fusion default will change; the launchers compile with fusion
     # on (the counts assume fused multiply-adds), so the report says so explicitly.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -260,25 +319,33 @@ def main(archs: list[int], dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[s
     # Vocabularies with the same divisibility compile to the same code: once.
     codes = [(case_key(fn, switches, dtype, arch), vocab % 16 == 0) for _, fn, switches, dtype, arch, vocab in cases]
     first = {code: i for i, code in reversed(list(enumerate(codes)))}
-    _PENDING[:] = [cases[i][1:] for i in first.values()]
+    others = comparison_cases(archs) if compare else []
+    _PENDING[:] = ([functools.partial(compile_case, *cases[i][1:]) for i in first.values()]
+                   + [functools.partial(compile_comparison, *args) for _, args in others])
     # Each compile is single-threaded Python plus ptxas: one process per core (forked: the
-    # children find the cases in _PENDING) takes a 2-core machine's report from 2 to 1 minute.
+    # children find the jobs in _PENDING) takes a 2-core machine's report from 2 to 1 minute.
     workers = min(len(_PENDING), os.cpu_count() or 1)
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             reports = list(pool.map(_compile_pending, range(len(_PENDING))))
     else:
         reports = [_compile_pending(i) for i in range(len(_PENDING))]
-    compiled = dict(zip(first, reports, strict=True))
-    return {case[0]: compiled[code] for case, code in zip(cases, codes, strict=True)}
+    compiled = dict(zip(first, reports, strict=False))
+    ours = {case[0]: compiled[code] for case, code in zip(cases, codes, strict=True)}
+    return {**ours, **{key: report for (key, _), report in zip(others, reports[len(first):], strict=True)}}
 
 
-# The distinct cases of a report being compiled (main): (fn, switches, dtype, arch, vocab) each.
-_PENDING: list[tuple] = []
+def is_comparison(key: str) -> bool:
+    """Whether a report key is another library's kernel (comparison_cases), not rlops'."""
+    return ":" in key.split("/", 1)[0]
+
+
+# The compiles of a report being made (main), each a call without arguments.
+_PENDING: list[Callable[[], dict[str, object]]] = []
 
 
 def _compile_pending(index: int) -> dict[str, object]:
-    return compile_case(*_PENDING[index])
+    return _PENDING[index]()
 
 
 def table(results: dict[str, dict[str, object]]) -> str:

@@ -237,3 +237,9 @@ def test_sass_report_refuses_the_interpreter_and_writes_json(monkeypatch: pytest
     assert run.main(["--sass", "--arch", "80", "--out", str(tmp_path)]) == 0
     assert "| _k[X=1]/bf16/sm_80 | 40 | 0 | 6 | yes | no | 15.38 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "sass-sm_80.json").read_text()) == report
+    # Another library's kernel that does not compile is a row, not a failure; one of rlops' is.
+    report = {**report, "liger:_k/bf16/sm_80": {"error": "arguments without a type here: X (LIGER_CASES)"}}
+    assert run.main(["--sass", "--arch", "80"]) == 0
+    assert "| liger:_k/bf16/sm_80 | error: arguments without a type here" in capsys.readouterr().out
+    report["_k[X=1]/bf16/sm_80"] = {"error": "CompilationError: ..."}
+    assert run.main(["--sass", "--arch", "80"]) == 1

@@ -141,6 +141,24 @@ def test_ctas_per_sm_follows_the_register_file() -> None:
 
     # 256 threads: 40 registers -> 1280 per warp -> 10240 per CTA -> 6 of 64K; 32 -> 8 (thread limit).
     assert (ctas_per_sm(32), ctas_per_sm(40), ctas_per_sm(48), ctas_per_sm(88), ctas_per_sm(255)) == (8, 6, 5, 2, 1)
+    # Liger's launches: 1 warp at 88 registers -> 2816 per warp -> 23 of 64K; 16 warps -> 4 (thread limit).
+    assert (ctas_per_sm(88, num_warps=1), ctas_per_sm(32, num_warps=1), ctas_per_sm(32, num_warps=16)) == (23, 32, 4)
+
+
+def test_comparison_kernels_are_reported(compiled: dict) -> None:
+    """rlops bench --sass also compiles Liger's GRPO forward and backward kernels as its launcher
+    does, for the same measures beside rlops' own (here at sm_80 and sm_90, with the suite's
+    liger-kernel)."""
+    from rlops.bench.sass import LIGER_CASES, LIGER_MODULE, is_comparison
+
+    pytest.importorskip(LIGER_MODULE)
+    keys = [key for key in compiled if is_comparison(key)]
+    assert keys == [f"liger:{case[0]}/bf16/sm_{arch}" for case in LIGER_CASES for arch in ARCHS]
+    for key in keys:
+        result = compiled[key]
+        assert "error" not in result, result
+        assert result["loop_instructions"] and result["instr_per_elem"] > 0 and result["ctas_per_sm"] >= 1, result
+    assert not any(is_comparison(key) for key in KEYS)
 
 
 def _row_misalignments(rows) -> list[int]:
