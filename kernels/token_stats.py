@@ -135,20 +135,23 @@ def _token_stats_fwd_kernel(
         store_stats(stats_ptr, N, row, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+# log p + H where a probability underflows to 0 at most this low: p * coef stays 0 for a -inf logit
+# (not 0 * -inf = NaN), and nothing changes where p > 0, since there log p > -104.
+LOG_P_FLOOR = tl.constexpr(-1.0e4)
+
+
 @triton.jit
-def _logits_grad_block(x, y, one_hot, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl, inv_tau, k, log2_s,
-                       HAS_REF: tl.constexpr):
-    """dx of logits x (reference logits y with HAS_REF); one_hot: g_logp at the sampled token, else 0."""
+def _logits_grad_block(x, y, one_hot, m, h, q, gl, ge, gk, inv_tau, k, log2_s, HAS_REF: tl.constexpr):
+    """dx of logits x (reference logits y with HAS_REF): one_hot - p * coef, with the row's upstream
+    gradients gl, ge, gk of logp, entropy and kl already times inv_tau, h = H - log_sum and
+    q = lse_gap + KL (one_hot: gl at the sampled token, else 0)."""
     xm = x - m
-    log_p = xm * inv_tau - log_s
-    p = tl.exp2(xm * k - log2_s)  # exp(log_p) with the scales folded: two fused multiply-adds
-    # Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
-    log_p = tl.where(p > 0, log_p, 0.0)
-    coef = g_logp + g_entropy * (log_p + entropy)
+    p = tl.exp2(xm * k - log2_s)  # exp(log p) with the scales folded: two fused multiply-adds
+    coef = gl + ge * tl.maximum(xm * inv_tau + h, LOG_P_FLOOR)  # log p + H = (x - max) / tau - log_sum + H
     if HAS_REF:
-        coef -= g_kl * (tl.where(p > 0, (x - y) * inv_tau, 0.0) - lse_gap - kl)
-    dz = one_hot - p * coef
-    return dz * inv_tau
+        # Where a logit is -inf, p = 0: its term is 0, not 0 * (-inf - -inf) = NaN.
+        coef -= gk * (tl.where(p > 0, (x - y) * inv_tau, 0.0) - q)
+    return one_hot - p * coef
 
 
 @triton.jit
@@ -221,6 +224,9 @@ def _token_stats_bwd_kernel(
     tok = tl.where(has_tok, tok, 0)
     k = inv_tau * LOG2E
     log2_s = log_s * LOG2E
+    # Per row: the upstream gradients times inv_tau, and the row's constants of _logits_grad_block.
+    gl, ge, gk = g_logp * inv_tau, g_entropy * inv_tau, g_kl * inv_tau
+    h, q = entropy - log_s, lse_gap + kl
     DX_TY: tl.constexpr = dx_row.dtype.element_ty
     VEC: tl.constexpr = 128 // DX_TY.primitive_bitwidth  # elements per 16 bytes
     head = row_head(dx_row, V)
@@ -251,8 +257,7 @@ def _token_stats_bwd_kernel(
         y_edge = x_edge
         if HAS_REF:
             y_edge = tl.load(ref_row + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
-        dx_edge = _logits_grad_block(x_edge, y_edge, 0.0, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl,
-                                     inv_tau, k, log2_s, HAS_REF)
+        dx_edge = _logits_grad_block(x_edge, y_edge, 0.0, m, h, q, gl, ge, gk, inv_tau, k, log2_s, HAS_REF)
         tl.store(dx_row + edge, dx_edge.to(DX_TY), mask=in_edge)
         x_body = x_row + head
         if X_ALIGNED:
@@ -267,14 +272,12 @@ def _token_stats_bwd_kernel(
             y = x
             if HAS_REF:
                 y = tl.load(ref_body + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-            dx = _logits_grad_block(x, y, 0.0, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl, inv_tau, k,
-                                    log2_s, HAS_REF)
+            dx = _logits_grad_block(x, y, 0.0, m, h, q, gl, ge, gk, inv_tau, k, log2_s, HAS_REF)
             # In place (dx_row = x_row) is safe: these elements were read above.
             tl.store(dx_body + offs, dx.to(DX_TY), mask=in_row)
         # The barrier orders this store after the loop's store of the same element (by another thread).
         tl.debug_barrier()
-        dx_tok = _logits_grad_block(x_tok, y_tok, g_logp, m, log_s, entropy, lse_gap, kl, g_logp, g_entropy, g_kl,
-                                    inv_tau, k, log2_s, HAS_REF)
+        dx_tok = _logits_grad_block(x_tok, y_tok, gl, m, h, q, gl, ge, gk, inv_tau, k, log2_s, HAS_REF)
         tl.store(dx_row + tok, dx_tok.to(DX_TY), mask=owns_tok)
 
 

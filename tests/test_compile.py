@@ -92,14 +92,14 @@ BUDGET = {FWD: 10.0, BWD: 14.0, EXACT_KL_FWD: 2 * 12.0}
 # boundary; a reference row aligned otherwise than the logits streams in scalars.
 CEILINGS = {
     FWD: 9.75,
-    BWD: 13.75,
+    BWD: 10.75,
     EXACT_KL_FWD: 20.25,
     "_token_stats_fwd_kernel[HAS_REF=1,HAS_MASK=0]/bf16/sm_90": 20.25,
     "_policy_loss_fwd_kernel[HAS_OLD=1,HAS_ISW=1,HAS_ENT=1,KL_KIND=0,KL_RATIO=0]/bf16/sm_90": 9.75,
     "_policy_loss_fwd_kernel[HAS_OLD=1,HAS_ISW=1,HAS_ENT=1,KL_KIND=3,KL_RATIO=1]/bf16/sm_90": 9.75,
-    "_token_stats_bwd_kernel[HAS_REF=1]/bf16/sm_90": 22.0,
+    "_token_stats_bwd_kernel[HAS_REF=1]/bf16/sm_90": 19.0,
     "_token_stats_fwd_kernel[HAS_REF=0,HAS_MASK=0]/bf16/V=50257/sm_90": 9.75,
-    "_token_stats_bwd_kernel[HAS_REF=0]/bf16/V=50257/sm_90": 13.75,
+    "_token_stats_bwd_kernel[HAS_REF=0]/bf16/V=50257/sm_90": 10.75,
     "_token_stats_fwd_kernel[HAS_REF=1,HAS_MASK=0]/bf16/V=50257/sm_90": 20.25,
     "_token_stats_fwd_kernel[HAS_REF=1,HAS_MASK=0,REF_ALIGNED=0]/bf16/V=50257/sm_90": 22.5,
     "_policy_loss_fwd_kernel[HAS_OLD=1,HAS_ISW=1,HAS_ENT=1,KL_KIND=3,KL_RATIO=1]/bf16/V=50257/sm_90": 9.75,
