@@ -268,26 +268,35 @@ RLOPS_HD PolicyOut policy_token(float logp, float entropy, float kl_full, const 
   return o;
 }
 
-// What the backward needs of one row: its statistics and the upstream gradients of logp,
-// entropy and the exact KL.
+// What the backward needs of one row: its statistics, the upstream gradients of logp, entropy
+// and the exact KL already divided by tau (gl, ge, gk), q = lse_gap + KL, and whether all three
+// gradients are 0 (a masked token: zeros, without reading its logits).
 struct GradRow {
   RowStats stats;
-  float g_logp, g_entropy, g_kl, inv_tau;
+  float gl, ge, gk, q, inv_tau;
+  bool zero;
 };
+
+RLOPS_HD GradRow grad_row(const RowStats& s, float g_logp, float g_entropy, float g_kl, float inv_tau) {
+  return GradRow{s, g_logp * inv_tau, g_entropy * inv_tau, g_kl * inv_tau, s.lse_gap + s.kl, inv_tau,
+                 g_logp == 0.f && g_entropy == 0.f && g_kl == 0.f};
+}
+
+// log p + H where a probability underflows to 0 at most this low: p * coef stays 0 for a -inf
+// logit (not 0 * -inf = NaN), and nothing changes where p > 0, since there log p > -104.
+constexpr float kLogPFloor = -1.0e4f;
 
 // d/dx of g_logp * logp + g_entropy * H + g_kl * KL(p || q) at one logit x (z = x / tau):
 //   (g_logp (1[v == a] - p) - g_entropy p (log p + H) + g_kl p (log p - log q - KL)) / tau
 // with log p - log q = (x - y) / tau - lse_gap; x and y as loaded (not divided by tau).
 template <bool HAS_REF>
 RLOPS_HD float logit_grad(float x, float y, bool is_token, const GradRow& g) {
-  float log_p = token_logp(x, g.inv_tau, g.stats);
-  float p = exp_(log_p);
-  // Where a logit is -inf, p = 0 and log p = -inf: its terms are 0, not 0 * -inf = NaN.
-  if (!(p > 0.f)) log_p = 0.f;
-  float coef = g.g_logp + g.g_entropy * (log_p + g.stats.entropy);
-  if (HAS_REF) coef -= g.g_kl * ((p > 0.f ? (x - y) * g.inv_tau : 0.f) - g.stats.lse_gap - g.stats.kl);
-  float dz = (is_token ? g.g_logp : 0.f) - p * coef;
-  return dz * g.inv_tau;
+  const float log_p = token_logp(x, g.inv_tau, g.stats);
+  const float p = exp_(log_p);
+  float coef = g.gl + g.ge * fmaxf(log_p + g.stats.entropy, kLogPFloor);
+  // Where a logit is -inf, p = 0: its term is 0, not 0 * (-inf - -inf) = NaN.
+  if (HAS_REF) coef -= g.gk * ((p > 0.f ? (x - y) * g.inv_tau : 0.f) - g.q);
+  return (is_token ? g.gl : 0.f) - p * coef;
 }
 
 // GAE (SPEC 5) as two reverse linear recurrences h_t = b_t + a_t h_{t+1}; an affine map per

@@ -294,10 +294,11 @@ __global__ void __launch_bounds__(kThreads) stats_bwd_kernel(StatsBwdArgs a) {
   T* dx = static_cast<T*>(a.dx) + row_offset(row, a.x.inner, a.dx_stride_outer, a.dx_stride_inner);
   // Upstream gradient row k is that of statistics row k (logp, entropy, the exact KL).
   const float* st = a.stats + row;
-  const GradRow g{RowStats{st[kRowMax * N], st[kRowLogSum * N], st[kRowEntropy * N], st[kRowLseGap * N], st[kRowKl * N]},
-                  a.grads[kRowLogp * N + row], a.grads[kRowEntropy * N + row], a.grads[kRowKl * N + row], a.inv_tau};
+  const GradRow g = grad_row(
+      RowStats{st[kRowMax * N], st[kRowLogSum * N], st[kRowEntropy * N], st[kRowLseGap * N], st[kRowKl * N]},
+      a.grads[kRowLogp * N + row], a.grads[kRowEntropy * N + row], a.grads[kRowKl * N + row], a.inv_tau);
   int64_t head = head_len<T>(dx, V);
-  if (g.g_logp == 0.f && g.g_entropy == 0.f && g.g_kl == 0.f) {
+  if (g.zero) {
     // A masked token: zeros, without reading its logits.
     stream_row<T, kInFlight>(V, head, [](int64_t, auto width) { return width; }, [&](int64_t i, auto width) {
       constexpr int W = decltype(width)::value;

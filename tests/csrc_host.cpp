@@ -138,12 +138,12 @@ void rlops_logit_grad(const float* x, const float* y, const int64_t* tokens, con
   const int64_t n = n_rows;
   for (int64_t r = 0; r < n; ++r) {
     const float* st = stats + r;
-    GradRow g{RowStats{st[kRowMax * n], st[kRowLogSum * n], st[kRowEntropy * n], st[kRowLseGap * n], st[kRowKl * n]},
-              grads[r], grads[n + r], grads[2 * n + r], inv_tau};
-    const bool zero = g.g_logp == 0.f && g.g_entropy == 0.f && g.g_kl == 0.f;
+    const GradRow g = grad_row(
+        RowStats{st[kRowMax * n], st[kRowLogSum * n], st[kRowEntropy * n], st[kRowLseGap * n], st[kRowKl * n]},
+        grads[r], grads[n + r], grads[2 * n + r], inv_tau);
     for (int64_t v = 0; v < V; ++v) {
       const float xv = x[r * V + v];
-      dx[r * V + v] = zero ? 0.f
+      dx[r * V + v] = g.zero ? 0.f
                       : y  ? logit_grad<true>(xv, y[r * V + v], v == tokens[r], g)
                            : logit_grad<false>(xv, 0.f, v == tokens[r], g);
     }
