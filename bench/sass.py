@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import multiprocessing
 import os
 import re
@@ -287,24 +288,28 @@ def comparison_cases(archs: list[int]) -> list[tuple[str, tuple]]:
     """(key, compile_comparison's arguments) of each comparison kernel for each architecture, keyed
     "liger:<kernel>/bf16/sm_<arch>"; none where liger-kernel does not import."""
     try:
-        module = importlib.import_module(LIGER_MODULE)
+        importlib.import_module(LIGER_MODULE)
     except Exception:  # not installed, or its import fails here: reported without it
         return []
-    return [(f"liger:{name}/bf16/sm_{arch}", (getattr(module, name), arch, options, block, types))
+    return [(f"liger:{name}/bf16/sm_{arch}", (name, arch, options, block, types))
             for name, options, block, types in LIGER_CASES for arch in archs]
 
 
-def compile_comparison(kernel: object, arch: int, options: dict[str, int], block: int,
+def compile_comparison(name: str, arch: int, options: dict[str, int], block: int,
                        types: dict[str, str]) -> dict[str, object]:
-    """One comparison kernel's report: each argument typed (types) or a constexpr (LIGER_CONSTEXPRS,
-    BLOCK_N), pointers 16-byte aligned as fresh allocations are."""
+    """The report of LIGER_MODULE's kernel `name`: each argument typed (types) or a constexpr
+    (LIGER_CONSTEXPRS, BLOCK_N), pointers 16-byte aligned as fresh allocations are."""
+    kernel = getattr(importlib.import_module(LIGER_MODULE), name, None)
+    if kernel is None:  # another release of the package
+        return {"error": f"{LIGER_MODULE} has no {name} (LIGER_CASES)"}
     fn = jit_function(kernel)
-    constexprs = {**{k: v for k, v in LIGER_CONSTEXPRS.items() if k in fn.arg_names}, "BLOCK_N": block}
-    untyped = [name for name in fn.arg_names if name not in constexprs and name not in types]
+    args = list(inspect.signature(getattr(fn, "fn", fn)).parameters)  # the Python function's, as the JIT's
+    constexprs = {**{k: v for k, v in LIGER_CONSTEXPRS.items() if k in args}, "BLOCK_N": block}
+    untyped = [arg for arg in args if arg not in constexprs and arg not in types]
     if untyped:  # another release of the package, with other arguments
         return {"error": f"arguments without a type here: {', '.join(untyped)} (LIGER_CASES)"}
-    sig = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
+    sig = {arg: "constexpr" if arg in constexprs else types[arg] for arg in args}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(args) if sig[arg].startswith("*")}
     return _compiled_report(fn, sig, constexprs, attrs, arch, options, block / (32 * options["num_warps"]))
 
 

@@ -198,3 +198,15 @@ def test_same_alignment_is_every_rows_alignment() -> None:
     assert min(checked.values()) > 20, checked  # both answers are exercised
     fp32 = row_layout(torch.empty(3, 8, dtype=torch.float32))
     assert not same_alignment(row_layout(torch.empty(3, 8, dtype=torch.bfloat16)), fp32)  # element sizes differ
+
+
+def test_comparison_kernel_of_another_release_is_an_error_row() -> None:
+    """A liger-kernel without the kernel, or with arguments LIGER_CASES does not type, gives the
+    row an error naming it (rlops bench --sass goes on), before any compile."""
+    from rlops.bench.sass import LIGER_MODULE, compile_comparison
+
+    pytest.importorskip(LIGER_MODULE)
+    missing = compile_comparison("_no_such_kernel", 90, {"num_warps": 1}, 2048, {})
+    assert missing == {"error": f"{LIGER_MODULE} has no _no_such_kernel (LIGER_CASES)"}
+    untyped = compile_comparison("_grpo_loss_fwd_kernel", 90, {"num_warps": 1}, 2048, {"LOGITS": "*bf16"})
+    assert untyped["error"].startswith("arguments without a type here: OLD_LOGP, REF_LOGP"), untyped
