@@ -100,7 +100,8 @@ SWITCH_TYPES = {"HAS_COUNT": {"agg_w_ptr": "*i1", "agg_count_ptr": "*i64"}}
 
 
 def jit_function(fn: object) -> object:
-    """The @triton.jit function under any wrappers (triton.heuristics, the interpreter's)."""
+    """The @triton.jit function of a kernel object: the JITFunction itself, or the Python function
+    under the interpreter's object (or under a wrapper such as triton.autotune, in another library)."""
     while not hasattr(fn, "params") and hasattr(fn, "fn"):
         fn = fn.fn
     return fn

@@ -84,9 +84,8 @@ def vocab_splits(n_rows: int, vocab: int, device: torch.device) -> tuple[int, in
 
 
 def is_interpreted(kernel: object) -> bool:
-    """True when `kernel` was built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    while type(kernel).__name__ in ("Heuristics", "Autotuner"):  # decorators keep the kernel in .fn
-        kernel = kernel.fn
+    """True when the @triton.jit `kernel` (no wrapper: the launchers pass their switches) was built
+    by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return type(kernel).__name__ == "InterpretedFunction"
 
 
