@@ -171,6 +171,19 @@ def row_head(row_ptr, V):
 
 
 @triton.jit
+def row_body(row_ptr, head, ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """row_ptr + head (row_head): where the row's 16-byte vectors start, marked 16-byte aligned
+    when ALIGNED (the caller knows row_ptr + head is). The mark is left off for rows of at most
+    16 elements (BLOCK_V == 16): there row_head stops at the row's end when the row ends before
+    its first boundary, and a mark on the address would be false (rlops._interpreter.check_hints).
+    Longer rows always reach the boundary, so their code is unchanged."""
+    body = row_ptr + head
+    if ALIGNED and BLOCK_V > 16:
+        body = tl.multiple_of(body, 16)
+    return body
+
+
+@triton.jit
 def row_edges(head, n_body, n_edges, VEC: tl.constexpr):
     """The elements of a row outside its vector body [head, head + n_body): the head [0, head)
     and the tail [head + n_body, V), fewer than VEC each, as one block of 2 * VEC lanes
@@ -368,10 +381,8 @@ def row_states(x_row, ref_row, V, k, split, chunk, HAS_REF: tl.constexpr, REF_AL
 
     # The body: 16-byte aligned from its start and a multiple of VEC long, hints the compiler
     # cannot derive (the row's alignment is known only at run time); whole tiles, then the rest.
-    x_body = tl.multiple_of(x_row + head, 16)
-    ref_body = ref_row + head
-    if REF_ALIGNED:
-        ref_body = tl.multiple_of(ref_body, 16)
+    x_body = row_body(x_row, head, True, BLOCK_V)
+    ref_body = row_body(ref_row, head, HAS_REF and REF_ALIGNED, BLOCK_V)  # no reference: a stand-in never read
     lo = tl.multiple_of(split * chunk, 16)
     hi = tl.minimum(n_body, lo + chunk)
     n_whole = lo + tl.maximum(hi - lo, 0) // TILE * TILE

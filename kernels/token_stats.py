@@ -45,6 +45,7 @@ from ._common import (
     ROW_MAX,
     block_v,
     merged_row_stats,
+    row_body,
     row_edges,
     row_head,
     row_start,
@@ -234,7 +235,7 @@ def _token_stats_bwd_kernel(
     edge, in_edge = row_edges(head, n_body, tl.where(split == 0, V - n_body, 0), VEC)
     # This program's part of the body: 16-byte aligned from its start and a multiple of VEC long,
     # hints the compiler cannot derive (the row's alignment is known only at run time).
-    dx_body = tl.multiple_of(dx_row + head, 16)
+    dx_body = row_body(dx_row, head, True, BLOCK_V)
     lo = tl.multiple_of(split * chunk, VEC)
     hi = tl.multiple_of(tl.minimum(n_body, lo + chunk), VEC)
     # The sampled token's element is this program's to finish when it lies in its part.
@@ -259,12 +260,8 @@ def _token_stats_bwd_kernel(
             y_edge = tl.load(ref_row + edge, mask=in_edge, other=float("-inf")).to(tl.float32)
         dx_edge = _logits_grad_block(x_edge, y_edge, 0.0, m, h, q, gl, ge, gk, inv_tau, k, log2_s, HAS_REF)
         tl.store(dx_row + edge, dx_edge.to(DX_TY), mask=in_edge)
-        x_body = x_row + head
-        if X_ALIGNED:
-            x_body = tl.multiple_of(x_body, 16)
-        ref_body = ref_row + head
-        if REF_ALIGNED:
-            ref_body = tl.multiple_of(ref_body, 16)
+        x_body = row_body(x_row, head, X_ALIGNED, BLOCK_V)
+        ref_body = row_body(ref_row, head, HAS_REF and REF_ALIGNED, BLOCK_V)  # no reference: a stand-in never read
         for start in range(lo, hi, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_row = offs < hi
