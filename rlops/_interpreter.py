@@ -1,8 +1,9 @@
-"""A faster Triton interpreter for processes that run rlops' kernels only to check them: the test
-suite (tests/conftest.py, and each process tests/gloo_ranks.py spawns) and the CLI's runs without
-CUDA (`rlops bench`'s untimed smoke run, `rlops profile`'s CPU measurement). The results are the
-same; the interpreter's own checks and bookkeeping are what is cut. `import rlops` applies
-nothing: a user's process keeps Triton's interpreter as it is."""
+"""Triton's interpreter for processes that run rlops' kernels only to check them: the test suite
+(tests/conftest.py, and each process tests/gloo_ranks.py spawns) and the CLI's runs without CUDA
+(`rlops bench`'s untimed smoke run, `rlops profile`'s CPU measurement). speed_up_interpreter cuts
+the interpreter's own checks and bookkeeping (the results are the same); check_hints, in the
+tests, adds the one check a compiled kernel relies on and the interpreter skips. `import rlops`
+applies nothing: a user's process keeps Triton's interpreter as it is."""
 
 from __future__ import annotations
 
@@ -66,3 +67,38 @@ def skip_nested_language_patches() -> None:
 
     patch_lang.nested_skipped = True
     interpreter._patch_lang = patch_lang
+
+
+class FalseHintError(AssertionError):
+    """A kernel's tl.multiple_of hint that the value it marks does not meet."""
+
+
+def check_hints() -> None:
+    """Makes every tl.multiple_of hint the interpreter meets a checked assertion (FalseHintError
+    when the value is not a multiple), when TRITON_INTERPRET=1. The interpreter ignores hints,
+    but a compiled kernel trusts them: a pointer marked 16-byte aligned is read in 16-byte
+    vectors, which on a GPU faults (misaligned address) or reads the wrong elements where the
+    mark is false. The kernels mark only scalars (a row's body pointer, a split's first
+    element); any other hint raises, so that a new kind is checked before it is trusted."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    handle = interpreter.TensorHandle
+    if getattr(handle.set_attr, "checks_hints", False):
+        return
+    set_attr = handle.set_attr
+
+    def checked_set_attr(self, key, value):
+        if key != "tt.divisibility" or np.size(self.data) != 1:
+            raise NotImplementedError(f"check_hints checks tl.multiple_of on scalars only, got {key} on "
+                                      f"shape {np.shape(self.data)}: extend it before relying on this hint")
+        divisor, actual = int(value[0]), int(np.asarray(self.data).reshape(()))
+        if actual % divisor:
+            raise FalseHintError(f"tl.multiple_of(..., {divisor}) marks {actual} ({self.dtype}), which is "
+                                 f"{actual % divisor} past a multiple: a compiled kernel would misread it")
+        set_attr(self, key, value)
+
+    checked_set_attr.checks_hints = True
+    handle.set_attr = checked_set_attr

@@ -12,9 +12,10 @@ if not torch.cuda.is_available():
 
 
 # After the variable is set: rlops' import may import triton.
-from rlops._interpreter import speed_up_interpreter
+from rlops._interpreter import check_hints, speed_up_interpreter
 
 speed_up_interpreter()
+check_hints()
 
 # Under pytest-xdist (`-n auto`) the workers share the cores: torch's intra-op threads are split
 # among them instead of each worker taking every core.

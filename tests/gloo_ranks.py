@@ -2,7 +2,7 @@
 
     results = spawn_ranks(_cases, world, tmp_path)   # _cases(rank, world) -> dict, at module level
 
-Each rank runs with the interpreter speed-up (conftest is not loaded in a spawned process), in a
+Each rank runs with the interpreter speed-up and hint check (conftest is not loaded in a spawned process), in a
 gloo process group, and ends with a barrier, so that no rank tears its connections down while a
 peer still uses them, and then leaves without the interpreter's exit-time finalizers: a gloo
 group torn down by garbage collection at exit has aborted a rank ("terminate called without an
@@ -29,9 +29,10 @@ def spawn_ranks(cases: Callable[..., dict], world: int, tmp_path: Path, *args: o
 
 
 def _rank(rank: int, cases: Callable[..., dict], world: int, out: str, args: tuple) -> None:
-    from rlops._interpreter import speed_up_interpreter  # in the spawned process, which loads no conftest
+    from rlops._interpreter import check_hints, speed_up_interpreter  # in the spawned process: no conftest
 
     speed_up_interpreter()
+    check_hints()
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     results = cases(rank, world, *args)
     Path(out, f"{rank}.json").write_text(json.dumps(results))

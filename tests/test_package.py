@@ -94,3 +94,34 @@ def test_interpreter_speed_ups_only_where_asked(interpret: str | None) -> None:
     assert out.returncode == 0, out.stderr
     after = "(False, True)" if interpret else "(True, False)"
     assert out.stdout.strip() == f"(True, False) {after}"
+
+
+def test_interpreter_checks_alignment_hints() -> None:
+    # rlops._interpreter.check_hints (installed by conftest): a compiled kernel reads a pointer
+    # marked 16-byte aligned in 16-byte vectors, so every mark the interpreter meets must hold.
+    import triton
+    import triton.language as tl
+
+    from rlops import kernels
+    from rlops._interpreter import FalseHintError
+
+    @triton.jit
+    def copy4(x_ptr, out_ptr, shift):
+        body = tl.multiple_of(x_ptr + shift, 16)
+        tl.store(out_ptr + tl.arange(0, 4), tl.load(body + tl.arange(0, 4)))
+
+    @triton.jit
+    def hint_block(x_ptr, out_ptr):
+        offs = tl.multiple_of(tl.arange(0, 4) * 4, 4)
+        tl.store(out_ptr + tl.arange(0, 4), tl.load(x_ptr + offs))
+
+    assert kernels.INTERPRETED
+    x, out = torch.arange(16, dtype=torch.float32), torch.empty(4)
+    assert x.data_ptr() % 16 == 0  # torch's CPU allocations are 64-byte aligned
+    copy4[(1,)](x, out, 4)  # 16 bytes on: still aligned
+    assert out.tolist() == [4.0, 5.0, 6.0, 7.0]
+    with pytest.raises(Exception, match=r"FalseHintError|marks \d+ \(pointer<fp32>\), which is 4 past") as err:
+        copy4[(1,)](x, out, 1)
+    assert "multiple_of(..., 16)" in str(err.value) and issubclass(FalseHintError, AssertionError)
+    with pytest.raises(Exception, match=r"checks tl\.multiple_of on scalars only"):
+        hint_block[(1,)](x, out)
