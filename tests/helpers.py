@@ -70,11 +70,27 @@ def free_port() -> int:
 
 class Accesses:
     """The memory accesses of the kernels Triton's interpreter ran inside `recorded_accesses()`: one
-    (addresses, bytes each) pair per interpreted load or store, masked-off lanes left out."""
+    (addresses, bytes each) pair per interpreted load or store, masked-off lanes left out; and
+    each access's launch and program, for races()."""
 
     def __init__(self) -> None:
         self.loads: list[tuple[np.ndarray, int]] = []
         self.stores: list[tuple[np.ndarray, int]] = []
+        self.kernels: list[str] = []  # one name per launch
+        self.by_program: list[tuple[int, tuple[int, int, int], bool, np.ndarray, int]] = []  # launch, program, store?
+
+    def races(self) -> list[str]:
+        """One line per launch in which a byte that one program stores is loaded or stored by another
+        program. On a GPU a launch's programs run at once and in any order, so that is a race (or
+        an order the kernel cannot rely on); the interpreter runs them one after another and shows
+        neither. rlops' kernels use no atomics and no signals between programs: any such byte is a bug."""
+        found = []
+        for launch, kernel in enumerate(self.kernels):
+            records = [r for r in self.by_program if r[0] == launch]
+            problem = _race(_bytes_of([r for r in records if r[2]]), _bytes_of([r for r in records if not r[2]]))
+            if problem:
+                found.append(f"{kernel} (launch {launch}): {problem}")
+        return found
 
     @staticmethod
     def _within(records: list[tuple[np.ndarray, int]], x: torch.Tensor) -> tuple[np.ndarray, int]:
@@ -117,6 +133,34 @@ class Accesses:
         return {int(r) for r in np.unique(offsets // (x.shape[-1] * x.element_size()))}
 
 
+def _race(stores: np.ndarray, loads: np.ndarray) -> str | None:
+    """Accesses.races' test of one launch, from its (byte, program) pairs (_bytes_of)."""
+    stored, writers = np.unique(stores[:, 0], return_counts=True)
+    if (writers > 1).any():
+        return f"{int((writers > 1).sum())} bytes stored by several programs, e.g. byte {int(stored[writers > 1][0])}"
+    if not len(stored):
+        return None
+    # stores now holds one pair per byte, sorted by byte: its row `at` is the writer of a stored byte.
+    at = np.minimum(np.searchsorted(stored, loads[:, 0]), len(stored) - 1)
+    crossed = (stored[at] == loads[:, 0]) & (stores[at, 1] != loads[:, 1])
+    if crossed.any():
+        byte = int(loads[crossed][0, 0])
+        return f"{int(crossed.sum())} bytes that one program stores are loaded by another, e.g. byte {byte}"
+    return None
+
+
+def _bytes_of(records: list[tuple[int, tuple[int, int, int], bool, np.ndarray, int]]) -> np.ndarray:
+    """The distinct (byte address, program number) pairs the records touch, as an (n, 2) int64 array."""
+    if not records:
+        return np.empty((0, 2), dtype=np.int64)
+    numbers: dict[tuple[int, int, int], int] = {}
+    pairs = []
+    for _, program, _, addresses, size in records:
+        touched = (addresses[:, None] + np.arange(size)).ravel()
+        pairs.append(np.stack([touched, np.full(touched.size, numbers.setdefault(program, len(numbers)))], 1))
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
 @contextlib.contextmanager
 def recorded_accesses() -> Iterator[Accesses]:
     """Records the loads and stores of the kernels Triton's interpreter runs inside the block (both
@@ -134,18 +178,29 @@ def recorded_accesses() -> Iterator[Accesses]:
             return getattr(real, name)
 
         def load(self, pointers: np.ndarray, mask: np.ndarray, other: np.ndarray, dtype: object) -> np.ndarray:
-            accesses.loads.append((lanes(pointers, mask), np.dtype(dtype).itemsize))
+            record(False, lanes(pointers, mask), np.dtype(dtype).itemsize)
             return real.load(pointers, mask, other, dtype)
 
         def store(self, pointers: np.ndarray, value: np.ndarray, mask: np.ndarray) -> None:
-            accesses.stores.append((lanes(pointers, mask), np.asarray(value).dtype.itemsize))
+            record(True, lanes(pointers, mask), np.asarray(value).dtype.itemsize)
             return real.store(pointers, value, mask)
 
-    interpreter._interpreter = Recording()
+    def record(store: bool, addresses: np.ndarray, size: int) -> None:
+        (accesses.stores if store else accesses.loads).append((addresses, size))
+        program = tuple(interpreter.interpreter_builder.grid_idx)
+        accesses.by_program.append((len(accesses.kernels) - 1, program, store, addresses, size))
+
+    launch = interpreter.GridExecutor.__call__
+
+    def launch_recorded(executor, *args, **kwargs):
+        accesses.kernels.append(executor.fn.__name__)
+        return launch(executor, *args, **kwargs)
+
+    interpreter._interpreter, interpreter.GridExecutor.__call__ = Recording(), launch_recorded
     try:
         yield accesses
     finally:
-        interpreter._interpreter = real
+        interpreter._interpreter, interpreter.GridExecutor.__call__ = real, launch
 
 
 @contextlib.contextmanager

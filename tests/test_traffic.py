@@ -12,6 +12,10 @@ by address (helpers.recorded_accesses), against the floor the benchmarks' bandwi
 - GAE: rewards read once, values and mask once more at the next step (the neighbouring lane's
   load of the same cache lines), advantages and returns written once.
 
+Every launch is also checked for what the interpreter, running a launch's programs one after
+another, cannot show: no byte that one program stores is loaded or stored by another
+(Accesses.races), so the programs may run at once and in any order, as on a GPU.
+
 Beyond the floor, a row may touch its sampled token's element once more (read for logp, and
 written again with the one-hot term); the bounds allow two elements per row, far below a second
 pass. Rows start 16-byte aligned and one element past it, at an odd vocabulary (head, vector
@@ -70,6 +74,7 @@ def test_token_stats_read_each_counted_row_once(programs, dtype: torch.dtype, of
         _assert_passes(forward.loaded(ref), 1, N - 1, ref, "forward reads of ref_logits")
     # The statistics, and split rows' online-softmax states: O(N) floats, not a vocabulary's size.
     assert forward.stored(stats) == stats.numel() * 4 and forward.stored_anywhere() <= ROW_FLOATS * N * 4
+    assert not forward.races()
 
     grads = torch.randn(3, N, generator=torch.Generator().manual_seed(2))
     grads[:, MASKED] = 0
@@ -82,6 +87,7 @@ def test_token_stats_read_each_counted_row_once(programs, dtype: torch.dtype, of
             _assert_passes(backward.loaded(ref), 1, N - 1, ref, "backward reads of ref_logits")
         _assert_passes(backward.stored(dx), 1, N, x, "backward writes of the gradient")
         _assert_passes(backward.stored_anywhere(), 1, N, x, "backward writes anywhere")
+        assert not backward.races()
 
 
 def _policy_accesses(dtype: torch.dtype, kl: str) -> tuple[Accesses, torch.Tensor, torch.Tensor, int]:
@@ -113,6 +119,7 @@ def test_policy_loss_is_three_passes_over_the_logits(programs, dtype: torch.dtyp
     _assert_passes(accesses.stored(x.grad), 1, rows, x, "gradient writes")
     # Everything else written is O(B*T): per-token outputs and gradient rows, not a vocabulary's size.
     assert accesses.stored_anywhere() - accesses.stored(x.grad) <= ROW_FLOATS * rows * 4
+    assert not accesses.races()
 
 
 @pytest.mark.parametrize("kl", ["k3", "full"])
@@ -140,6 +147,7 @@ def test_linear_policy_loss_streams_each_chunk_of_logits_three_times(kl: str) ->
     per_token = (SLACK * 4 + ROW_FLOATS * 4) * counted  # sampled tokens, per-token inputs and outputs
     assert reads <= accesses.loaded_anywhere() <= reads + per_token
     assert counted * V * 4 <= accesses.stored_anywhere() <= counted * V * 4 + per_token
+    assert not accesses.races()
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -159,3 +167,49 @@ def test_gae_reads_and_writes_each_element_once(packed: bool) -> None:
         assert counts.min() >= 1 and counts.max() <= 2
     for x in (adv, ret):
         assert accesses.stored(x) == x.numel() * x.element_size()
+    assert not accesses.races()
+
+
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_causal_lm_logits_programs_touch_only_their_own_bytes(programs, inplace_grad: bool) -> None:
+    """(B, T + 1, V) logits: the backward's extra programs zero each sequence's last position while
+    the others write the first T, in place over the logits too; the exact KL's reference rows too."""
+    g = torch.Generator().manual_seed(6)
+    leaf = (torch.randn(2, 4, V, generator=g) * 3).to(torch.bfloat16).requires_grad_(True)
+    ref = (torch.randn(2, 4, V, generator=g) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, V, (2, 3), generator=g)
+    old = torch.randn(2, 3, generator=g) * 0.1 - 8  # ratios far from 1: clipped tokens too
+    with recorded_accesses() as accesses:
+        out = rlops.policy_loss(leaf * 1 if inplace_grad else leaf, tokens, torch.tensor([1.0, -1.0]),
+                                old_logprobs=old, ref_logits=ref, kl_coef=0.1, kl_estimator="full",
+                                entropy_coef=0.01, inplace_grad=inplace_grad, backend="triton")
+        out.loss.backward()
+    assert "_token_stats_bwd_kernel" in accesses.kernels and not leaf.grad[:, -1].any()
+    assert not accesses.races()
+
+
+def test_races_are_found() -> None:
+    """Accesses.races can fail: a program reading what another stores, and two programs storing one byte."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def shift(x_ptr, out_ptr, READ_NEXT: tl.constexpr):
+        i = tl.program_id(0)
+        tl.store(out_ptr + i, tl.load(x_ptr + i + READ_NEXT) + 1.0)
+
+    @triton.jit
+    def collide(out_ptr):
+        tl.store(out_ptr, tl.program_id(0).to(tl.float32))
+
+    x = torch.zeros(5)
+    with recorded_accesses() as separate:
+        shift[(4,)](x, x, False)  # in place, each program its own element
+    with recorded_accesses() as raced:
+        shift[(4,)](x, x, True)  # program i reads element i + 1, which program i + 1 writes
+    with recorded_accesses() as collided:
+        collide[(3,)](x)
+    assert separate.races() == [] and separate.kernels == ["shift"]
+    assert raced.races() == ["shift (launch 0): 12 bytes that one program stores are loaded by another, "
+                             f"e.g. byte {x.data_ptr() + 4}"]
+    assert collided.races() == [f"collide (launch 0): 4 bytes stored by several programs, e.g. byte {x.data_ptr()}"]
