@@ -78,6 +78,26 @@ class Accesses:
         self.stores: list[tuple[np.ndarray, int]] = []
         self.kernels: list[str] = []  # one name per launch
         self.by_program: list[tuple[int, tuple[int, int, int], bool, np.ndarray, int]] = []  # launch, program, store?
+        self.arguments: list[dict[str, tuple[int, int]]] = []  # per launch: its tensors' [start, end) bytes
+
+    def outside(self) -> list[str]:
+        """One line per launch that loads or stores a byte outside every tensor passed to it: on a
+        GPU an illegal memory access, or another tensor's data read or overwritten (the interpreter
+        reads and writes host memory wherever a pointer points)."""
+        found = []
+        for launch, kernel in enumerate(self.kernels):
+            touched = [(a, size) for n, _, _, a, size in self.by_program if n == launch]
+            if not touched:
+                continue
+            first = np.concatenate([a for a, _ in touched])
+            last = np.concatenate([a + size - 1 for a, size in touched])
+            inside = np.zeros(first.size, dtype=bool)
+            for start, end in self.arguments[launch].values():
+                inside |= (first >= start) & (last < end)
+            if not inside.all():
+                found.append(f"{kernel} (launch {launch}): {int((~inside).sum())} accesses outside its tensors "
+                             f"{sorted(self.arguments[launch])}, e.g. at byte {int(first[~inside][0])}")
+        return found
 
     def races(self) -> list[str]:
         """One line per launch in which a byte that one program stores is loaded or stored by another
@@ -95,8 +115,7 @@ class Accesses:
     @staticmethod
     def _within(records: list[tuple[np.ndarray, int]], x: torch.Tensor) -> tuple[np.ndarray, int]:
         """Byte offsets into x's memory of the accesses that fall in it, and the bytes they moved."""
-        start = x.data_ptr()
-        end = start + (1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True))) * x.element_size()
+        start, end = extent(x)
         offsets, moved = [], 0
         for addresses, size in records:
             inside = addresses[(addresses >= start) & (addresses < end)] - start
@@ -131,6 +150,14 @@ class Accesses:
         assert x.is_contiguous(), "rows are found from addresses in a contiguous tensor"
         offsets = self._within(self.loads, x)[0]
         return {int(r) for r in np.unique(offsets // (x.shape[-1] * x.element_size()))}
+
+
+def extent(x: torch.Tensor) -> tuple[int, int]:
+    """The bytes [start, end) that x's elements span (non-negative strides; empty for no element)."""
+    start = x.data_ptr()
+    if not x.numel():
+        return start, start
+    return start, start + (1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True))) * x.element_size()
 
 
 def _race(stores: np.ndarray, loads: np.ndarray) -> str | None:
@@ -194,6 +221,8 @@ def recorded_accesses() -> Iterator[Accesses]:
 
     def launch_recorded(executor, *args, **kwargs):
         accesses.kernels.append(executor.fn.__name__)
+        named = {**dict(zip(executor.arg_names, args, strict=False)), **kwargs}
+        accesses.arguments.append({name: extent(x) for name, x in named.items() if isinstance(x, torch.Tensor)})
         return launch(executor, *args, **kwargs)
 
     interpreter._interpreter, interpreter.GridExecutor.__call__ = Recording(), launch_recorded

@@ -12,9 +12,11 @@ by address (helpers.recorded_accesses), against the floor the benchmarks' bandwi
 - GAE: rewards read once, values and mask once more at the next step (the neighbouring lane's
   load of the same cache lines), advantages and returns written once.
 
-Every launch is also checked for what the interpreter, running a launch's programs one after
-another, cannot show: no byte that one program stores is loaded or stored by another
-(Accesses.races), so the programs may run at once and in any order, as on a GPU.
+Every launch is also checked for what the interpreter runs without complaint and a GPU would
+not: no byte that one program stores is loaded or stored by another (Accesses.races: the
+interpreter runs a launch's programs one after another, a GPU at once and in any order), and
+no byte accessed outside the tensors the launch was given (Accesses.outside: the interpreter
+reads host memory wherever a pointer points, a GPU faults).
 
 Beyond the floor, a row may touch its sampled token's element once more (read for logp, and
 written again with the one-hot term); the bounds allow two elements per row, far below a second
@@ -53,6 +55,13 @@ def _rows(dtype: torch.dtype, offset: int, seed: int) -> torch.Tensor:
     return (torch.randn(N, V + offset, generator=g) * 3).to(dtype)[:, offset:]
 
 
+def _assert_gpu_safe(accesses: Accesses) -> None:
+    """What the interpreter runs without complaint and a GPU would not: no race between a launch's
+    programs, and no access outside the tensors a launch was given (helpers.Accesses)."""
+    assert not accesses.races()
+    assert not accesses.outside()
+
+
 def _assert_passes(bytes_moved: int, passes: float, rows: int, x: torch.Tensor, what: str) -> None:
     """bytes_moved is `passes` passes over `rows` rows of x's vocabulary, plus at most SLACK elements a row."""
     floor = int(passes * rows * V * x.element_size())
@@ -74,7 +83,7 @@ def test_token_stats_read_each_counted_row_once(programs, dtype: torch.dtype, of
         _assert_passes(forward.loaded(ref), 1, N - 1, ref, "forward reads of ref_logits")
     # The statistics, and split rows' online-softmax states: O(N) floats, not a vocabulary's size.
     assert forward.stored(stats) == stats.numel() * 4 and forward.stored_anywhere() <= ROW_FLOATS * N * 4
-    assert not forward.races()
+    _assert_gpu_safe(forward)
 
     grads = torch.randn(3, N, generator=torch.Generator().manual_seed(2))
     grads[:, MASKED] = 0
@@ -87,7 +96,7 @@ def test_token_stats_read_each_counted_row_once(programs, dtype: torch.dtype, of
             _assert_passes(backward.loaded(ref), 1, N - 1, ref, "backward reads of ref_logits")
         _assert_passes(backward.stored(dx), 1, N, x, "backward writes of the gradient")
         _assert_passes(backward.stored_anywhere(), 1, N, x, "backward writes anywhere")
-        assert not backward.races()
+        _assert_gpu_safe(backward)
 
 
 def _policy_accesses(dtype: torch.dtype, kl: str) -> tuple[Accesses, torch.Tensor, torch.Tensor, int]:
@@ -119,7 +128,7 @@ def test_policy_loss_is_three_passes_over_the_logits(programs, dtype: torch.dtyp
     _assert_passes(accesses.stored(x.grad), 1, rows, x, "gradient writes")
     # Everything else written is O(B*T): per-token outputs and gradient rows, not a vocabulary's size.
     assert accesses.stored_anywhere() - accesses.stored(x.grad) <= ROW_FLOATS * rows * 4
-    assert not accesses.races()
+    _assert_gpu_safe(accesses)
 
 
 @pytest.mark.parametrize("kl", ["k3", "full"])
@@ -147,7 +156,7 @@ def test_linear_policy_loss_streams_each_chunk_of_logits_three_times(kl: str) ->
     per_token = (SLACK * 4 + ROW_FLOATS * 4) * counted  # sampled tokens, per-token inputs and outputs
     assert reads <= accesses.loaded_anywhere() <= reads + per_token
     assert counted * V * 4 <= accesses.stored_anywhere() <= counted * V * 4 + per_token
-    assert not accesses.races()
+    _assert_gpu_safe(accesses)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -167,7 +176,7 @@ def test_gae_reads_and_writes_each_element_once(packed: bool) -> None:
         assert counts.min() >= 1 and counts.max() <= 2
     for x in (adv, ret):
         assert accesses.stored(x) == x.numel() * x.element_size()
-    assert not accesses.races()
+    _assert_gpu_safe(accesses)
 
 
 @pytest.mark.parametrize("inplace_grad", [False, True])
@@ -185,11 +194,12 @@ def test_causal_lm_logits_programs_touch_only_their_own_bytes(programs, inplace_
                                 entropy_coef=0.01, inplace_grad=inplace_grad, backend="triton")
         out.loss.backward()
     assert "_token_stats_bwd_kernel" in accesses.kernels and not leaf.grad[:, -1].any()
-    assert not accesses.races()
+    _assert_gpu_safe(accesses)
 
 
-def test_races_are_found() -> None:
-    """Accesses.races can fail: a program reading what another stores, and two programs storing one byte."""
+def test_races_and_stray_accesses_are_found() -> None:
+    """Accesses.races and Accesses.outside can fail: a program reading what another stores, two
+    programs storing one byte, a read past the end of the tensor passed."""
     import triton
     import triton.language as tl
 
@@ -213,3 +223,10 @@ def test_races_are_found() -> None:
     assert raced.races() == ["shift (launch 0): 12 bytes that one program stores are loaded by another, "
                              f"e.g. byte {x.data_ptr() + 4}"]
     assert collided.races() == [f"collide (launch 0): 4 bytes stored by several programs, e.g. byte {x.data_ptr()}"]
+    assert separate.outside() == raced.outside() == collided.outside() == []
+    memory, out = torch.zeros(8), torch.zeros(4)
+    with recorded_accesses() as strayed:
+        shift[(4,)](memory[:4], out, True)  # program 3 reads element 4: memory, but not the tensor passed
+    assert strayed.races() == [] and out.tolist() == [1.0] * 4
+    assert strayed.outside() == ["shift (launch 0): 1 accesses outside its tensors ['out_ptr', 'x_ptr'], "
+                                 f"e.g. at byte {memory.data_ptr() + 16}"]
