@@ -2,8 +2,8 @@
 (tests/conftest.py, and each process tests/gloo_ranks.py spawns) and the CLI's runs without CUDA
 (`rlops bench`'s untimed smoke run, `rlops profile`'s CPU measurement). speed_up_interpreter cuts
 the interpreter's own checks and bookkeeping (the results are the same); check_hints, in the
-tests, adds the one check a compiled kernel relies on and the interpreter skips. `import rlops`
-applies nothing: a user's process keeps Triton's interpreter as it is."""
+tests, checks the alignment marks that a compiled kernel trusts and the interpreter ignores.
+`import rlops` applies nothing: a user's process keeps Triton's interpreter as it is."""
 
 from __future__ import annotations
 
