@@ -34,6 +34,7 @@ import rlops
 import rlops.kernels._common as common
 from rlops import reference
 from rlops.kernels import gae_fwd, logits_grad, token_stats_fwd
+from rlops.kernels.token_stats import row_states_fwd
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="accesses are recorded in Triton's interpreter")
 N, V = 6, 2053
@@ -194,6 +195,25 @@ def test_causal_lm_logits_programs_touch_only_their_own_bytes(programs, inplace_
                                 entropy_coef=0.01, inplace_grad=inplace_grad, backend="triton")
         out.loss.backward()
     assert "_token_stats_bwd_kernel" in accesses.kernels and not leaf.grad[:, -1].any()
+    _assert_gpu_safe(accesses)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 17, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_short_and_strided_rows_stay_in_their_own_bytes(programs, vocab: int, dtype: torch.dtype) -> None:
+    """Rows shorter than a vector, or ending before their first 16-byte boundary, in a (B, T + 1, V)
+    view whose rows start anywhere: forward, row states (a mask), and the backward in place over
+    the whole view (its last positions zeroed), with the reference logits."""
+    g = torch.Generator().manual_seed(7)
+    full = (torch.randn(2, 4, vocab + 3, generator=g) * 3).to(dtype)[..., 3:]
+    ref = (torch.randn(2, 4, vocab, generator=g) * 3).to(dtype)
+    tokens = torch.randint(0, vocab, (2, 3), generator=g)
+    live = torch.tensor([[True, False, True], [True, True, False]])
+    with recorded_accesses() as accesses:
+        stats = token_stats_fwd(full, tokens, 0.7, ref, live)
+        row_states_fwd(full[:, :-1], ref[:, :-1], 0.7, live)
+        logits_grad(full, tokens, stats, torch.randn(3, 2, 3, generator=g), 0.7, ref, out=full)
+    assert {"_row_states_kernel", "_token_stats_bwd_kernel"} <= set(accesses.kernels)
     _assert_gpu_safe(accesses)
 
 
