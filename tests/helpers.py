@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -68,16 +69,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Access(NamedTuple):
+    """One interpreted load or store: the launch (index into Accesses.kernels) and program
+    (grid index) that made it, and the addresses of its unmasked lanes, `size` bytes each."""
+    launch: int
+    program: tuple[int, int, int]
+    store: bool
+    addresses: np.ndarray
+    size: int
+
+
 class Accesses:
     """The memory accesses of the kernels Triton's interpreter ran inside `recorded_accesses()`: one
     (addresses, bytes each) pair per interpreted load or store, masked-off lanes left out; and
-    each access's launch and program, for races()."""
+    each as an Access, with its launch and program, for races() and outside()."""
 
     def __init__(self) -> None:
         self.loads: list[tuple[np.ndarray, int]] = []
         self.stores: list[tuple[np.ndarray, int]] = []
         self.kernels: list[str] = []  # one name per launch
-        self.by_program: list[tuple[int, tuple[int, int, int], bool, np.ndarray, int]] = []  # launch, program, store?
+        self.by_program: list[Access] = []
         self.arguments: list[dict[str, tuple[int, int]]] = []  # per launch: its tensors' [start, end) bytes
 
     def outside(self) -> list[str]:
@@ -86,11 +97,11 @@ class Accesses:
         reads and writes host memory wherever a pointer points)."""
         found = []
         for launch, kernel in enumerate(self.kernels):
-            touched = [(a, size) for n, _, _, a, size in self.by_program if n == launch]
+            touched = [a for a in self.by_program if a.launch == launch]
             if not touched:
                 continue
-            first = np.concatenate([a for a, _ in touched])
-            last = np.concatenate([a + size - 1 for a, size in touched])
+            first = np.concatenate([a.addresses for a in touched])
+            last = np.concatenate([a.addresses + a.size - 1 for a in touched])
             inside = np.zeros(first.size, dtype=bool)
             for start, end in self.arguments[launch].values():
                 inside |= (first >= start) & (last < end)
@@ -106,8 +117,8 @@ class Accesses:
         neither. rlops' kernels use no atomics and no signals between programs: any such byte is a bug."""
         found = []
         for launch, kernel in enumerate(self.kernels):
-            records = [r for r in self.by_program if r[0] == launch]
-            problem = _race(_bytes_of([r for r in records if r[2]]), _bytes_of([r for r in records if not r[2]]))
+            touched = [a for a in self.by_program if a.launch == launch]
+            problem = _race(_bytes_of([a for a in touched if a.store]), _bytes_of([a for a in touched if not a.store]))
             if problem:
                 found.append(f"{kernel} (launch {launch}): {problem}")
         return found
@@ -176,15 +187,15 @@ def _race(stores: np.ndarray, loads: np.ndarray) -> str | None:
     return None
 
 
-def _bytes_of(records: list[tuple[int, tuple[int, int, int], bool, np.ndarray, int]]) -> np.ndarray:
-    """The distinct (byte address, program number) pairs the records touch, as an (n, 2) int64 array."""
-    if not records:
+def _bytes_of(accesses: list[Access]) -> np.ndarray:
+    """The distinct (byte address, program number) pairs the accesses touch, as an (n, 2) int64 array."""
+    if not accesses:
         return np.empty((0, 2), dtype=np.int64)
     numbers: dict[tuple[int, int, int], int] = {}
     pairs = []
-    for _, program, _, addresses, size in records:
-        touched = (addresses[:, None] + np.arange(size)).ravel()
-        pairs.append(np.stack([touched, np.full(touched.size, numbers.setdefault(program, len(numbers)))], 1))
+    for a in accesses:
+        touched = (a.addresses[:, None] + np.arange(a.size)).ravel()
+        pairs.append(np.stack([touched, np.full(touched.size, numbers.setdefault(a.program, len(numbers)))], 1))
     return np.unique(np.concatenate(pairs), axis=0)
 
 
@@ -215,7 +226,7 @@ def recorded_accesses() -> Iterator[Accesses]:
     def record(store: bool, addresses: np.ndarray, size: int) -> None:
         (accesses.stores if store else accesses.loads).append((addresses, size))
         program = tuple(interpreter.interpreter_builder.grid_idx)
-        accesses.by_program.append((len(accesses.kernels) - 1, program, store, addresses, size))
+        accesses.by_program.append(Access(len(accesses.kernels) - 1, program, store, addresses, size))
 
     launch = interpreter.GridExecutor.__call__
 
