@@ -18,6 +18,8 @@ FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)
 LOG2E = tl.constexpr(1.4426950408889634)
 # Two bf16 -inf in one 32-bit word (a masked load's fill in _tile).
 BF16_PAIR_NEG_INF = tl.constexpr(0xFF80FF80)
+# Logits per tile: at least one 16-byte vector of any dtype (16 one-byte elements), at most 4096.
+MIN_BLOCK_V = tl.constexpr(16)
 MAX_BLOCK_V = 4096
 # Threads of a vocabulary-streaming program: the launchers' num_warps.
 NUM_WARPS = 8
@@ -35,9 +37,9 @@ STATS_FIRST = tl.constexpr(ROW["logp"])
 
 
 def block_v(vocab: int) -> int:
-    """Logits per tile: the row rounded up to a power of two, at least one 16-byte vector of any
-    dtype (16 elements) and at most MAX_BLOCK_V."""
-    return min(max(triton.next_power_of_2(vocab), 16), MAX_BLOCK_V)
+    """Logits per tile: the row rounded up to a power of two, at least MIN_BLOCK_V and at most
+    MAX_BLOCK_V."""
+    return min(max(triton.next_power_of_2(vocab), MIN_BLOCK_V.value), MAX_BLOCK_V)
 
 
 # Small N: one program per row leaves a GPU idle when the rows are fewer than the programs it
@@ -174,11 +176,12 @@ def row_head(row_ptr, V):
 def row_body(row_ptr, head, ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr):
     """row_ptr + head (row_head): where the row's 16-byte vectors start, marked 16-byte aligned
     when ALIGNED (the caller knows row_ptr + head is). The mark is left off for rows of at most
-    16 elements (BLOCK_V == 16): there row_head stops at the row's end when the row ends before
-    its first boundary, and a mark on the address would be false (rlops._interpreter.check_hints).
-    Longer rows always reach the boundary, so their code is unchanged."""
+    MIN_BLOCK_V elements (BLOCK_V == MIN_BLOCK_V): there row_head stops at the row's end when the
+    row ends before its first boundary, and a mark on the address would be false
+    (rlops._interpreter.check_hints). Longer rows always reach the boundary (fewer than 16
+    elements away), so their code is unchanged."""
     body = row_ptr + head
-    if ALIGNED and BLOCK_V > 16:
+    if ALIGNED and BLOCK_V > MIN_BLOCK_V:
         body = tl.multiple_of(body, 16)
     return body
 

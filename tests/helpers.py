@@ -96,8 +96,7 @@ class Accesses:
         GPU an illegal memory access, or another tensor's data read or overwritten (the interpreter
         reads and writes host memory wherever a pointer points)."""
         found = []
-        for launch, kernel in enumerate(self.kernels):
-            touched = [a for a in self.by_program if a.launch == launch]
+        for launch, label, touched in self._launches():
             if not touched:
                 continue
             first = np.concatenate([a.addresses for a in touched])
@@ -106,7 +105,7 @@ class Accesses:
             for start, end in self.arguments[launch].values():
                 inside |= (first >= start) & (last < end)
             if not inside.all():
-                found.append(f"{kernel} (launch {launch}): {int((~inside).sum())} accesses outside its tensors "
+                found.append(f"{label}: {int((~inside).sum())} accesses outside its tensors "
                              f"{sorted(self.arguments[launch])}, e.g. at byte {int(first[~inside][0])}")
         return found
 
@@ -116,12 +115,19 @@ class Accesses:
         an order the kernel cannot rely on); the interpreter runs them one after another and shows
         neither. rlops' kernels use no atomics and no signals between programs: any such byte is a bug."""
         found = []
-        for launch, kernel in enumerate(self.kernels):
-            touched = [a for a in self.by_program if a.launch == launch]
+        for _, label, touched in self._launches():
             problem = _race(_bytes_of([a for a in touched if a.store]), _bytes_of([a for a in touched if not a.store]))
             if problem:
-                found.append(f"{kernel} (launch {launch}): {problem}")
+                found.append(f"{label}: {problem}")
         return found
+
+    def _launches(self) -> Iterator[tuple[int, str, list[Access]]]:
+        """Each launch's index, its label for a message ("kernel (launch i)") and its accesses."""
+        by_launch: dict[int, list[Access]] = {}
+        for a in self.by_program:
+            by_launch.setdefault(a.launch, []).append(a)
+        for launch, kernel in enumerate(self.kernels):
+            yield launch, f"{kernel} (launch {launch})", by_launch.get(launch, [])
 
     @staticmethod
     def _within(records: list[tuple[np.ndarray, int]], x: torch.Tensor) -> tuple[np.ndarray, int]:
